@@ -1,0 +1,3445 @@
+#!/usr/bin/env python3
+"""minisched: a cron replacement for small servers, in one file.
+
+Copy this file onto a host, ``pip install bottle croniter psutil`` and run::
+
+    python minisched.py serve --jobs jobs.json
+
+Jobs fire on cron, ``@every``, ``@at`` or ``@reboot`` schedules in their own time
+zone, exactly once per slot, even across restarts.  Each run is a process tree in
+its own session; its output, exit status, CPU time and peak memory are recorded
+in one SQLite file.  ``python minisched.py --help`` lists the commands.
+
+Threads
+-------
+All threads are daemons with a name, and all loops end on one ``stopping`` event.
+
+``minisched-scheduler``  owns the job registry and the heap of due slots; sleeps
+                         until the next slot or a change; hands runs to the Runner.
+``minisched-launcher``   the only thread that spawns jobs (so the parent of every
+                         child and of the guard process outlives them).
+``minisched-io``         owns every child's pipes and pidfd: reads output, reaps
+                         exits with ``os.wait4``, fires timeouts, kill escalation
+                         and retry timers.  Talks to others through a command queue
+                         and a wake pipe.
+``minisched-writer``     the only SQLite writer; batches queued operations into one
+                         ``BEGIN IMMEDIATE`` transaction and resolves their futures.
+``minisched-sampler``    samples CPU and RSS of running process trees (psutil),
+                         once a second and only while runs are active.
+``minisched-jobsfile``   re-reads the jobs file when it changes (or on SIGHUP).
+``minisched-hooks``      delivers ``on_start``/``on_success``/``on_failure`` hooks.
+``minisched-http-run``   one short-lived thread per running ``http`` job.
+
+Readers (the CLI, the API) open their own SQLite connections and never wait for
+the writer: WAL gives them a consistent snapshot.
+"""
+
+# ruff: noqa: UP017 (datetime.UTC needs Python 3.11; minisched supports 3.9+)
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+import argparse
+import codecs
+import collections
+import concurrent.futures
+import datetime
+import fcntl
+import heapq
+import ipaddress
+import itertools
+import json
+import logging
+import math
+import os
+import pwd
+import queue
+import random
+import re
+import selectors
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import zoneinfo
+
+import croniter as _croniter
+import psutil
+
+__all__ = [
+    "Config",
+    "ConflictError",
+    "Engine",
+    "EventBus",
+    "InvalidError",
+    "Job",
+    "MinischedError",
+    "NotFoundError",
+    "Runner",
+    "Schedule",
+    "Scheduler",
+    "Store",
+    "main",
+    "next_fire_times",
+    "validate_job",
+]
+
+log = logging.getLogger("minisched")
+
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+#: Default TCP port of ``serve`` and default ``--url`` of the client commands.
+DEFAULT_PORT = 8100
+#: Statuses that are not final.
+ACTIVE_STATUSES = ("queued", "running")
+#: Every run status, in the order the page shows them.
+RUN_STATUSES = (
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "timed_out",
+    "cancelled",
+    "skipped",
+    "missed",
+    "lost",
+)
+#: What started a run.
+TRIGGERS = ("schedule", "manual", "retry", "catch_up", "reboot", "dependency")
+#: Slots beyond this many missed while down are summarised, never run.
+CATCH_UP_CAP = 100
+#: ``skipped`` and ``missed`` records kept per job, apart from ``keep_runs``.
+KEEP_NOISE_RUNS = 20
+#: Bytes read from a child's pipe at once.
+READ_SIZE = 65536
+#: After the main process exits, how long its pipes may stay open before the
+#: leftovers holding them are killed.
+DRAIN_SECONDS = 0.1
+#: How often the jobs file is checked for changes.
+JOBS_FILE_POLL = 2.0
+#: Longest single sleep of the scheduler, so wall-clock jumps are noticed.
+MAX_SLEEP = 60.0
+
+
+class Config:
+    """Settings of one ``serve``: flags beat ``MINISCHED_*`` variables beat defaults.
+
+    Built once in :func:`main` and passed to constructors; nothing reads the
+    environment after that.
+    """
+
+    #: (name, default, type) of every ``serve`` setting; the flag is ``--name``
+    #: with dashes, the variable ``MINISCHED_NAME``.
+    FIELDS = (
+        ("host", "127.0.0.1", str),
+        ("port", DEFAULT_PORT, int),
+        ("db", "minisched.db", str),
+        ("jobs", None, str),
+        ("token", None, str),
+        ("max_concurrent", 0, int),
+        ("timezone", None, str),
+        ("allow_ip", [], list),
+        ("public_host", [], list),
+        ("max_streams", 64, int),
+        ("shutdown_grace", 30.0, float),
+        ("insecure_no_auth", False, bool),
+        ("log_level", "info", str),
+    )
+
+    def __init__(self, **values):
+        for name, default, _type in self.FIELDS:
+            value = values.pop(name, None)
+            setattr(self, name, default if value is None else value)
+        if values:
+            raise TypeError("unknown settings: {}".format(", ".join(sorted(values))))
+
+    @classmethod
+    def from_args(cls, ns, environ) -> Config:
+        """Merge parsed flags (None when absent) over the environment."""
+        values = {}
+        for name, _default, kind in cls.FIELDS:
+            value = getattr(ns, name, None)
+            if value in (None, [], False):
+                raw = environ.get("MINISCHED_" + name.upper())
+                if raw not in (None, ""):
+                    value = _parse_setting(name, raw, kind)
+            values[name] = value
+        return cls(**values)
+
+    def zone(self) -> datetime.tzinfo:
+        """The server's default zone for jobs without ``timezone``."""
+        return get_zone(self.timezone) if self.timezone else local_zone()
+
+
+def _parse_setting(name, raw, kind):
+    flag = "MINISCHED_" + name.upper()
+    if kind is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise UsageError(f"{flag}: expected true or false, got {raw!r}")
+    if kind is list:
+        return [part for part in re.split(r"[,\s]+", raw) if part]
+    try:
+        return kind(raw)
+    except ValueError:
+        raise UsageError(f"{flag}: expected a number, got {raw!r}") from None
+
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+
+class MinischedError(Exception):
+    """Root of minisched's errors.  ``status`` is the HTTP status it maps to and
+    ``field`` names the offending field, or is None."""
+
+    status = 500
+
+    def __init__(self, message: str, field: str | None = None, errors=None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        #: Every problem found, as ``[{"field", "error"}]``; the first is ``message``.
+        self.errors = errors or [{"field": field, "error": message}]
+
+
+class InvalidError(MinischedError):
+    """Bad input: a job field, a schedule, a jobs file, a query parameter."""
+
+    status = 400
+
+
+class NotFoundError(MinischedError):
+    status = 404
+
+
+class ConflictError(MinischedError):
+    """The request clashes with the current state (name taken, job busy, owned by
+    the jobs file)."""
+
+    status = 409
+
+
+class UsageError(MinischedError):
+    """Wrong command-line use; exit status 2."""
+
+    status = 400
+
+
+class DatabaseError(MinischedError):
+    """The database cannot be used (newer schema, locked by another server)."""
+
+    status = 503
+
+
+###############################################################################
+# Time and schedules ##########################################################
+###############################################################################
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_MACROS = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+_SINGLE_VALUE = re.compile(r"^\d+$")
+
+
+def parse_duration(text: str) -> float:
+    """``"1h30m"`` -> 5400.0.  Units ms, s, m, h, d, w; a bare number is seconds."""
+    text = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    pos, total = 0, 0.0
+    for match in _DURATION_RE.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or not text:
+        raise InvalidError(
+            f"invalid duration {text!r} (use a number with units s, m, h, d, e.g. 30s, 5m, 1h30m)"
+        )
+    return total
+
+
+def iso_utc(ts: float | None) -> str | None:
+    """Epoch seconds -> ``2026-11-23T09:00:00.000Z`` (None stays None)."""
+    if ts is None:
+        return None
+    dt = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def iso_local(ts: float, tz: datetime.tzinfo) -> str:
+    """Epoch seconds -> local ISO 8601 with offset, e.g. ``2026-03-08T03:00:00-04:00``."""
+    return datetime.datetime.fromtimestamp(ts, tz).isoformat()
+
+
+def local_zone() -> datetime.tzinfo:
+    """The host's zone: ``$TZ``, ``/etc/localtime``, else UTC."""
+    name = os.environ.get("TZ", "").lstrip(":")
+    if name:
+        try:
+            return zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            pass
+    try:
+        link = os.readlink("/etc/localtime")
+        return zoneinfo.ZoneInfo(link.split("zoneinfo/", 1)[1])
+    except (OSError, IndexError, zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return datetime.timezone.utc
+
+
+def get_zone(name: str) -> datetime.tzinfo:
+    """IANA name -> tzinfo, or InvalidError naming ``timezone``."""
+    if name in ("UTC", "Z", "utc"):
+        return datetime.timezone.utc
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError):
+        raise InvalidError(
+            f"unknown time zone {name!r} (use an IANA name such as Europe/Berlin or UTC)",
+            "timezone",
+        ) from None
+
+
+def parse_iso(text: str, tz: datetime.tzinfo) -> float:
+    """ISO 8601 -> epoch seconds; a naive time is read in ``tz`` with the DST rules
+    of fixed-time jobs (a time in the gap means the end of the gap, a repeated
+    time its first occurrence)."""
+    try:
+        dt = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise InvalidError(f"invalid ISO 8601 time {text!r}") from None
+    if dt.tzinfo is not None:
+        return dt.timestamp()
+    instants = _resolve_wall(dt, tz)
+    return instants[0] if instants[0] is not None else instants[2]
+
+
+def _resolve_wall(naive: datetime.datetime, tz) -> tuple:
+    """Map a wall time in ``tz`` to ``(first, second, gap_end)`` instants.
+
+    A normal time gives ``(t, None, None)``; a repeated one (fall back) gives both
+    occurrences; one in the spring-forward gap gives ``(None, None, end of gap)``.
+    """
+    u0 = naive.replace(tzinfo=tz, fold=0).timestamp()
+    u1 = naive.replace(tzinfo=tz, fold=1).timestamp()
+    if u0 == u1:
+        return (u0, None, None)
+    if u0 < u1:
+        return (u0, u1, None)
+    return (None, None, _transition(tz, u1, u0))
+
+
+def _naive_epoch(naive: datetime.datetime) -> float:
+    return naive.replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
+def _transition(tz, lo: float, hi: float) -> float:
+    """The instant in ``(lo, hi]`` where the UTC offset of ``tz`` changes."""
+    off_lo = datetime.datetime.fromtimestamp(lo, tz).utcoffset()
+    lo, hi = math.floor(lo), math.ceil(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if datetime.datetime.fromtimestamp(mid, tz).utcoffset() == off_lo:
+            lo = mid
+        else:
+            hi = mid
+    return float(hi)
+
+
+class Schedule:
+    """A parsed ``schedule`` field: cron, ``@every``, ``@at``, ``@reboot`` or manual.
+
+    :meth:`next_after` is the one function that decides fire times; the
+    scheduler, ``next`` and ``/api/cron/next`` all use it.  Not thread-safe (it
+    keeps one croniter to reposition): each owner keeps its own instance.
+    """
+
+    def __init__(self, expr: str | None, tz: datetime.tzinfo):
+        self.expr = (expr or "").strip()
+        self.tz = tz
+        self.kind = "manual"
+        self.interval = None
+        self.at = None
+        self.fixed = False
+        self._cron = None
+        text = self.expr
+        low = text.lower()
+        if not text:
+            return
+        if low == "@reboot":
+            self.kind = "reboot"
+        elif low.startswith("@every"):
+            self.kind = "every"
+            try:
+                self.interval = parse_duration(text[6:])
+            except InvalidError as exc:
+                raise InvalidError(exc.message, "schedule") from None
+            if self.interval < 1:
+                raise InvalidError(
+                    "@every needs an interval of at least 1s", "schedule"
+                )
+        elif low.startswith("@at"):
+            self.kind = "at"
+            try:
+                self.at = parse_iso(text[3:], tz)
+            except InvalidError as exc:
+                raise InvalidError("@at: " + exc.message, "schedule") from None
+        else:
+            self.kind = "cron"
+            self._parse_cron(_MACROS.get(low, text))
+
+    def _parse_cron(self, text: str) -> None:
+        fields = text.split()
+        if text.startswith("@") or len(fields) not in (5, 6):
+            raise InvalidError(
+                f"invalid schedule {self.expr!r}: use 5 cron fields (min hour dom month dow), "
+                "6 with seconds first, @hourly/@daily/@weekly/@monthly/@yearly, "
+                "@every 5m, @at ISO-TIME or @reboot",
+                "schedule",
+            )
+        minute, hour = fields[-5], fields[-4]
+        self.fixed = bool(_SINGLE_VALUE.match(minute) and _SINGLE_VALUE.match(hour))
+        start = datetime.datetime(2000, 1, 1)
+        try:
+            self._cron = _croniter.croniter(
+                text, start, second_at_beginning=len(fields) == 6
+            )
+            # An impossible date (0 0 31 2 *) parses, so find one fire to be sure.
+            self._cron.get_next(datetime.datetime)
+        except (ValueError, KeyError, TypeError, _croniter.CroniterError) as exc:
+            raise InvalidError(
+                f"invalid cron expression {self.expr!r}: {exc}", "schedule"
+            ) from None
+
+    def next_after(self, t: float, anchor: float | None = None) -> float | None:
+        """The first fire instant strictly after ``t`` (epoch seconds), or None.
+
+        ``anchor`` is where ``@every`` counts from (the job's creation time).
+        Cron times are wall times in ``self.tz``: a fixed-time job fires once in
+        a repeated hour (first occurrence) and right after a gap; other cron
+        jobs skip gap times and fire in both occurrences of a repeated hour.
+        """
+        if self.kind == "every":
+            base = t if anchor is None else anchor
+            steps = max(1, math.floor((t - base) / self.interval) + 1)
+            nxt = base + steps * self.interval
+            return nxt if nxt > t else nxt + self.interval
+        if self.kind == "at":
+            return self.at if self.at > t else None
+        if self.kind != "cron":
+            return None
+        return self._next_cron(t)
+
+    def _next_cron(self, t: float) -> float | None:
+        local = datetime.datetime.fromtimestamp(t, self.tz)
+        start = local.replace(tzinfo=None, fold=0)
+        if local.fold == 0 and not self.fixed:
+            # In the first pass of a repeated hour the second pass is still to
+            # come: start from the wall time where it begins.
+            later = datetime.datetime.fromtimestamp(t + 7200, self.tz)
+            if later.utcoffset() < local.utcoffset():
+                gap_end = _transition(self.tz, t, t + 7200)
+                wall = datetime.datetime.fromtimestamp(gap_end, self.tz)
+                if wall.replace(tzinfo=None) <= start:
+                    start = wall.replace(tzinfo=None) - datetime.timedelta(seconds=1)
+        self._cron.set_current(start, force=True)
+        best, bound = None, None
+        for _ in range(100000):
+            try:
+                cand = self._cron.get_next(datetime.datetime)
+            except _croniter.CroniterError:
+                return best
+            # No later wall time can map to an instant before ``best`` once it is
+            # past ``best`` even under the larger of the two offsets in play.
+            if bound is not None and _naive_epoch(cand) - bound > best:
+                return best
+            first, second, gap_end = _resolve_wall(cand, self.tz)
+            if self.fixed:
+                options = (first if first is not None else gap_end,)
+            else:
+                options = (first, second)
+            for instant in options:
+                if (
+                    instant is not None
+                    and instant > t
+                    and (best is None or instant < best)
+                ):
+                    best = instant
+            if best is not None:
+                offsets = [
+                    datetime.datetime.fromtimestamp(x, self.tz).utcoffset()
+                    for x in (t, best, best + 10800)
+                ]
+                if best - t < 86400 and second is None and len(set(offsets)) == 1:
+                    return best  # no transition near: the common case
+                bound = max(offsets).total_seconds()
+        return best
+
+    def describe(self) -> str:
+        """Plain words for the page: ``every 90 seconds``, ``manual``..."""
+        if self.kind == "manual":
+            return "manual"
+        if self.kind == "reboot":
+            return "on start"
+        if self.kind == "at":
+            return "once at " + iso_local(self.at, self.tz)
+        if self.kind == "every":
+            return "every " + _plain_duration(self.interval)
+        return "cron " + self.expr
+
+
+def _plain_duration(seconds: float) -> str:
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            n = int(seconds // size)
+            return f"{n} {unit}{'' if n == 1 else 's'}"
+    n = seconds if seconds % 1 else int(seconds)
+    return "{} second{}".format(n, "" if n == 1 else "s")
+
+
+def next_fire_times(
+    expr: str, n: int = 5, tz: datetime.tzinfo | None = None, after: float | None = None
+) -> list[float]:
+    """The next ``n`` fire instants of ``expr`` strictly after ``after`` (default:
+    now), as the scheduler will use them.  ``@every`` is anchored at ``after``."""
+    tz = tz or local_zone()
+    after = time.time() if after is None else after
+    schedule = Schedule(expr, tz)
+    times, t = [], after
+    while len(times) < n:
+        t = schedule.next_after(t, anchor=after)
+        if t is None:
+            break
+        times.append(t)
+    return times
+
+
+###############################################################################
+# Job definitions #############################################################
+###############################################################################
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD")
+#: Environment variables minisched sets itself; a job may not override them.
+RESERVED_ENV = ("MINISCHED_RUN_ID", "MINISCHED_JOB")
+
+#: Every job field and its default (SPEC §3).  ``name`` has none.
+JOB_DEFAULTS = {
+    "command": None,
+    "kind": "command",
+    "url": None,
+    "method": "GET",
+    "headers": {},
+    "body": None,
+    "expect_status": None,
+    "schedule": None,
+    "timezone": None,
+    "enabled": True,
+    "description": "",
+    "tags": [],
+    "cwd": None,
+    "env": {},
+    "user": None,
+    "timeout": 0,
+    "kill_grace": 10,
+    "retries": 0,
+    "retry_delay": 10,
+    "retry_backoff": 2,
+    "retry_max_delay": 3600,
+    "concurrency": "forbid",
+    "queue_max": 1,
+    "catch_up": "none",
+    "starting_deadline": None,
+    "jitter": 0,
+    "max_runs": 0,
+    "keep_runs": 100,
+    "max_output": 1048576,
+    "on_success": [],
+    "on_failure": [],
+    "on_start": [],
+    "after": [],
+}
+#: Fields only meaningful for ``kind: http``.
+HTTP_FIELDS = ("url", "method", "headers", "body", "expect_status")
+
+
+def _is_number(value) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
+
+
+def _check_number(value, low, high, integer=False):
+    """None if ``value`` is a number in [low, high], else what is wrong."""
+    if not _is_number(value) or (integer and value != int(value)):
+        return "must be %s" % ("an integer" if integer else "a number")
+    if value < low or (high is not None and value > high):
+        if high is None:
+            return f"must be at least {low}"
+        return f"must be between {low} and {high}"
+    return None
+
+
+#: Numeric fields: (low, high or None, integer).
+_NUMBER_FIELDS = {
+    "timeout": (0, 31536000, False),
+    "kill_grace": (0, 3600, False),
+    "retries": (0, 100, True),
+    "retry_delay": (0, 31536000, False),
+    "retry_backoff": (1, 100, False),
+    "retry_max_delay": (0, 31536000, False),
+    "queue_max": (1, 10000, True),
+    "starting_deadline": (0.001, 31536000, False),
+    "jitter": (0, 86400, False),
+    "max_runs": (0, None, True),
+    "keep_runs": (1, 1000000, True),
+    "max_output": (1024, 1 << 30, True),
+}
+_CHOICES = {
+    "kind": ("command", "http"),
+    "concurrency": ("forbid", "allow", "replace", "queue"),
+    "catch_up": ("none", "latest", "all"),
+}
+
+
+def _check_str_map(value):
+    if not isinstance(value, dict):
+        return "must be an object of strings"
+    for key, item in value.items():
+        if not isinstance(item, str):
+            return f"value of {key!r} must be a string"
+    return None
+
+
+def _check_hooks(value):
+    if not isinstance(value, list):
+        return "must be a list of hooks"
+    for i, hook in enumerate(value):
+        where = f"[{i}]"
+        if not isinstance(hook, dict):
+            return where + " must be an object with url or command"
+        unknown = set(hook) - {"url", "method", "headers", "command"}
+        if unknown:
+            return where + f" has unknown field {min(unknown)!r}"
+        if ("url" in hook) == ("command" in hook):
+            return where + " needs exactly one of url or command"
+        if "url" in hook and not _valid_url(hook["url"]):
+            return where + ".url must be an http:// or https:// URL"
+        if "command" in hook and not _valid_command(hook["command"]):
+            return where + ".command must be a string or a list of strings"
+        if hook.get("method", "POST") not in _HTTP_METHODS:
+            return where + ".method must be one of " + ", ".join(_HTTP_METHODS)
+        if "headers" in hook and _check_str_map(hook["headers"]):
+            return where + ".headers " + _check_str_map(hook["headers"])
+    return None
+
+
+def _valid_url(value) -> bool:
+    return isinstance(value, str) and re.match(r"^https?://[^\s/]+", value) is not None
+
+
+def _valid_command(value) -> bool:
+    if isinstance(value, str):
+        return bool(value.strip()) and "\0" not in value
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(a, str) and "\0" not in a for a in value)
+        and bool(value[0])
+    )
+
+
+def _field_problem(name, value):
+    """What is wrong with one field's value, or None.  Cross-field rules live in
+    :func:`validate_job`."""
+    if name in _NUMBER_FIELDS:
+        if name == "starting_deadline" and value is None:
+            return None
+        return _check_number(value, *_NUMBER_FIELDS[name])
+    if name in _CHOICES:
+        if value not in _CHOICES[name]:
+            return "must be one of " + ", ".join(_CHOICES[name])
+        return None
+    if name == "command":
+        ok = value is None or _valid_command(value)
+        return None if ok else "must be a non-empty string or list of strings"
+    if name in ("schedule", "timezone", "cwd", "user", "url"):
+        if value is not None and not isinstance(value, str):
+            return "must be a string"
+        if name == "url" and value is not None and not _valid_url(value):
+            return "must be an http:// or https:// URL"
+        if name == "cwd" and value is not None and "\0" in value:
+            return "must not contain NUL"
+        return None
+    if name == "description":
+        if not isinstance(value, str) or len(value) > 2000:
+            return "must be a string of at most 2000 characters"
+        return None
+    if name == "enabled":
+        return None if isinstance(value, bool) else "must be true or false"
+    if name == "method":
+        return (
+            None
+            if value in _HTTP_METHODS
+            else "must be one of " + ", ".join(_HTTP_METHODS)
+        )
+    if name == "headers":
+        return _check_str_map(value)
+    if name == "env":
+        problem = _check_str_map(value)
+        if problem:
+            return problem
+        for key in value:
+            if not _ENV_KEY_RE.match(key):
+                return f"has an invalid variable name {key!r}"
+            if key in RESERVED_ENV:
+                return f"must not set {key} (minisched sets it)"
+            if "\0" in value[key]:
+                return f"value of {key!r} must not contain NUL"
+        return None
+    if name == "body":
+        return None  # a string, or any JSON value sent as JSON
+    if name == "expect_status":
+        if value is None:
+            return None
+        if not isinstance(value, list) or not value:
+            return "must be a non-empty list of HTTP status codes"
+        for code in value:
+            if _check_number(code, 100, 599, integer=True):
+                return "must contain HTTP status codes (100..599)"
+        return None
+    if name == "tags":
+        if not isinstance(value, list) or not all(
+            isinstance(t, str) and 0 < len(t) <= 64 for t in value
+        ):
+            return "must be a list of non-empty strings (at most 64 characters each)"
+        return None
+    if name in ("on_success", "on_failure", "on_start"):
+        return _check_hooks(value)
+    if name == "after":
+        if not isinstance(value, list) or not all(
+            isinstance(n, str) and _NAME_RE.match(n) for n in value
+        ):
+            return "must be a list of job names"
+        return None
+    return None
+
+
+def validate_job(data, server_tz: datetime.tzinfo | None = None) -> dict:
+    """Check one job definition and return it normalised (only given fields,
+    canonical forms).  Raises :class:`InvalidError` naming the first bad field,
+    with every problem in ``.errors``.  Pure: safe from any thread."""
+    if not isinstance(data, dict):
+        raise InvalidError("a job must be a JSON object", None)
+    errors = []
+
+    def bad(field, message):
+        errors.append({"field": field, "error": f"{field}: {message}"})
+
+    for key in data:
+        if key != "name" and key not in JOB_DEFAULTS:
+            bad(
+                key,
+                "unknown field (valid fields: name, {})".format(
+                    ", ".join(JOB_DEFAULTS)
+                ),
+            )
+    name = data.get("name")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        bad(
+            "name",
+            "required: 1-64 characters, letters, digits, '_', '.', '-', "
+            "starting with a letter or digit",
+        )
+    for key, value in data.items():
+        if key in JOB_DEFAULTS:
+            problem = _field_problem(key, value)
+            if problem:
+                bad(key, problem)
+    kind = data.get("kind", "command")
+    if kind == "command":
+        if data.get("command") is None:
+            bad("command", "required for kind command")
+        for key in HTTP_FIELDS:
+            if key in data and data[key] is not None:
+                bad(key, "only valid with kind http")
+    elif kind == "http":
+        if data.get("url") is None:
+            bad("url", "required for kind http")
+        if data.get("command") is not None:
+            bad("command", "not used with kind http (use url)")
+    tz = server_tz or local_zone()
+    if isinstance(data.get("timezone"), str):
+        try:
+            tz = get_zone(data["timezone"])
+        except InvalidError as exc:
+            bad("timezone", exc.message)
+    if isinstance(data.get("schedule"), str):
+        try:
+            Schedule(data["schedule"], tz)
+        except InvalidError as exc:
+            bad("schedule", exc.message)
+    if isinstance(name, str) and name in (data.get("after") or []):
+        bad("after", "a job cannot depend on itself")
+    if errors:
+        raise InvalidError(errors[0]["error"], errors[0]["field"], errors)
+    return dict(data)
+
+
+class Job:
+    """A validated definition with defaults filled in, plus its parsed schedule.
+
+    Immutable after construction; the scheduler replaces the object on change.
+    """
+
+    def __init__(self, definition: dict, server_tz, source="api", created_at=None):
+        self.definition = definition
+        self.source = source
+        self.created_at = created_at if created_at is not None else time.time()
+        for key, default in JOB_DEFAULTS.items():
+            setattr(self, key, definition.get(key, default))
+        self.name = definition["name"]
+        self.tz = get_zone(self.timezone) if self.timezone else server_tz
+        self.schedule_obj = Schedule(self.schedule, self.tz)
+
+    def retry_delay_for(self, attempt: int) -> float:
+        """Delay before attempt ``attempt`` (2 = first retry)."""
+        delay = self.retry_delay * self.retry_backoff ** (attempt - 2)
+        return min(delay, self.retry_max_delay)
+
+    def public(self, mask_env=False) -> dict:
+        """The definition as the API shows it (``env`` values masked on request)."""
+        out = dict(self.definition)
+        if mask_env and out.get("env"):
+            out["env"] = {key: "***" for key in out["env"]}
+        return out
+
+
+###############################################################################
+# Storage #####################################################################
+###############################################################################
+
+#: Schema migrations; ``PRAGMA user_version`` is how many have been applied.
+MIGRATIONS = (
+    """
+    CREATE TABLE jobs (
+        name TEXT PRIMARY KEY,
+        definition TEXT NOT NULL,
+        source TEXT NOT NULL DEFAULT 'api',
+        file_definition TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        paused INTEGER NOT NULL DEFAULT 0,
+        last_slot REAL,
+        scheduled_runs INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job TEXT NOT NULL,
+        status TEXT NOT NULL,
+        trigger TEXT NOT NULL,
+        attempt INTEGER NOT NULL DEFAULT 1,
+        slot REAL,
+        scheduled_at REAL,
+        started_at REAL,
+        finished_at REAL,
+        duration REAL,
+        exit_code INTEGER,
+        signal INTEGER,
+        error TEXT,
+        pid INTEGER,
+        pid_create_time REAL,
+        cpu_time REAL,
+        peak_rss INTEGER,
+        output_bytes INTEGER NOT NULL DEFAULT 0,
+        output_truncated INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE UNIQUE INDEX runs_job_slot ON runs (job, slot) WHERE slot IS NOT NULL;
+    CREATE INDEX runs_job_id ON runs (job, id);
+    CREATE INDEX runs_status_id ON runs (status, id);
+    CREATE TABLE chunks (
+        run_id INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        stream TEXT NOT NULL,
+        ts REAL NOT NULL,
+        text TEXT NOT NULL,
+        PRIMARY KEY (run_id, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT);
+    """,
+)
+#: Columns of ``runs`` in API order.
+RUN_COLUMNS = (
+    "id",
+    "job",
+    "status",
+    "trigger",
+    "attempt",
+    "slot",
+    "scheduled_at",
+    "started_at",
+    "finished_at",
+    "duration",
+    "exit_code",
+    "signal",
+    "error",
+    "pid",
+    "pid_create_time",
+    "cpu_time",
+    "peak_rss",
+    "output_bytes",
+    "output_truncated",
+)
+_WRITE_BATCH = 2000
+
+
+def run_public(row: dict) -> dict:
+    """A run row as the API shows it: ISO times, booleans, no internals."""
+    out = {
+        key: row.get(key)
+        for key in RUN_COLUMNS
+        if key not in ("slot", "pid_create_time")
+    }
+    for key in ("scheduled_at", "started_at", "finished_at"):
+        out[key] = iso_utc(out[key])
+    out["output_truncated"] = bool(out["output_truncated"])
+    return out
+
+
+class Store:
+    """All SQL.  One SQLite file in WAL mode.
+
+    Writes go through one writer thread (``minisched-writer``) which batches
+    whatever is queued into one ``BEGIN IMMEDIATE`` transaction; each write
+    method returns a :class:`concurrent.futures.Future` resolved after commit.
+    Reads run on a per-thread connection from any thread and never wait for
+    the writer.  ``open()`` takes an exclusive ``flock`` so two servers cannot
+    share one file.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._local = threading.local()
+        self._queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._next_run_id = 0
+        self._thread = None
+        self._lock_fd = None
+        self.healthy = True
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def open(self, exclusive=True) -> Store:
+        """Create or migrate the schema and start the writer thread."""
+        if exclusive:
+            self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+                raise DatabaseError(
+                    f"database {self.path} is in use by another minisched server"
+                ) from None
+        conn = self._connect()
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise DatabaseError(
+                f"database {self.path} has schema version {version} but this "
+                f"minisched {__version__} knows only up to {len(MIGRATIONS)}: use a "
+                "newer minisched.py (the file is left untouched)"
+            )
+        conn.execute("PRAGMA journal_mode=WAL")
+        for number in range(version, len(MIGRATIONS)):
+            conn.executescript(
+                f"BEGIN IMMEDIATE;{MIGRATIONS[number]};"
+                f"PRAGMA user_version={number + 1};COMMIT;"
+            )
+        row = conn.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name='runs'"
+        ).fetchone()
+        self._next_run_id = (row[0] if row else 0) + 1
+        self._writer_conn = self._connect()
+        self._thread = threading.Thread(
+            target=self._write_loop, name="minisched-writer", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Flush queued writes, stop the writer and release the lock."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+            try:
+                self._writer_conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
+            self._writer_conn.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=30, isolation_level=None, check_same_thread=False
+        )
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA journal_size_limit=16777216")
+        conn.execute("PRAGMA foreign_keys=OFF")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        return conn
+
+    # -- the writer thread -------------------------------------------------
+
+    def _write_loop(self) -> None:
+        """Runs in ``minisched-writer``: batch, commit, resolve futures."""
+        conn = self._writer_conn
+        last_checkpoint = time.monotonic()
+        while True:
+            try:
+                item = self._queue.get(timeout=60)
+            except queue.Empty:
+                item = ()
+            batch, done = ([item] if item else []), item is None
+            while not done and len(batch) < _WRITE_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    done = True
+                else:
+                    batch.append(item)
+            batch = [b for b in batch if b]
+            if batch:
+                self._commit(conn, batch)
+            if done:
+                return
+            if time.monotonic() - last_checkpoint > 300 or (not batch and item == ()):
+                # Keep the WAL small even if readers held it open during bursts.
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.Error:
+                    pass
+                last_checkpoint = time.monotonic()
+
+    def _commit(self, conn, batch) -> None:
+        results = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, _future in batch:
+                results.append(fn(conn))
+            conn.execute("COMMIT")
+        except Exception:  # noqa: BLE001 - replayed one by one below
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            # Replay one by one so one bad operation fails alone.
+            for fn, future in batch:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    result = fn(conn)
+                    conn.execute("COMMIT")
+                except Exception as exc:  # noqa: BLE001 - goes to the future
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    log.error("database write failed: %s", exc)
+                    if not isinstance(exc, sqlite3.IntegrityError):
+                        self.healthy = False
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            return
+        self.healthy = True
+        for (_fn, future), result in zip(batch, results):
+            future.set_result(result)
+
+    def _submit(self, fn) -> concurrent.futures.Future:
+        future = concurrent.futures.Future()
+        self._queue.put((fn, future))
+        return future
+
+    def flush(self, timeout=30) -> None:
+        """Wait until every write queued before this call is committed."""
+        self._submit(lambda conn: None).result(timeout)
+
+    # -- writes (any thread; each returns a Future) -------------------------
+
+    def allocate_run_id(self) -> int:
+        """A fresh run id, handed out in memory so a run is known before commit."""
+        with self._lock:
+            run_id = self._next_run_id
+            self._next_run_id += 1
+            return run_id
+
+    def insert_run(self, run: dict, job_update: dict | None = None):
+        """Insert a run (and update its job's scheduling state in the same
+        transaction).  The future's result is False when the slot already had
+        a run: that slot must not run again."""
+        cols = [key for key in RUN_COLUMNS if key in run]
+        sql = "INSERT OR IGNORE INTO runs ({}) VALUES ({})".format(
+            ", ".join(cols),
+            ", ".join("?" * len(cols)),
+        )
+        values = [run[key] for key in cols]
+
+        def op(conn):
+            inserted = conn.execute(sql, values).rowcount == 1
+            if job_update:
+                self._update_job(conn, run["job"], job_update)
+            return inserted
+
+        return self._submit(op)
+
+    def update_run(self, run_id: int, fields: dict):
+        sets = ", ".join(f"{key} = ?" for key in fields)
+        values = list(fields.values()) + [run_id]
+        return self._submit(
+            lambda conn: conn.execute(f"UPDATE runs SET {sets} WHERE id = ?", values)
+        )
+
+    def add_chunks(self, rows: list):
+        """Append output chunks: ``[(run_id, seq, stream, ts, text), ...]``."""
+        return self._submit(
+            lambda conn: conn.executemany(
+                "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?)", rows
+            )
+        )
+
+    def save_job(self, name: str, fields: dict):
+        """Insert or update a job row; ``fields`` are column values."""
+        fields = dict(fields)
+        if "definition" in fields:
+            fields["definition"] = json.dumps(fields["definition"], sort_keys=True)
+        if "file_definition" in fields and fields["file_definition"] is not None:
+            fields["file_definition"] = json.dumps(
+                fields["file_definition"], sort_keys=True
+            )
+
+        def op(conn):
+            exists = conn.execute(
+                "SELECT 1 FROM jobs WHERE name = ?", (name,)
+            ).fetchone()
+            if exists:
+                self._update_job(conn, name, fields)
+            else:
+                cols = ["name"] + list(fields)
+                conn.execute(
+                    "INSERT INTO jobs ({}) VALUES ({})".format(
+                        ", ".join(cols), ", ".join("?" * len(cols))
+                    ),
+                    [name] + list(fields.values()),
+                )
+
+        return self._submit(op)
+
+    @staticmethod
+    def _update_job(conn, name, fields):
+        fields = dict(fields)
+        if isinstance(fields.get("definition"), dict):
+            fields["definition"] = json.dumps(fields["definition"], sort_keys=True)
+        sets = ", ".join(f"{key} = ?" for key in fields)
+        conn.execute(
+            f"UPDATE jobs SET {sets} WHERE name = ?", list(fields.values()) + [name]
+        )
+
+    def delete_job(self, name: str, purge=False):
+        def op(conn):
+            conn.execute("DELETE FROM jobs WHERE name = ?", (name,))
+            if purge:
+                conn.execute(
+                    "DELETE FROM chunks WHERE run_id IN (SELECT id FROM runs WHERE job = ?)",
+                    (name,),
+                )
+                conn.execute("DELETE FROM runs WHERE job = ?", (name,))
+
+        return self._submit(op)
+
+    def prune(self, job: str, keep_runs: int):
+        """Retention: keep the newest ``keep_runs`` real runs and the newest
+        ``KEEP_NOISE_RUNS`` skipped/missed records of ``job``."""
+
+        def op(conn):
+            for where, keep in (
+                ("status NOT IN ('skipped', 'missed', 'queued', 'running')", keep_runs),
+                ("status IN ('skipped', 'missed')", KEEP_NOISE_RUNS),
+            ):
+                row = conn.execute(
+                    f"SELECT id FROM runs WHERE job = ? AND {where} ORDER BY id DESC "
+                    "LIMIT 1 OFFSET ?",
+                    (job, keep),
+                ).fetchone()
+                if row is None:
+                    continue
+                ids = f"SELECT id FROM runs WHERE job = ? AND {where} AND id <= ?"
+                conn.execute(
+                    f"DELETE FROM chunks WHERE run_id IN ({ids})", (job, row[0])
+                )
+                conn.execute(f"DELETE FROM runs WHERE id IN ({ids})", (job, row[0]))
+
+        return self._submit(op)
+
+    def mark_lost(self, now: float) -> list:
+        """Startup repair: runs left active by a dead server become ``lost``.
+        Returns their rows (pid and create time let the caller kill leftovers)."""
+
+        def op(conn):
+            rows = [
+                dict(r)
+                for r in conn.execute(
+                    "SELECT * FROM runs WHERE status IN ('queued', 'running')"
+                )
+            ]
+            conn.execute(
+                "UPDATE runs SET status = 'lost', finished_at = ?, "
+                "error = 'the server stopped while this run was ' || status "
+                "WHERE status IN ('queued', 'running')",
+                (now,),
+            )
+            return rows
+
+        return self._submit(op)
+
+    def set_setting(self, key: str, value):
+        return self._submit(
+            lambda conn: conn.execute(
+                "INSERT OR REPLACE INTO settings VALUES (?, ?)",
+                (key, json.dumps(value)),
+            )
+        )
+
+    # -- reads (any thread, own connection) ---------------------------------
+
+    def load_jobs(self) -> list:
+        rows = self._reader().execute("SELECT * FROM jobs ORDER BY name").fetchall()
+        out = []
+        for row in rows:
+            item = dict(row)
+            item["definition"] = json.loads(item["definition"])
+            if item["file_definition"]:
+                item["file_definition"] = json.loads(item["file_definition"])
+            out.append(item)
+        return out
+
+    def get_run(self, run_id: int) -> dict | None:
+        row = (
+            self._reader()
+            .execute("SELECT * FROM runs WHERE id = ?", (run_id,))
+            .fetchone()
+        )
+        return dict(row) if row else None
+
+    def list_runs(self, job=None, status=None, before=None, limit=50, offset=0):
+        """Newest first, with the total count of matches."""
+        where, args = [], []
+        for clause, value in (
+            ("job = ?", job),
+            ("status = ?", status),
+            ("id < ?", before),
+        ):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        sql_where = (" WHERE " + " AND ".join(where)) if where else ""
+        conn = self._reader()
+        total = conn.execute("SELECT count(*) FROM runs" + sql_where, args).fetchone()[
+            0
+        ]
+        rows = conn.execute(
+            f"SELECT * FROM runs{sql_where} ORDER BY id DESC LIMIT ? OFFSET ?",
+            args + [limit, offset],
+        ).fetchall()
+        return [dict(r) for r in rows], total
+
+    def last_runs(self) -> dict:
+        """The newest finished-or-running run of every job, by job name."""
+        rows = (
+            self._reader()
+            .execute(
+                "SELECT runs.* FROM runs JOIN (SELECT max(id) AS id FROM runs "
+                "WHERE status NOT IN ('skipped', 'queued') GROUP BY job) AS m ON runs.id = m.id"
+            )
+            .fetchall()
+        )
+        return {row["job"]: dict(row) for row in rows}
+
+    def get_chunks(self, run_id: int, after_seq: int = 0, limit: int = 100000) -> list:
+        rows = (
+            self._reader()
+            .execute(
+                "SELECT seq, stream, ts, text FROM chunks WHERE run_id = ? AND seq > ? "
+                "ORDER BY seq LIMIT ?",
+                (run_id, after_seq, limit),
+            )
+            .fetchall()
+        )
+        return [dict(r) for r in rows]
+
+    def count_runs(self, since: float, status: str) -> int:
+        return (
+            self._reader()
+            .execute(
+                "SELECT count(*) FROM runs WHERE status = ? AND finished_at >= ?",
+                (status, since),
+            )
+            .fetchone()[0]
+        )
+
+    def get_setting(self, key: str, default=None):
+        row = (
+            self._reader()
+            .execute("SELECT value FROM settings WHERE key = ?", (key,))
+            .fetchone()
+        )
+        return json.loads(row[0]) if row else default
+
+
+###############################################################################
+# Event bus ###################################################################
+###############################################################################
+
+
+class Subscription:
+    """One subscriber's bounded queue.  When it overflows the subscriber is
+    marked ``lagged`` and receives nothing more; it should reconnect and catch
+    up from the database.  Iterating yields ``(kind, data)``."""
+
+    def __init__(self, bus, maxsize, filter_fn):
+        self.bus = bus
+        self.queue = queue.Queue(maxsize)
+        self.filter = filter_fn
+        self.lagged = False
+
+    def get(self, timeout=None):
+        """Next ``(kind, data)``, or None on timeout."""
+        try:
+            return self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self):
+        self.bus.unsubscribe(self)
+
+
+class EventBus:
+    """Fan-out of ``(kind, data)`` events (``run``, ``job``, ``log``) to
+    subscribers.  ``publish`` never blocks: it is called from the runner's
+    threads, and a slow subscriber must not slow them down."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._subs = ()
+
+    def subscribe(self, maxsize=10000, filter_fn=None) -> Subscription:
+        sub = Subscription(self, maxsize, filter_fn)
+        with self._lock:
+            self._subs = self._subs + (sub,)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self._lock:
+            self._subs = tuple(s for s in self._subs if s is not sub)
+
+    def count(self) -> int:
+        return len(self._subs)
+
+    def publish(self, kind: str, data) -> None:
+        for sub in self._subs:  # a tuple: safe to iterate without the lock
+            if sub.lagged or (sub.filter is not None and not sub.filter(kind, data)):
+                continue
+            try:
+                sub.queue.put_nowait((kind, data))
+            except queue.Full:
+                sub.lagged = True
+                log.warning("an event subscriber lagged behind and was dropped")
+
+
+###############################################################################
+# Process control #############################################################
+###############################################################################
+
+
+def find_marked_pids(run_ids, exclude=()):
+    """Pids of processes whose environment has ``MINISCHED_RUN_ID`` in ``run_ids``
+    (a set of str).  This finds descendants that left the process group with
+    ``setsid``.  Reads ``/proc`` directly; also runs inside the guard process."""
+    found = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in names:
+        if not name.isdigit() or int(name) in exclude:
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read()
+        except OSError:
+            continue
+        start = env.find(b"MINISCHED_RUN_ID=")
+        while start != -1:
+            if start == 0 or env[start - 1] == 0:
+                end = env.find(b"\0", start)
+                value = env[start + 17 : end if end != -1 else None].decode()
+                if value in run_ids:
+                    found.append(int(name))
+                break
+            start = env.find(b"MINISCHED_RUN_ID=", start + 1)
+    return found
+
+
+#: The guard process: holds a pipe from the server; when it reads EOF (the
+#: server died, even by SIGKILL) it SIGKILLs every registered process group and
+#: every process still carrying a registered run's marker.
+_GUARD_MAIN = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+groups = {}
+for line in sys.stdin:
+    parts = line.split()
+    if len(parts) == 3 and parts[0] == "+":
+        groups[parts[1]] = int(parts[2])
+    elif len(parts) == 2 and parts[0] == "-":
+        groups.pop(parts[1], None)
+for pgid in groups.values():
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+for pid in find_marked_pids(set(groups), (os.getpid(),)):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+class ProcessGuard:
+    """Kills the server's jobs when the server dies.
+
+    ``PR_SET_PDEATHSIG`` per child costs a ``preexec_fn`` (3x slower spawning)
+    and only reaches the direct child; the guard is one helper process that
+    reads a pipe from the server and, at EOF, kills every registered group and
+    marked process.  Started from the launcher thread; ``register`` and
+    ``unregister`` may be called from any thread.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._proc = None
+
+    def start(self) -> None:
+        import inspect
+
+        source = inspect.getsource(find_marked_pids) + _GUARD_MAIN
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", source],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+                text=True,
+                bufsize=1,
+            )
+        except OSError as exc:
+            log.warning(
+                "cannot start the guard process (%s): jobs may outlive a crash", exc
+            )
+
+    @property
+    def pid(self):
+        return self._proc.pid if self._proc else None
+
+    def _send(self, line: str) -> None:
+        with self._lock:
+            if self._proc is None:
+                return
+            try:
+                self._proc.stdin.write(line)
+            except (OSError, ValueError):
+                log.warning("the guard process is gone: jobs may outlive a crash")
+                self._proc = None
+
+    def register(self, run_id: int, pgid: int) -> None:
+        self._send(f"+ {run_id} {pgid}\n")
+
+    def unregister(self, run_id: int) -> None:
+        self._send(f"- {run_id}\n")
+
+    def close(self) -> None:
+        with self._lock:
+            proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.stdin.close()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def signal_run(pgid: int | None, run_ids, sig: int, exclude=()) -> int:
+    """Send ``sig`` to a run's process group and to every process carrying one
+    of ``run_ids`` as its marker.  Returns how many marked processes were hit."""
+    if pgid:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    hit = 0
+    for pid in find_marked_pids(
+        {str(r) for r in run_ids}, (os.getpid(),) + tuple(exclude)
+    ):
+        try:
+            os.kill(pid, sig)
+            hit += 1
+        except (ProcessLookupError, PermissionError):
+            pass
+    return hit
+
+
+def kill_leftover(pid: int | None, create_time: float | None, run_id: int) -> bool:
+    """Startup repair: SIGKILL the group of a dead server's run, only if ``pid``
+    is still the same process (same create time), plus processes with its marker.
+    True if anything was killed."""
+    killed = False
+    if pid and create_time:
+        try:
+            same = abs(psutil.Process(pid).create_time() - create_time) < 0.05
+        except psutil.Error:
+            same = False
+        if same:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+                killed = True
+            except OSError:
+                pass
+    return signal_run(None, [run_id], signal.SIGKILL) > 0 or killed
+
+
+def _exit_description(code: int | None, sig: int | None) -> str | None:
+    if sig:
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"killed by {name}"
+    if code == 127:
+        return "exit code 127 (command not found)"
+    if code == 126:
+        return "exit code 126 (command not executable)"
+    if code:
+        return f"exit code {code}"
+    return None
+
+
+###############################################################################
+# Runner ######################################################################
+###############################################################################
+
+
+class Run:
+    """One queued or running run, in memory.  Fields named like ``RUN_COLUMNS``
+    mirror the database row.  The Runner's lock guards ``status``; output and
+    process fields belong to the io thread once the run has started."""
+
+    def __init__(self, run_id, job, trigger, attempt=1, slot=None, scheduled_at=None):
+        self.id = run_id
+        self.job = job
+        self.status = "queued"
+        self.trigger = trigger
+        self.attempt = attempt
+        self.slot = slot
+        self.scheduled_at = scheduled_at
+        self.started_at = self.finished_at = self.duration = None
+        self.exit_code = self.signal = self.error = self.pid = None
+        self.pid_create_time = None
+        self.cpu_time = self.peak_rss = None
+        self.output_bytes = 0
+        self.output_truncated = False
+        self.force = False  # a forced manual trigger ignores the job's concurrency
+        self.persisted = None  # Future of the insert; launch waits on it
+        self.not_before = None
+        self.kill_reason = None  # ("cancelled" | "timed_out", message)
+        # -- io thread only --
+        self.proc = None
+        self.pidfd = None
+        self.fds = {}
+        self.decoders = {}
+        self.seq = 0
+        self.head_left = job.max_output // 2
+        self.tail = collections.deque()
+        self.tail_bytes = 0
+        self.dropped_bytes = 0
+        self.marker_seq = None
+        self.exited = False
+        self.rusage = None
+        self.timers = []
+
+    def row(self) -> dict:
+        out = {key: getattr(self, key) for key in RUN_COLUMNS if key != "job"}
+        out["job"] = self.job.name
+        return out
+
+    def public(self) -> dict:
+        return run_public(self.row())
+
+
+class Runner:
+    """Starts, watches and stops runs; applies ``concurrency``, the global
+    ``max_concurrent``, retries and output limits.
+
+    ``submit``/``stop_*`` are called from the scheduler and request threads.
+    Spawning happens only in ``minisched-launcher``; pipes, exits and timers
+    only in ``minisched-io``.  ``on_finished(run, job)`` is called from the io
+    thread after a run is recorded terminal (the scheduler hooks dependencies
+    there).
+    """
+
+    def __init__(self, store, bus, max_concurrent=0, clock=time.time, job_lookup=None):
+        self.store = store
+        self.bus = bus
+        self.max_concurrent = max_concurrent
+        self.clock = clock
+        self.job_lookup = job_lookup or (lambda name: None)
+        self.on_finished = lambda run, job: None
+        self.on_hook = lambda event, run, job: None
+        self.guard = ProcessGuard()
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._runs = {}  # id -> Run, every queued or running run
+        self._waiting = []  # runs eligible to start, in order
+        self._starting = 0
+        self._closing = False
+        self._launch_q = queue.SimpleQueue()
+        self._io_q = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._threads = []
+        self.stopping = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        for name, target in (
+            ("minisched-launcher", self._launch_loop),
+            ("minisched-io", self._io_loop),
+            ("minisched-sampler", self._sample_loop),
+        ):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        started = threading.Event()
+        self._launch_q.put(started.set)  # the guard's parent is the launcher
+        started.wait(10)
+
+    def shutdown(self, grace: float) -> None:
+        """Stop accepting runs, let running ones finish for most of ``grace``,
+        then stop them (``cancelled``) and wait for the rest.  Main thread."""
+        deadline = time.monotonic() + grace
+        with self._lock:
+            self._closing = True
+            pending = [r for r in self._runs.values() if r.status == "queued"]
+        for run in pending:
+            self._cancel_queued(run, "the server is shutting down")
+        soft = deadline - min(2.0, grace / 2)
+        with self._lock:
+            while self._active_processes() and time.monotonic() < soft:
+                self._changed.wait(min(0.5, max(0.01, soft - time.monotonic())))
+            left = [r for r in self._runs.values() if r.status == "running"]
+        for run in left:
+            self._kill(
+                run,
+                "cancelled",
+                "stopped: the server is shutting down",
+                grace=max(0.0, deadline - time.monotonic() - 0.5),
+            )
+        with self._lock:
+            while self._runs and time.monotonic() < deadline + 2:
+                self._changed.wait(0.1)
+        with self._lock:
+            self.stopping.set()
+            self._changed.notify_all()
+        self._launch_q.put(None)
+        self._io_command(("stop",))
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.guard.close()
+
+    def _active_processes(self) -> bool:
+        return any(r.status == "running" for r in self._runs.values()) or bool(
+            self._starting
+        )
+
+    # -- submitting (scheduler and request threads) --------------------------
+
+    def submit(
+        self,
+        job,
+        trigger,
+        *,
+        slot=None,
+        scheduled_at=None,
+        attempt=1,
+        force=False,
+        not_before=None,
+        job_update=None,
+    ) -> dict:
+        """Create a run of ``job`` and start it when the job's ``concurrency`` and
+        the global limit allow.  Returns the run's public dict (status
+        ``queued``, or ``skipped``).  A manual trigger that would be skipped
+        raises :class:`ConflictError` instead (``force`` overrides ``forbid``)."""
+        now = self.clock()
+        with self._lock:
+            if self._closing:
+                raise MinischedError("the server is shutting down")
+            active = [r for r in self._runs.values() if r.job.name == job.name]
+            reason = None
+            to_stop = []
+            if active and trigger not in ("retry", "catch_up"):
+                policy = job.concurrency
+                if policy == "forbid" and not force:
+                    reason = (
+                        f"run {active[0].id} of this job is still active "
+                        "(concurrency forbid)"
+                    )
+                elif policy == "queue":
+                    waiting = [r for r in active if r.status == "queued"]
+                    if len(waiting) >= job.queue_max:
+                        reason = (
+                            f"the queue of this job is full (queue_max {job.queue_max})"
+                        )
+                elif policy == "replace":
+                    to_stop = active
+            if reason and trigger == "manual":
+                raise ConflictError(reason + "; use ?force=1 to run anyway", None)
+            run = Run(
+                self.store.allocate_run_id(),
+                job,
+                trigger,
+                attempt,
+                slot,
+                scheduled_at if scheduled_at is not None else now,
+            )
+            if reason:
+                run.status = "skipped"
+                run.error = reason
+                run.finished_at = now
+            else:
+                run.force = force
+                run.not_before = not_before
+                self._runs[run.id] = run
+        run.persisted = self.store.insert_run(run.row(), job_update)
+        if run.status == "skipped":
+            self._published(run, job)
+            return run.public()
+        for old in to_stop:
+            self.stop_run(old.id, f"replaced by run {run.id} (concurrency replace)")
+        self.bus.publish("run", run.public())
+        if not_before is not None and not_before > now:
+            self._io_command(("timer", not_before - now, lambda: self._enqueue(run)))
+        else:
+            self._enqueue(run)
+        return run.public()
+
+    def record(
+        self,
+        job,
+        status,
+        trigger,
+        *,
+        slot=None,
+        scheduled_at=None,
+        error=None,
+        job_update=None,
+    ) -> dict:
+        """Record a run that never starts (``missed``, ``skipped``)."""
+        now = self.clock()
+        run = Run(self.store.allocate_run_id(), job, trigger, 1, slot, scheduled_at)
+        run.status, run.error, run.finished_at = status, error, now
+        run.persisted = self.store.insert_run(run.row(), job_update)
+        self._published(run, job)
+        return run.public()
+
+    def _published(self, run, job) -> None:
+        """Announce a terminal record; prune history; fire hooks."""
+        public = run.public()
+        self.bus.publish("run", public)
+        log.info(
+            "run %d of %s %s%s",
+            run.id,
+            job.name,
+            run.status,
+            (": " + run.error) if run.error else "",
+        )
+        if run.status in ("missed", "lost"):
+            self.on_hook("on_failure", public, job)
+        self.store.prune(job.name, job.keep_runs)
+
+    def _enqueue(self, run) -> None:
+        with self._lock:
+            if run.status != "queued" or run.id not in self._runs:
+                return
+            self._waiting.append(run)
+            self._pump()
+
+    def _pump(self) -> None:
+        """Start every waiting run that may start now.  Caller holds the lock."""
+        if not self._waiting:
+            return
+        running = (
+            sum(1 for r in self._runs.values() if r.status == "running")
+            + self._starting
+        )
+        blocked_jobs = {
+            r.job.name
+            for r in self._runs.values()
+            if r.status == "running" and r.job.concurrency != "allow"
+        }
+        keep = []
+        for run in self._waiting:
+            ok = self.max_concurrent <= 0 or running < self.max_concurrent
+            if ok and not run.force and run.job.concurrency != "allow":
+                ok = run.job.name not in blocked_jobs
+            if ok:
+                run.status = "starting"
+                self._starting += 1
+                running += 1
+                if run.job.concurrency != "allow":
+                    blocked_jobs.add(run.job.name)
+                self._launch_q.put(run)
+            else:
+                keep.append(run)
+        self._waiting = keep
+
+    # -- stopping (any thread) ---------------------------------------------
+
+    def stop_run(self, run_id: int, message="stopped by request") -> bool:
+        """Stop one active run (``cancelled``).  False if it is not active."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            status = run.status if run else None
+        if status is None:
+            return False
+        if status == "queued":
+            self._cancel_queued(run, message)
+        else:
+            self._kill(run, "cancelled", message)
+        return True
+
+    def stop_job(self, name: str, message="stopped by request") -> int:
+        """Stop every active run of a job; returns how many."""
+        ids = [r.id for r in self.active_runs(name)]
+        return sum(self.stop_run(run_id, message) for run_id in ids)
+
+    def _cancel_queued(self, run, message) -> None:
+        with self._lock:
+            if run.status != "queued" or self._runs.pop(run.id, None) is None:
+                return
+            if run in self._waiting:
+                self._waiting.remove(run)
+            run.status = "cancelled"
+            self._changed.notify_all()
+        run.error = message
+        run.finished_at = self.clock()
+        self.store.update_run(
+            run.id,
+            {"status": "cancelled", "error": message, "finished_at": run.finished_at},
+        )
+        self._published(run, run.job)
+
+    def _kill(self, run, status, message, grace=None) -> None:
+        """Ask the io thread to stop a started run: SIGTERM, then SIGKILL."""
+        self._io_command(("kill", run, status, message, grace))
+
+    # -- queries -------------------------------------------------------------
+
+    def active_runs(self, name: str | None = None) -> list:
+        with self._lock:
+            return [
+                r for r in self._runs.values() if name is None or r.job.name == name
+            ]
+
+    def counts(self) -> dict:
+        with self._lock:
+            running = sum(
+                1 for r in self._runs.values() if r.status in ("running", "starting")
+            )
+            return {"running": running, "queued": len(self._runs) - running}
+
+    def get_active(self, run_id: int):
+        with self._lock:
+            return self._runs.get(run_id)
+
+    # -- the launcher thread ---------------------------------------------------
+
+    def _launch_loop(self) -> None:
+        """``minisched-launcher``: wait for each run's insert, then spawn it."""
+        while True:
+            item = self._launch_q.get()
+            if item is None:
+                return
+            if callable(item):
+                self.guard.start()
+                item()
+                continue
+            try:
+                self._launch(item)
+            except Exception as exc:  # never let one run kill the launcher
+                log.exception("launching run %d failed", item.id)
+                self._io_command(("failed", item, f"cannot start: {exc}"))
+
+    def _launch(self, run) -> None:
+        try:
+            inserted = run.persisted.result(timeout=120)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            inserted = exc
+        if inserted is not True:
+            with self._lock:
+                self._runs.pop(run.id, None)
+                self._starting -= 1
+                self._changed.notify_all()
+            if inserted is not False:
+                log.error("run %d not started: cannot record it: %s", run.id, inserted)
+            return
+        run.started_at = self.clock()
+        job = run.job
+        if job.kind == "http":
+            self._mark_running(run)
+            threading.Thread(
+                target=self._http_run,
+                args=(run,),
+                name="minisched-http-run",
+                daemon=True,
+            ).start()
+            return
+        try:
+            run.proc = self._spawn(run)
+        except _SpawnError as exc:
+            self._mark_running(run)
+            self._io_command(("failed", run, str(exc)))
+            return
+        run.pid = run.proc.pid
+        self.guard.register(run.id, run.pid)
+        self._mark_running(run)
+        self._io_command(("add", run))
+
+    def _mark_running(self, run) -> None:
+        with self._lock:
+            run.status = "running"
+            self._starting -= 1
+        self.store.update_run(
+            run.id, {"status": "running", "started_at": run.started_at, "pid": run.pid}
+        )
+        public = run.public()
+        self.bus.publish("run", public)
+        log.info("run %d of %s started (%s)", run.id, run.job.name, run.trigger)
+        self.on_hook("on_start", public, run.job)
+
+    def _spawn(self, run) -> subprocess.Popen:
+        """Start the job's process in its own session.  Launcher thread only."""
+        job = run.job
+        env = dict(os.environ)
+        env.update(job.env)
+        env["MINISCHED_RUN_ID"] = str(run.id)
+        env["MINISCHED_JOB"] = job.name
+        env["PYTHONUNBUFFERED"] = "1"
+        argv = (
+            ["/bin/sh", "-c", job.command]
+            if isinstance(job.command, str)
+            else job.command
+        )
+        kwargs = {}
+        if job.user:
+            try:
+                pw = pwd.getpwnam(job.user)
+            except KeyError:
+                raise _SpawnError(
+                    f"cannot start: user {job.user!r} does not exist"
+                ) from None
+            if os.geteuid() != 0 and pw.pw_uid != os.geteuid():
+                raise _SpawnError(
+                    f"cannot start: running as user {job.user!r} needs the server to run as root"
+                )
+            kwargs.update(
+                user=pw.pw_uid,
+                group=pw.pw_gid,
+                extra_groups=os.getgrouplist(pw.pw_name, pw.pw_gid),
+            )
+            env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
+        if job.cwd and not os.path.isdir(job.cwd):
+            raise _SpawnError(f"cannot start: cwd {job.cwd!r} is not a directory")
+        try:
+            return subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=job.cwd or None,
+                env=env,
+                start_new_session=True,
+                **kwargs,
+            )
+        except FileNotFoundError as exc:
+            what = exc.filename if exc.filename is not None else argv[0]
+            raise _SpawnError(f"cannot start: {what!r} not found") from None
+        except PermissionError as exc:
+            raise _SpawnError(f"cannot start: permission denied: {exc}") from None
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            raise _SpawnError(f"cannot start: {exc}") from None
+
+    def _http_run(self, run) -> None:
+        """``minisched-http-run``: one request; the result goes to the io thread."""
+        job = run.job
+        body = job.body
+        headers = dict(job.headers)
+        if body is not None and not isinstance(body, str):
+            body = json.dumps(body)
+            headers.setdefault("Content-Type", "application/json")
+        request = urllib.request.Request(
+            job.url,
+            data=body.encode() if body is not None else None,
+            method=job.method,
+            headers=headers,
+        )
+        status, text, error = None, "", None
+        try:
+            with urllib.request.urlopen(request, timeout=job.timeout or 30) as response:
+                status = response.status
+                text = response.read(job.max_output).decode("utf-8", "replace")
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+            text = exc.read(job.max_output).decode("utf-8", "replace")
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            error = f"request failed: {reason}"
+        if status is not None:
+            ok = (
+                status in job.expect_status
+                if job.expect_status
+                else 200 <= status < 300
+            )
+            if not ok:
+                error = f"HTTP status {status} not expected"
+        self._io_command(("http_done", run, status, text, error))
+
+    # -- the io thread ---------------------------------------------------------
+
+    def _io_command(self, command) -> None:
+        self._io_q.put(command)
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already
+
+    def _io_loop(self) -> None:
+        """``minisched-io``: pipes, exits, timers.  Owns every started run's
+        process and output state."""
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._timers = []
+        self._timer_seq = itertools.count()
+        while True:
+            timeout = None
+            if self._timers:
+                timeout = max(0.0, self._timers[0][0] - time.monotonic())
+            for key, _mask in self._sel.select(timeout):
+                if key.data is None:
+                    os.read(self._wake_r, 4096)
+                else:
+                    try:
+                        self._on_ready(*key.data)
+                    except Exception:
+                        log.exception("error handling a run's pipe")
+            while True:
+                try:
+                    command = self._io_q.get_nowait()
+                except queue.Empty:
+                    break
+                if command[0] == "stop":
+                    return
+                try:
+                    getattr(self, "_io_" + command[0])(*command[1:])
+                except Exception:
+                    log.exception("error handling %s", command[0])
+            now = time.monotonic()
+            while self._timers and self._timers[0][0] <= now:
+                _when, _seq, fn = heapq.heappop(self._timers)
+                try:
+                    fn()
+                except Exception:
+                    log.exception("error in a runner timer")
+
+    def _io_timer(self, delay, fn) -> None:
+        self._add_timer(delay, fn)
+
+    def _add_timer(self, delay, fn) -> None:
+        heapq.heappush(
+            self._timers, (time.monotonic() + delay, next(self._timer_seq), fn)
+        )
+
+    def _io_add(self, run) -> None:
+        proc = run.proc
+        for stream, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+            fd = pipe.fileno()
+            os.set_blocking(fd, False)
+            run.fds[fd] = pipe
+            run.decoders[stream] = codecs.getincrementaldecoder("utf-8")("replace")
+            self._sel.register(fd, selectors.EVENT_READ, (run, stream))
+        try:
+            run.pidfd = os.pidfd_open(proc.pid)
+            self._sel.register(run.pidfd, selectors.EVENT_READ, (run, "exit"))
+        except (AttributeError, OSError):
+            self._poll_exit(run)  # no pidfd (macOS, old kernels): poll
+        if run.job.timeout:
+            self._add_timer(run.job.timeout, lambda: self._on_timeout(run))
+        try:
+            run.pid_create_time = psutil.Process(proc.pid).create_time()
+        except psutil.Error:
+            pass
+        self.store.update_run(run.id, {"pid_create_time": run.pid_create_time})
+
+    def _poll_exit(self, run) -> None:
+        if not run.exited and self._reap(run, os.WNOHANG):
+            self._on_exit(run)
+        elif not run.exited:
+            self._add_timer(0.05, lambda: self._poll_exit(run))
+
+    def _reap(self, run, flags=0) -> bool:
+        try:
+            pid, status, rusage = os.wait4(run.proc.pid, flags)
+        except ChildProcessError:
+            pid, status, rusage = run.proc.pid, 0, None
+        if pid == 0:
+            return False
+        run.rusage = rusage
+        if os.WIFSIGNALED(status):
+            run.signal = os.WTERMSIG(status)
+            run.proc.returncode = -run.signal
+        else:
+            run.exit_code = os.WEXITSTATUS(status)
+            run.proc.returncode = run.exit_code
+        return True
+
+    def _on_ready(self, run, stream) -> None:
+        if stream == "exit":
+            self._sel.unregister(run.pidfd)
+            os.close(run.pidfd)
+            run.pidfd = None
+            self._reap(run)
+            self._on_exit(run)
+            return
+        fd = (
+            run.proc.stdout.fileno() if stream == "stdout" else run.proc.stderr.fileno()
+        )
+        try:
+            data = os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self._on_output(run, stream, data)
+        else:
+            self._close_fd(run, fd)
+
+    def _close_fd(self, run, fd) -> None:
+        pipe = run.fds.pop(fd, None)
+        if pipe is None:
+            return
+        self._sel.unregister(fd)
+        pipe.close()
+        if run.exited and not run.fds:
+            self._finish(run)
+
+    def _on_exit(self, run) -> None:
+        run.exited = True
+        if not run.fds:
+            self._finish(run)
+            return
+        # Pipes still open: wait a moment for the last output, then whatever
+        # still holds them is a leftover of this run.
+        self._add_timer(DRAIN_SECONDS, lambda: self._reap_leftovers(run))
+
+    def _reap_leftovers(self, run) -> None:
+        if not run.fds or run.finished_at is not None:
+            return
+        if run.kill_reason is None:
+            self._system_line(
+                run,
+                "the job exited but left processes holding its output; stopping them",
+            )
+        self._signal_escalate(run, run.job.kill_grace)
+
+    def _signal_escalate(self, run, grace) -> None:
+        signal_run(run.pid, [run.id], signal.SIGTERM, (self.guard.pid or 0,))
+
+        def hard_kill():
+            if run.finished_at is None:
+                signal_run(run.pid, [run.id], signal.SIGKILL, (self.guard.pid or 0,))
+                self._add_timer(1.0, force_close)
+
+        def force_close():
+            for fd in list(run.fds):
+                self._close_fd(run, fd)
+            if run.exited and run.finished_at is None:
+                self._finish(run)
+
+        self._add_timer(grace, hard_kill)
+
+    def _io_kill(self, run, status, message, grace=None) -> None:
+        if run.finished_at is not None or run.kill_reason is not None:
+            return
+        run.kill_reason = (status, message)
+        if run.proc is None:
+            if run.job.kind == "http":  # the request cannot be aborted: stop waiting
+                self._finish(run)
+            return
+        self._system_line(run, message)
+        self._signal_escalate(
+            run, run.job.kill_grace if grace is None else min(grace, run.job.kill_grace)
+        )
+
+    def _on_timeout(self, run) -> None:
+        if run.finished_at is None and not run.exited:
+            self._io_kill(
+                run, "timed_out", f"killed after timeout of {_num(run.job.timeout)}s"
+            )
+
+    def _io_failed(self, run, message) -> None:
+        run.error = message
+        self._system_line(run, message)
+        run.exited = True
+        self._finish(run, "failed")
+
+    def _io_http_done(self, run, status, text, error) -> None:
+        if run.finished_at is not None:
+            return
+        if status is not None:
+            self._on_output(run, "stdout", f"HTTP {status}\n".encode())
+        if text:
+            self._on_output(run, "stdout", text.encode())
+        run.exit_code = status
+        run.exited = True
+        if error:
+            run.error = error
+            self._system_line(run, error)
+        self._finish(run, "failed" if error else "succeeded")
+
+    # -- output ------------------------------------------------------------
+
+    def _on_output(self, run, stream, data: bytes) -> None:
+        run.output_bytes += len(data)
+        decoder = run.decoders.get(stream)
+        if decoder is None:
+            decoder = run.decoders[stream] = codecs.getincrementaldecoder("utf-8")(
+                "replace"
+            )
+        if run.head_left > 0:
+            head, data = data[: run.head_left], data[run.head_left :]
+            run.head_left -= len(head)
+            self._emit(run, stream, decoder.decode(head), store=True)
+        if data:
+            if run.marker_seq is None:
+                run.output_truncated = True
+                run.seq += 1
+                run.marker_seq = run.seq
+            self._emit(run, stream, decoder.decode(data), store=False, size=len(data))
+
+    def _emit(self, run, stream, text, store, size=0) -> None:
+        if not text:
+            return
+        run.seq += 1
+        chunk = {"seq": run.seq, "stream": stream, "ts": self.clock(), "text": text}
+        if store:
+            self.store.add_chunks([(run.id, chunk["seq"], stream, chunk["ts"], text)])
+        else:
+            run.tail.append((chunk, size))
+            run.tail_bytes += size
+            limit = run.job.max_output - run.job.max_output // 2
+            while run.tail_bytes > limit and len(run.tail) > 1:
+                _old, old_size = run.tail.popleft()
+                run.tail_bytes -= old_size
+                run.dropped_bytes += old_size
+        self.bus.publish("log", dict(chunk, run_id=run.id))
+
+    def _system_line(self, run, text) -> None:
+        """A line of minisched's own (stream ``system``), always stored."""
+        run.seq += 1
+        chunk = {
+            "seq": run.seq,
+            "stream": "system",
+            "ts": self.clock(),
+            "text": text + "\n",
+        }
+        self.store.add_chunks(
+            [(run.id, chunk["seq"], "system", chunk["ts"], chunk["text"])]
+        )
+        self.bus.publish("log", dict(chunk, run_id=run.id))
+
+    # -- the end of a run --------------------------------------------------
+
+    def _finish(self, run, status=None) -> None:
+        """Record the outcome, release the run, schedule a retry.  Io thread."""
+        if run.finished_at is not None:
+            return
+        for stream, decoder in run.decoders.items():
+            self._emit(
+                run, stream, decoder.decode(b"", final=True), store=run.head_left > 0
+            )
+        for fd in list(run.fds):
+            self._close_fd(run, fd)
+        if run.pidfd is not None:
+            self._sel.unregister(run.pidfd)
+            os.close(run.pidfd)
+            run.pidfd = None
+        if run.proc is not None and not run.exited:
+            self._reap(run)
+        run.finished_at = self.clock()
+        run.duration = round(run.finished_at - (run.started_at or run.finished_at), 3)
+        if run.marker_seq is not None:
+            rows = [
+                (
+                    run.id,
+                    run.marker_seq,
+                    "system",
+                    run.finished_at,
+                    (
+                        f"[minisched: {run.dropped_bytes} bytes of output dropped here "
+                        f"(max_output {run.job.max_output})]\n"
+                    ),
+                ),
+            ]
+            rows += [
+                (run.id, c["seq"], c["stream"], c["ts"], c["text"]) for c, _ in run.tail
+            ]
+            self.store.add_chunks(rows)
+            run.tail.clear()
+        if run.rusage is not None:
+            cpu = run.rusage.ru_utime + run.rusage.ru_stime
+            run.cpu_time = round(max(run.cpu_time or 0, cpu), 3)
+            run.peak_rss = max(run.peak_rss or 0, run.rusage.ru_maxrss * 1024)
+        if run.kill_reason:
+            status, run.error = run.kill_reason
+        elif status is None:
+            run.error = _exit_description(run.exit_code, run.signal)
+            status = "failed" if run.error else "succeeded"
+        run.status = status
+        if run.pid:
+            self.guard.unregister(run.id)
+        self.store.update_run(
+            run.id,
+            {
+                key: getattr(run, key)
+                for key in (
+                    "status",
+                    "finished_at",
+                    "duration",
+                    "exit_code",
+                    "signal",
+                    "error",
+                    "cpu_time",
+                    "peak_rss",
+                    "output_bytes",
+                    "output_truncated",
+                )
+            },
+        )
+        job = self.job_lookup(run.job.name) or run.job
+        with self._lock:
+            self._runs.pop(run.id, None)
+            self._pump()
+            self._changed.notify_all()
+        public = run.public()
+        self.bus.publish("run", public)
+        log.info(
+            "run %d of %s %s in %.3fs (exit code %s)%s",
+            run.id,
+            job.name,
+            status,
+            run.duration,
+            run.exit_code,
+            (": " + run.error) if run.error else "",
+        )
+        retry = status in ("failed", "timed_out") and run.attempt <= job.retries
+        if retry and not self._closing:
+            delay = job.retry_delay_for(run.attempt + 1)
+            try:
+                self.submit(
+                    job,
+                    "retry",
+                    attempt=run.attempt + 1,
+                    scheduled_at=self.clock() + delay,
+                    not_before=self.clock() + delay,
+                )
+            except MinischedError as exc:
+                log.warning("no retry of run %d: %s", run.id, exc)
+        elif status == "succeeded":
+            self.on_hook("on_success", public, job)
+        elif status in ("failed", "timed_out"):
+            self.on_hook("on_failure", public, job)
+        self.store.prune(job.name, job.keep_runs)
+        self.on_finished(run, job)
+
+    # -- the sampler thread ------------------------------------------------
+
+    def _sample_loop(self) -> None:
+        """``minisched-sampler``: whole-tree CPU and RSS of running runs, once a
+        second, only while some run is running."""
+        while not self.stopping.is_set():
+            with self._lock:
+                while not self._active_processes() and not self.stopping.is_set():
+                    self._changed.wait(5)
+                runs = [
+                    r for r in self._runs.values() if r.status == "running" and r.pid
+                ]
+            if runs:
+                try:
+                    self._sample(runs)
+                except Exception:
+                    log.exception("sampling process trees failed")
+            self.stopping.wait(1.0)
+
+    @staticmethod
+    def _sample(runs) -> None:
+        children = collections.defaultdict(list)
+        info = {}
+        for proc in psutil.process_iter(["ppid", "memory_info", "cpu_times"]):
+            children[proc.info["ppid"]].append(proc.pid)
+            info[proc.pid] = proc.info
+        for run in runs:
+            rss = cpu = 0.0
+            stack = [run.pid]
+            while stack:
+                pid = stack.pop()
+                item = info.get(pid)
+                if (
+                    item
+                    and item["memory_info"] is not None
+                    and item["cpu_times"] is not None
+                ):
+                    rss += item["memory_info"].rss
+                    cpu += item["cpu_times"].user + item["cpu_times"].system
+                stack.extend(children.get(pid, ()))
+            run.peak_rss = int(max(run.peak_rss or 0, rss))
+            run.cpu_time = round(max(run.cpu_time or 0, cpu), 3)
+
+
+class _SpawnError(Exception):
+    """A job's process could not be started; the message says why."""
+
+
+def _num(value) -> str:
+    return (f"{value:g}") if isinstance(value, float) else str(value)
+
+
+###############################################################################
+# Scheduler ###################################################################
+###############################################################################
+
+
+class _JobState:
+    """Scheduling state of one job, persisted in the ``jobs`` table."""
+
+    __slots__ = ("job", "last_slot", "next_at", "paused", "scheduled_runs", "version")
+
+    def __init__(self, job, last_slot, paused=False, scheduled_runs=0):
+        self.job = job
+        self.last_slot = last_slot
+        self.paused = paused
+        self.scheduled_runs = scheduled_runs
+        self.next_at = None
+        self.version = 0
+
+
+class Scheduler:
+    """Owns the job registry and fires slots, exactly once each.
+
+    A heap holds each job's next slot.  ``tick()`` handles every due slot and
+    returns how long to sleep; ``run()`` loops on it in ``minisched-scheduler``
+    and sleeps with ``wait(seconds)`` until then or until a change.  ``clock``
+    (wall time) and ``wait`` are injectable, so tests drive a day in
+    milliseconds by calling ``tick()`` with a fake clock.
+
+    A slot's run insert and the job's ``last_slot`` are written in one
+    transaction, and the runner spawns only after that commit: a restart
+    neither repeats a slot nor forgets one.  Slots that passed while the
+    server was down are handled by ``catch_up``.
+
+    Public methods may be called from any thread.
+    """
+
+    def __init__(
+        self,
+        store,
+        runner,
+        bus,
+        server_tz,
+        *,
+        clock=time.time,
+        wait=None,
+        rand=random.random,
+    ):
+        self.store = store
+        self.runner = runner
+        self.bus = bus
+        self.server_tz = server_tz
+        self.clock = clock
+        self.rand = rand
+        self._wake = threading.Event()
+        self._wait = wait or self._default_wait
+        self._lock = threading.Lock()
+        self._states = {}
+        self._heap = []
+        self.started_at = clock()
+        self.last_tick = None
+        self.lag = 0.0
+        self.stopping = threading.Event()
+        self._thread = None
+        runner.job_lookup = self.get_job
+        runner.on_finished = self._on_run_finished
+
+    def _default_wait(self, seconds: float) -> None:
+        self._wake.wait(seconds)
+        self._wake.clear()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def load(self) -> None:
+        """Read jobs and their state from the store."""
+        for row in self.store.load_jobs():
+            try:
+                job = Job(
+                    row["definition"], self.server_tz, row["source"], row["created_at"]
+                )
+            except MinischedError as exc:
+                log.error(
+                    "job %s in the database is invalid, skipped: %s", row["name"], exc
+                )
+                continue
+            state = _JobState(
+                job, row["last_slot"], bool(row["paused"]), row["scheduled_runs"]
+            )
+            with self._lock:
+                self._states[job.name] = state
+                self._reschedule(state)
+
+    def load_reboot(self) -> None:
+        """Fire every enabled, unpaused ``@reboot`` job once (server start only)."""
+        with self._lock:
+            for state in list(self._states.values()):
+                job = state.job
+                if (
+                    job.schedule_obj.kind == "reboot"
+                    and job.enabled
+                    and not state.paused
+                ):
+                    self._fire(state, "reboot", None, self.started_at)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self.run, name="minisched-scheduler", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def run(self) -> None:
+        """The scheduler loop: tick, sleep until the next slot or a change."""
+        while not self.stopping.is_set():
+            try:
+                delay = self.tick()
+            except Exception:
+                log.exception("scheduler tick failed")
+                delay = 1.0
+            self._wait(min(delay, MAX_SLEEP))
+
+    # -- the registry (any thread) -------------------------------------------
+
+    def get_job(self, name: str):
+        state = self._states.get(name)
+        return state.job if state else None
+
+    def jobs(self) -> list:
+        with self._lock:
+            return [
+                s.job for s in sorted(self._states.values(), key=lambda s: s.job.name)
+            ]
+
+    def state(self, name: str) -> dict:
+        """``paused`` and ``next_run_at`` (epoch or None) of a job."""
+        with self._lock:
+            state = self._states.get(name)
+            if state is None:
+                raise NotFoundError(f"no job named {name!r}", "name")
+            return {"paused": state.paused, "next_run_at": state.next_at}
+
+    def put_job(
+        self, definition: dict, source="api", file_definition=None, create_only=False
+    ) -> Job:
+        """Create or replace a job.  A changed schedule never fires the slots
+        between its old last slot and now."""
+        now = self.clock()
+        with self._lock:
+            old = self._states.get(definition["name"])
+            if old is not None and create_only:
+                raise ConflictError(
+                    "job {!r} already exists".format(definition["name"]), "name"
+                )
+            self._check_after(definition)
+            created = old.job.created_at if old else now
+            job = Job(definition, self.server_tz, source, created)
+            if old is None:
+                state = self._states[job.name] = _JobState(job, now)
+            else:
+                state = old
+                state.job = job
+                state.scheduled_runs = 0
+                state.last_slot = max(state.last_slot or now, now)
+            self._reschedule(state)
+            fields = {
+                "definition": definition,
+                "source": source,
+                "file_definition": file_definition,
+                "updated_at": now,
+                "last_slot": state.last_slot,
+                "scheduled_runs": 0,
+            }
+            if old is None:
+                fields["created_at"] = created
+            future = self.store.save_job(job.name, fields)
+        future.result()
+        self._wake.set()
+        self.bus.publish(
+            "job", {"action": "updated" if old else "created", "name": job.name}
+        )
+        return job
+
+    def _check_after(self, definition) -> None:
+        """``after`` must name existing jobs and not form a cycle.  Lock held."""
+        name = definition["name"]
+        deps = {n: s.job.after for n, s in self._states.items()}
+        deps[name] = definition.get("after", [])
+        for dep in deps[name]:
+            if dep not in deps:
+                raise InvalidError(f"after: no job named {dep!r}", "after")
+        seen, stack = set(), list(deps[name])
+        while stack:
+            current = stack.pop()
+            if current == name:
+                raise InvalidError(
+                    f"after: {name!r} would depend on itself through {deps[name][0]!r}",
+                    "after",
+                )
+            if current not in seen:
+                seen.add(current)
+                stack.extend(deps.get(current, ()))
+
+    def remove_job(self, name: str, purge=False) -> None:
+        with self._lock:
+            if self._states.pop(name, None) is None:
+                raise NotFoundError(f"no job named {name!r}", "name")
+            future = self.store.delete_job(name, purge)
+        self.runner.stop_job(name, "stopped: the job was deleted")
+        future.result()
+        self.bus.publish("job", {"action": "deleted", "name": name})
+
+    def set_paused(self, name: str, paused: bool) -> None:
+        """Pause or resume.  Resuming does not fire slots passed while paused."""
+        now = self.clock()
+        with self._lock:
+            state = self._states.get(name)
+            if state is None:
+                raise NotFoundError(f"no job named {name!r}", "name")
+            state.paused = paused
+            if not paused:
+                state.last_slot = max(state.last_slot or now, now)
+            self._reschedule(state)
+            future = self.store.save_job(
+                name, {"paused": int(paused), "last_slot": state.last_slot}
+            )
+        future.result()
+        self._wake.set()
+        self.bus.publish(
+            "job", {"action": "paused" if paused else "resumed", "name": name}
+        )
+
+    def trigger(self, name: str, force=False, trigger="manual") -> dict:
+        job = self.get_job(name)
+        if job is None:
+            raise NotFoundError(f"no job named {name!r}", "name")
+        return self.runner.submit(job, trigger, force=force)
+
+    # -- firing --------------------------------------------------------------
+
+    def _reschedule(self, state) -> None:
+        """Compute the next slot and push it on the heap.  Lock held."""
+        state.version += 1
+        job = state.job
+        state.next_at = None
+        if (
+            job.enabled
+            and not state.paused
+            and not (job.max_runs and state.scheduled_runs >= job.max_runs)
+        ):
+            base = state.last_slot if state.last_slot is not None else job.created_at
+            state.next_at = job.schedule_obj.next_after(base, anchor=job.created_at)
+        if state.next_at is not None:
+            heapq.heappush(self._heap, (state.next_at, job.name, state.version))
+
+    def tick(self) -> float:
+        """Handle every due slot; return seconds until the next one."""
+        now = self.clock()
+        self.last_tick = now
+        due = []
+        with self._lock:
+            while self._heap and self._heap[0][0] <= now:
+                slot, name, version = heapq.heappop(self._heap)
+                state = self._states.get(name)
+                if state is None or state.version != version:
+                    continue
+                due.append((state, slot))
+            lag = 0.0
+            for state, slot in due:
+                lag = max(lag, now - slot)
+                self._handle_due(state, slot, now)
+            self.lag = lag
+            delay = (self._heap[0][0] - now) if self._heap else MAX_SLEEP
+        return max(0.0, delay)
+
+    def _handle_due(self, state, first, now) -> None:
+        """Decide what each due slot of a job becomes.  Lock held.
+
+        One slot due after the server started: it runs.  Several due at once,
+        or slots that passed while the server was down: ``catch_up`` decides
+        (``all`` runs the newest 100, ``latest`` the newest; ``none`` runs the
+        newest only if it came due while up).  The rest become one ``missed``
+        record.  ``starting_deadline`` turns too-late slots into ``missed``.
+        """
+        job = state.job
+        sched = job.schedule_obj
+        slots, count, slot, jumped = [first], 1, first, False
+        while True:
+            nxt = sched.next_after(slot, anchor=job.created_at)
+            if nxt is None or nxt > now:
+                break
+            count += 1
+            slots = slots[-(CATCH_UP_CAP - 1) :] + [nxt]
+            slot = nxt
+            if count == 10000 and not jumped:
+                # A long outage of a frequent job: count the bulk, enumerate the end.
+                jumped = True
+                period = (slot - first) / (count - 1)
+                skip_to = now - 2 * CATCH_UP_CAP * period
+                if skip_to > slot:
+                    count += int((skip_to - slot) / period)
+                    slot = skip_to
+        latest = slots[-1]
+
+        def kind(s):
+            return "catch_up" if s <= self.started_at else "schedule"
+
+        if count == 1 and first > self.started_at:
+            fire = [first]
+        elif job.catch_up == "all":
+            fire = slots
+        elif job.catch_up == "latest" or latest > self.started_at:
+            fire = [latest]
+        else:
+            fire = []
+        deadline = job.starting_deadline
+        if deadline is not None:
+            fire = [s for s in fire if now - s <= deadline]
+        missed = count - len(fire)
+        state.last_slot = latest
+        update = {"last_slot": latest}
+        if missed:
+            if first <= self.started_at:
+                why = "the server was down"
+            elif count == 1:
+                why = f"it could not start within starting_deadline {_num(deadline)}s"
+            else:
+                why = "the scheduler was late (clock jump, suspend or overload)"
+            plural = "" if missed == 1 else "s"
+            error = (
+                f"{missed} slot{plural} missed between {iso_utc(first)} and "
+                f"{iso_utc(latest)}: {why}"
+            )
+            self.runner.record(
+                job,
+                "missed",
+                "schedule",
+                scheduled_at=first,
+                error=error,
+                job_update=None if fire else update,
+            )
+        for i, s in enumerate(fire):
+            self._fire(state, kind(s), s, s, update if i == len(fire) - 1 else None)
+        self._reschedule(state)
+
+    def _fire(self, state, trigger, slot, scheduled_at, update=None) -> None:
+        job = state.job
+        update = dict(update or {})
+        if slot is not None:
+            state.scheduled_runs += 1
+            update["scheduled_runs"] = state.scheduled_runs
+            if job.max_runs and state.scheduled_runs >= job.max_runs:
+                definition = dict(job.definition, enabled=False)
+                state.job = Job(definition, self.server_tz, job.source, job.created_at)
+                update["definition"] = definition
+                log.info(
+                    "job %s reached max_runs %d and is now disabled",
+                    job.name,
+                    job.max_runs,
+                )
+        not_before = None
+        if job.jitter and slot is not None:
+            not_before = scheduled_at + self.rand() * job.jitter
+            scheduled_at = not_before
+        try:
+            self.runner.submit(
+                job,
+                trigger,
+                slot=slot,
+                scheduled_at=scheduled_at,
+                not_before=not_before,
+                job_update=update or None,
+            )
+        except MinischedError as exc:
+            log.warning("job %s not started: %s", job.name, exc)
+
+    def _on_run_finished(self, run, job) -> None:
+        """Io thread: a run ended; start the jobs that run ``after`` it."""
+        if run.status != "succeeded":
+            return
+        for dependent in self.jobs():
+            if job.name in dependent.after:
+                try:
+                    self.runner.submit(dependent, "dependency")
+                except MinischedError as exc:
+                    log.warning("dependent job %s not started: %s", dependent.name, exc)
+
+
+###############################################################################
+# Jobs file ###################################################################
+###############################################################################
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(text):
+    """Strict JSON (no NaN/Infinity); InvalidError with line and column."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise InvalidError(
+            f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from None
+    except (ValueError, RecursionError) as exc:
+        raise InvalidError(f"invalid JSON: {exc}") from None
+
+
+def parse_jobs_document(doc, server_tz) -> list:
+    """``{"defaults": {...}, "jobs": [...]}`` or a bare list -> validated
+    definitions (defaults merged, ``env`` merged key by key).  Errors name the
+    place: ``jobs[2].schedule: ...``; every problem is in ``.errors``."""
+    if isinstance(doc, list):
+        doc = {"jobs": doc}
+    if not isinstance(doc, dict):
+        raise InvalidError(
+            'a jobs document must be an object with "jobs" or a list of jobs'
+        )
+    errors = []
+    for key in doc:
+        if key not in ("defaults", "jobs"):
+            errors.append(
+                {"field": key, "error": f"{key}: unknown key (use defaults and jobs)"}
+            )
+    defaults = doc.get("defaults", {})
+    jobs = doc.get("jobs", [])
+    if not isinstance(defaults, dict):
+        errors.append({"field": "defaults", "error": "defaults: must be an object"})
+        defaults = {}
+    elif "name" in defaults:
+        errors.append(
+            {
+                "field": "defaults.name",
+                "error": "defaults.name: a default name makes no sense",
+            }
+        )
+    if not isinstance(jobs, list):
+        errors.append({"field": "jobs", "error": "jobs: must be a list of job objects"})
+        jobs = []
+    out, seen = [], set()
+    for i, item in enumerate(jobs):
+        place = f"jobs[{i}]"
+        if not isinstance(item, dict):
+            errors.append({"field": place, "error": place + ": must be an object"})
+            continue
+        merged = dict(defaults)
+        merged.update(item)
+        if isinstance(defaults.get("env"), dict) and isinstance(item.get("env"), dict):
+            merged["env"] = dict(defaults["env"], **item["env"])
+        try:
+            definition = validate_job(merged, server_tz)
+        except InvalidError as exc:
+            errors += [
+                {
+                    "field": "{}.{}".format(place, e["field"]),
+                    "error": "{}.{}".format(place, e["error"]),
+                }
+                for e in exc.errors
+            ]
+            continue
+        if definition["name"] in seen:
+            errors.append(
+                {
+                    "field": place + ".name",
+                    "error": "{}.name: duplicate job name {!r}".format(
+                        place, definition["name"]
+                    ),
+                }
+            )
+        seen.add(definition["name"])
+        out.append(definition)
+    names = {d["name"] for d in out}
+    for i, definition in enumerate(out):
+        for dep in definition.get("after", []):
+            if dep not in names:
+                errors.append(
+                    {
+                        "field": f"jobs[{i}].after",
+                        "error": f"jobs[{i}].after: no job named {dep!r} in this file",
+                    }
+                )
+    if errors:
+        raise InvalidError(errors[0]["error"], errors[0]["field"], errors)
+    return out
+
+
+def load_jobs_file(path, server_tz) -> list:
+    """Read and validate a jobs file; InvalidError says where it is wrong."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidError(f"cannot read jobs file {path}: {exc}") from None
+    try:
+        return parse_jobs_document(parse_json(text), server_tz)
+    except InvalidError as exc:
+        raise InvalidError(f"{path}: {exc.message}", exc.field, exc.errors) from None
+
+
+class JobsFile:
+    """Keeps the file-owned jobs equal to the jobs file.
+
+    ``minisched-jobsfile`` checks the file's stat every ``JOBS_FILE_POLL``
+    seconds and reloads on change or when ``reload_event`` is set (SIGHUP).
+    An invalid file is reported in ``error`` and the running definitions stay.
+    """
+
+    def __init__(self, path, scheduler, bus):
+        self.path = path
+        self.scheduler = scheduler
+        self.bus = bus
+        self.loaded_at = None
+        self.error = None
+        self.reload_event = threading.Event()
+        self.stopping = threading.Event()
+        self._stat = None
+        self._thread = None
+
+    def status(self) -> dict:
+        return {
+            "path": self.path,
+            "loaded_at": iso_utc(self.loaded_at),
+            "error": self.error,
+        }
+
+    def _file_stat(self):
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def load(self) -> bool:
+        """Apply the file now.  Returns False (and sets ``error``) if invalid."""
+        self._stat = self._file_stat()
+        sched = self.scheduler
+        try:
+            definitions = load_jobs_file(self.path, sched.server_tz)
+            for definition in definitions:
+                current = sched.get_job(definition["name"])
+                if current is not None and current.source != "file":
+                    raise InvalidError(
+                        "{}: job {!r} already exists (created through the API); rename "
+                        "it in the file or delete the API job".format(
+                            self.path, definition["name"]
+                        ),
+                        "name",
+                    )
+        except InvalidError as exc:
+            if exc.message != self.error:
+                log.error(
+                    "jobs file not loaded, previous definitions kept: %s", exc.message
+                )
+            self.error = exc.message
+            self.bus.publish("job", {"action": "file_error", "error": self.error})
+            return False
+        stored = {
+            row["name"]: row
+            for row in sched.store.load_jobs()
+            if row["source"] == "file"
+        }
+        wanted = {d["name"] for d in definitions}
+        for name in stored:
+            if name not in wanted and sched.get_job(name) is not None:
+                sched.remove_job(name)
+        # Dependencies first, so ``after`` always names a known job.
+        pending = list(definitions)
+        while pending:
+            progress = False
+            for definition in list(pending):
+                if all(
+                    sched.get_job(d) or d == definition["name"]
+                    for d in definition.get("after", [])
+                ):
+                    row = stored.get(definition["name"])
+                    if row is None or row["file_definition"] != definition:
+                        sched.put_job(definition, "file", file_definition=definition)
+                    pending.remove(definition)
+                    progress = True
+            if not progress:
+                self.error = (
+                    f"{self.path}: jobs in the file depend on each other in a cycle"
+                )
+                log.error(self.error)
+                return False
+        if self.error:
+            log.info("jobs file %s loaded again", self.path)
+        self.error = None
+        self.loaded_at = time.time()
+        return True
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._watch, name="minisched-jobsfile", daemon=True
+        )
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self.stopping.is_set():
+            self.reload_event.wait(JOBS_FILE_POLL)
+            if self.stopping.is_set():
+                return
+            forced = self.reload_event.is_set()
+            self.reload_event.clear()
+            if forced or self._file_stat() != self._stat:
+                try:
+                    self.load()
+                except Exception:
+                    log.exception("reloading the jobs file failed")
+
+
+###############################################################################
+# Notifications ###############################################################
+###############################################################################
+
+
+class Hooks:
+    """Delivers ``on_start``/``on_success``/``on_failure`` hooks in order on
+    ``minisched-hooks``, so a slow webhook never delays a run.  ``fire`` may be
+    called from any thread."""
+
+    def __init__(self, store):
+        self.store = store
+        self._queue = queue.Queue(maxsize=10000)
+        self._thread = threading.Thread(
+            target=self._loop, name="minisched-hooks", daemon=True
+        )
+        self._thread.start()
+
+    def fire(self, event: str, run: dict, job) -> None:
+        for hook in getattr(job, event, None) or []:
+            try:
+                self._queue.put_nowait((hook, run, job.name))
+            except queue.Full:
+                log.warning("hook queue full, %s hook of %s dropped", event, job.name)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            hook, run, name = item
+            try:
+                self._deliver(hook, run, name)
+            except Exception as exc:  # noqa: BLE001 - a hook never stops the others
+                log.warning("hook of %s failed: %s", name, exc)
+
+    def _deliver(self, hook, run, name) -> None:
+        if "url" in hook:
+            chunks = self.store.get_chunks(run["id"]) if run.get("id") else []
+            tail = "".join(c["text"] for c in chunks)[-4000:]
+            payload = {
+                "job": name,
+                "run": run,
+                "status": run["status"],
+                "exit_code": run["exit_code"],
+                "duration": run["duration"],
+                "output_tail": tail,
+            }
+            headers = {"Content-Type": "application/json"}
+            headers.update(hook.get("headers", {}))
+            request = urllib.request.Request(
+                hook["url"],
+                json.dumps(payload).encode(),
+                headers=headers,
+                method=hook.get("method", "POST"),
+            )
+            with urllib.request.urlopen(request, timeout=10) as response:
+                response.read(65536)
+            return
+        env = dict(
+            os.environ,
+            MINISCHED_JOB=name,
+            MINISCHED_RUN_ID=str(run["id"]),
+            MINISCHED_STATUS=run["status"],
+            MINISCHED_EXIT_CODE=""
+            if run["exit_code"] is None
+            else str(run["exit_code"]),
+        )
+        command = hook["command"]
+        argv = ["/bin/sh", "-c", command] if isinstance(command, str) else command
+        result = subprocess.run(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            start_new_session=True,
+            check=False,
+        )
+        if result.returncode:
+            log.warning(
+                "hook command of %s exited %d: %s",
+                name,
+                result.returncode,
+                result.stderr[-500:].decode("utf-8", "replace").strip(),
+            )
+
+
+###############################################################################
+# Engine ######################################################################
+###############################################################################
+
+
+class Engine:
+    """Everything but HTTP: store, bus, runner, scheduler, jobs file and hooks,
+    wired together.  ``start()`` repairs what a crashed server left behind
+    first.  Used by ``serve`` and by tests."""
+
+    def __init__(self, config: Config, clock=time.time):
+        self.config = config
+        self.started_at = clock()
+        self.tz = config.zone()
+        self.store = Store(config.db)
+        self.bus = EventBus()
+        self.runner = Runner(self.store, self.bus, config.max_concurrent, clock=clock)
+        self.scheduler = Scheduler(
+            self.store, self.runner, self.bus, self.tz, clock=clock
+        )
+        self.jobs_file = (
+            JobsFile(config.jobs, self.scheduler, self.bus) if config.jobs else None
+        )
+        self.hooks = None
+
+    def start(self) -> Engine:
+        self.store.open()
+        self.hooks = Hooks(self.store)
+        self.runner.on_hook = self.hooks.fire
+        self.scheduler.load()
+        self.repair()
+        self.runner.start()
+        if self.jobs_file:
+            self.jobs_file.load()
+        self.scheduler.load_reboot()
+        self.scheduler.start()
+        if self.jobs_file:
+            self.jobs_file.start()
+        return self
+
+    def repair(self) -> list:
+        """Runs left active by a dead server become ``lost``; kill their leftovers."""
+        rows = self.store.mark_lost(time.time()).result()
+        for row in rows:
+            killed = kill_leftover(row["pid"], row["pid_create_time"], row["id"])
+            log.warning(
+                "run %d of %s was %s when the server stopped: marked lost%s",
+                row["id"],
+                row["job"],
+                row["status"],
+                " (leftover processes killed)" if killed else "",
+            )
+            job = self.scheduler.get_job(row["job"])
+            row.update(
+                status="lost",
+                error="the server stopped while this run was " + row["status"],
+            )
+            self.bus.publish("run", run_public(row))
+            if self.hooks and job:
+                self.hooks.fire("on_failure", run_public(row), job)
+        return rows
+
+    def shutdown(self, grace=None) -> None:
+        grace = self.config.shutdown_grace if grace is None else grace
+        if self.jobs_file:
+            self.jobs_file.stopping.set()
+            self.jobs_file.reload_event.set()
+        self.scheduler.stop()
+        self.runner.shutdown(grace)
+        if self.hooks:
+            self.hooks.close()
+        self.store.close()
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minisched.py",
+        description="A cron replacement for small servers: schedules, runs, history, "
+        "a JSON API and a web page, in one file.",
+    )
+    parser.add_argument(
+        "--version", action="version", version="minisched " + __version__
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the scheduler and the web server")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help=f"TCP port (default {DEFAULT_PORT})")
+    serve.add_argument("--db", help="SQLite file (default ./minisched.db)")
+    serve.add_argument("--jobs", help="jobs file to load and watch")
+    serve.add_argument("--token", help="API token (or MINISCHED_TOKEN)")
+    serve.add_argument(
+        "--max-concurrent",
+        type=int,
+        help="most runs at once; more wait as queued (default 0 = no limit)",
+    )
+    serve.add_argument(
+        "--timezone", help="zone for jobs without one (default: the host's)"
+    )
+    serve.add_argument(
+        "--allow-ip",
+        action="append",
+        metavar="CIDR",
+        help="only these clients (repeatable)",
+    )
+    serve.add_argument(
+        "--public-host",
+        action="append",
+        metavar="NAME",
+        help="extra Host names this server answers to (repeatable)",
+    )
+    serve.add_argument(
+        "--max-streams", type=int, help="most SSE subscribers (default 64)"
+    )
+    serve.add_argument(
+        "--shutdown-grace",
+        type=float,
+        help="seconds running jobs get on shutdown (default 30)",
+    )
+    serve.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="allow a non-loopback --host without a token",
+    )
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+    validate = sub.add_parser("validate", help="check a jobs file")
+    validate.add_argument("file")
+    validate.add_argument("--timezone")
+
+    nxt = sub.add_parser("next", help="print the next fire times of a schedule")
+    nxt.add_argument("expr")
+    nxt.add_argument("-n", type=int, default=5)
+    nxt.add_argument("--timezone")
+    nxt.add_argument("--after", help="ISO 8601 time (default: now)")
+    nxt.add_argument("--json", action="store_true")
+    return parser
+
+
+def _cmd_validate(ns) -> int:
+    tz = get_zone(ns.timezone) if ns.timezone else local_zone()
+    try:
+        jobs = load_jobs_file(ns.file, tz)
+    except InvalidError as exc:
+        for error in exc.errors:
+            print(
+                error["error"]
+                if error["error"].startswith(ns.file)
+                else "{}: {}".format(ns.file, error["error"]),
+                file=sys.stderr,
+            )
+        return 1
+    print(f"{ns.file}: {len(jobs)} job{'' if len(jobs) == 1 else 's'}, valid")
+    return 0
+
+
+def _cmd_next(ns) -> int:
+    tz = get_zone(ns.timezone) if ns.timezone else local_zone()
+    if ns.n < 1 or ns.n > 1000:
+        raise UsageError("-n must be between 1 and 1000")
+    after = parse_iso(ns.after, tz) if ns.after else time.time()
+    times = next_fire_times(ns.expr, ns.n, tz, after)
+    if ns.json:
+        print(
+            json.dumps(
+                {
+                    "times": [
+                        {"local": iso_local(t, tz), "utc": iso_utc(t)} for t in times
+                    ]
+                }
+            )
+        )
+    else:
+        for t in times:
+            print(f"{iso_local(t, tz)}  {iso_utc(t)}")
+    return 0
+
+
+def _cmd_serve(ns) -> int:
+    config = Config.from_args(ns, os.environ)
+    logging.getLogger().setLevel(config.log_level.upper())
+    if (
+        not _is_loopback(config.host)
+        and not config.token
+        and not config.insecure_no_auth
+    ):
+        print(
+            f"minisched: refusing to listen on {config.host} without a token: anyone who can reach "
+            "it could run commands. Use --token (or MINISCHED_TOKEN), bind 127.0.0.1, or "
+            "pass --insecure-no-auth.",
+            file=sys.stderr,
+        )
+        return 2
+    config.zone()  # a bad --timezone is a usage error, before anything starts
+    engine = Engine(config)
+    stopping = threading.Event()
+
+    def on_signal(signum, _frame):
+        if signum == signal.SIGHUP:
+            if engine.jobs_file:
+                engine.jobs_file.reload_event.set()
+            return
+        log.info(
+            "received %s, shutting down (grace %ss)",
+            signal.Signals(signum).name,
+            _num(config.shutdown_grace),
+        )
+        stopping.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+    engine.start()
+    log.info(
+        "minisched %s started: database %s, %d jobs",
+        __version__,
+        config.db,
+        len(engine.scheduler.jobs()),
+    )
+    while not stopping.wait(3600):
+        pass
+    engine.shutdown()
+    log.info("minisched stopped")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point: parse ``argv`` and run a command; returns the exit status."""
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(message)s",
+        level=logging.INFO,
+        stream=sys.stderr,
+    )
+    parser = _build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return {"serve": _cmd_serve, "validate": _cmd_validate, "next": _cmd_next}[
+            ns.command
+        ](ns)
+    except UsageError as exc:
+        print(f"minisched: {exc.message}", file=sys.stderr)
+        return 2
+    except InvalidError as exc:
+        print(f"minisched: {exc.message}", file=sys.stderr)
+        return 2
+    except MinischedError as exc:
+        print(f"minisched: {exc.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
