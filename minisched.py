@@ -853,7 +853,8 @@ MIGRATIONS = (
         updated_at REAL NOT NULL,
         paused INTEGER NOT NULL DEFAULT 0,
         last_slot REAL,
-        scheduled_runs INTEGER NOT NULL DEFAULT 0
+        scheduled_runs INTEGER NOT NULL DEFAULT 0,
+        last_run_id INTEGER
     );
     CREATE TABLE runs (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -1121,12 +1122,17 @@ class Store:
 
         return self._submit(op)
 
-    def update_run(self, run_id: int, fields: dict):
+    def update_run(self, run_id: int, fields: dict, job: str | None = None):
+        """Change a run's columns; with ``job``, also make it that job's last run."""
         sets = ", ".join(f"{key} = ?" for key in fields)
-        values = list(fields.values()) + [run_id]
-        return self._submit(
-            lambda conn: conn.execute(f"UPDATE runs SET {sets} WHERE id = ?", values)
-        )
+        values = [*fields.values(), run_id]
+
+        def op(conn):
+            conn.execute(f"UPDATE runs SET {sets} WHERE id = ?", values)
+            if job is not None:
+                conn.execute("UPDATE jobs SET last_run_id = ? WHERE name = ?", (run_id, job))
+
+        return self._submit(op)
 
     def add_chunks(self, rows: list):
         """Append output chunks: ``[(run_id, seq, stream, ts, text), ...]``."""
@@ -1282,13 +1288,10 @@ class Store:
         return [dict(r) for r in rows], total
 
     def last_runs(self) -> dict:
-        """The newest finished-or-running run of every job, by job name."""
+        """Each job's last run (the newest started or missed one), by job name."""
         rows = (
             self._reader()
-            .execute(
-                "SELECT runs.* FROM runs JOIN (SELECT max(id) AS id FROM runs "
-                "WHERE status NOT IN ('skipped', 'queued') GROUP BY job) AS m ON runs.id = m.id"
-            )
+            .execute("SELECT runs.* FROM jobs JOIN runs ON runs.id = jobs.last_run_id")
             .fetchall()
         )
         return {row["job"]: dict(row) for row in rows}
@@ -1648,6 +1651,9 @@ class Runner:
         os.set_blocking(self._wake_w, False)
         self._threads = []
         self.stopping = threading.Event()
+        #: (job, status) -> runs ended since start; job -> [seconds, count].
+        self.stats = collections.Counter()
+        self.durations = {}
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -1788,12 +1794,24 @@ class Runner:
         now = self.clock()
         run = Run(self.store.allocate_run_id(), job, trigger, 1, slot, scheduled_at)
         run.status, run.error, run.finished_at = status, error, now
+        if status == "missed":
+            job_update = dict(job_update or {}, last_run_id=run.id)
         run.persisted = self.store.insert_run(run.row(), job_update)
         self._published(run, job)
         return run.public()
 
+    def _count(self, run) -> None:
+        """Update the counters ``/metrics`` reports (since server start)."""
+        with self._lock:
+            self.stats[(run.job.name, run.status)] += 1
+            if run.duration is not None:
+                total = self.durations.setdefault(run.job.name, [0.0, 0])
+                total[0] += run.duration
+                total[1] += 1
+
     def _published(self, run, job) -> None:
         """Announce a terminal record; prune history; fire hooks."""
+        self._count(run)
         public = run.public()
         self.bus.publish("run", public)
         log.info(
@@ -1960,7 +1978,9 @@ class Runner:
             run.status = "running"
             self._starting -= 1
         self.store.update_run(
-            run.id, {"status": "running", "started_at": run.started_at, "pid": run.pid}
+            run.id,
+            {"status": "running", "started_at": run.started_at, "pid": run.pid},
+            job=run.job.name,
         )
         public = run.public()
         self.bus.publish("run", public)
@@ -2375,7 +2395,9 @@ class Runner:
                     "output_truncated",
                 )
             },
+            job=run.job.name,
         )
+        self._count(run)
         job = self.job_lookup(run.job.name) or run.job
         with self._lock:
             self._runs.pop(run.id, None)
