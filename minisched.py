@@ -40,12 +40,17 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 import argparse
+import base64
 import codecs
 import collections
 import concurrent.futures
+import csv
 import datetime
 import fcntl
+import hashlib
 import heapq
+import hmac
+import io
 import ipaddress
 import itertools
 import json
@@ -58,19 +63,25 @@ import random
 import re
 import selectors
 import signal
+import socket
+import socketserver
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+import wsgiref.simple_server
 import zoneinfo
 
+import bottle
 import croniter as _croniter
 import psutil
 
 __all__ = [
+    "Api",
     "Config",
     "ConflictError",
     "Engine",
@@ -84,6 +95,7 @@ __all__ = [
     "Scheduler",
     "Store",
     "main",
+    "make_app",
     "next_fire_times",
     "validate_job",
 ]
@@ -504,7 +516,98 @@ class Schedule:
             return "once at " + iso_local(self.at, self.tz)
         if self.kind == "every":
             return "every " + _plain_duration(self.interval)
-        return "cron " + self.expr
+        return _describe_cron(
+            _MACROS.get(self.expr.lower(), self.expr).split(), self.tz
+        )
+
+
+_DAY_NAMES = (
+    "Sundays",
+    "Mondays",
+    "Tuesdays",
+    "Wednesdays",
+    "Thursdays",
+    "Fridays",
+    "Saturdays",
+)
+_DOW = {
+    "sun": "0",
+    "mon": "1",
+    "tue": "2",
+    "wed": "3",
+    "thu": "4",
+    "fri": "5",
+    "sat": "6",
+    "7": "0",
+}
+_MONTH_NAMES = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
+
+
+def _describe_cron(fields: list, tz) -> str:
+    """Plain words for common cron shapes; the expression itself otherwise."""
+    zone = getattr(tz, "key", None) or str(tz)
+    second = fields[0] if len(fields) == 6 else "0"
+    minute, hour, dom, month, dow = fields[-5:]
+    dow = ",".join(_DOW.get(part, part) for part in dow.lower().split(","))
+    step = re.fullmatch(r"\*/(\d+)", minute)
+    if dom == month == "*" and dow == "*" and hour == "*":
+        sec_step = re.fullmatch(r"\*/(\d+)", second)
+        if second == "*":
+            return "every second"
+        if sec_step and minute == "*":
+            return "every " + _plain_duration(int(sec_step.group(1)))
+        if second == "0" and minute == "*":
+            return "every minute"
+        if second == "0" and step:
+            return "every " + _plain_duration(int(step.group(1)) * 60)
+        if second == "0" and minute.isdigit():
+            return f"every hour at minute {int(minute)}"
+    if second != "0" and not second.isdigit():
+        return f"cron {' '.join(fields)} ({zone})"
+    days = ""
+    if dom == "*" and month == "*":
+        if dow in ("1-5", "mon-fri"):
+            days = " on weekdays"
+        elif dow in ("0,6", "6,0", "6-7", "sat,sun"):
+            days = " on weekends"
+        elif dow.isdigit() and int(dow) < 7:
+            days = " on " + _DAY_NAMES[int(dow)]
+        elif dow != "*":
+            return f"cron {' '.join(fields)} ({zone})"
+    elif dow == "*" and dom.isdigit() and month == "*":
+        days = f" on day {int(dom)} of every month"
+    elif dow == "*" and dom.isdigit() and month.isdigit() and 1 <= int(month) <= 12:
+        days = f" on {_MONTH_NAMES[int(month) - 1]} {int(dom)}"
+    else:
+        return f"cron {' '.join(fields)} ({zone})"
+    secs = f":{int(second):02d}" if second.isdigit() and int(second) else ""
+    if minute.isdigit() and re.fullmatch(r"\d+(,\d+)*", hour):
+        times = [f"{int(h):02d}:{int(minute):02d}{secs}" for h in hour.split(",")]
+        joined = (
+            times[0] if len(times) == 1 else ", ".join(times[:-1]) + " and " + times[-1]
+        )
+        return f"at {joined}{days} ({zone})"
+    hour_step = re.fullmatch(r"\*/(\d+)", hour)
+    if minute.isdigit() and hour_step:
+        return (
+            f"every {hour_step.group(1)} hours at minute {int(minute)}{days} ({zone})"
+        )
+    if minute.isdigit() and hour == "*":
+        return f"every hour at minute {int(minute)}{days} ({zone})"
+    return f"cron {' '.join(fields)} ({zone})"
 
 
 def _plain_duration(seconds: float) -> str:
@@ -517,16 +620,22 @@ def _plain_duration(seconds: float) -> str:
 
 
 def next_fire_times(
-    expr: str, n: int = 5, tz: datetime.tzinfo | None = None, after: float | None = None
+    expr: str,
+    n: int = 5,
+    tz: datetime.tzinfo | None = None,
+    after: float | None = None,
+    anchor: float | None = None,
 ) -> list[float]:
     """The next ``n`` fire instants of ``expr`` strictly after ``after`` (default:
-    now), as the scheduler will use them.  ``@every`` is anchored at ``after``."""
+    now), as the scheduler will use them.  ``@every`` counts from ``anchor``
+    (a job's creation time), by default ``after``."""
     tz = tz or local_zone()
     after = time.time() if after is None else after
+    anchor = after if anchor is None else anchor
     schedule = Schedule(expr, tz)
     times, t = [], after
     while len(times) < n:
-        t = schedule.next_after(t, anchor=after)
+        t = schedule.next_after(t, anchor=anchor)
         if t is None:
             break
         times.append(t)
@@ -1130,7 +1239,9 @@ class Store:
         def op(conn):
             conn.execute(f"UPDATE runs SET {sets} WHERE id = ?", values)
             if job is not None:
-                conn.execute("UPDATE jobs SET last_run_id = ? WHERE name = ?", (run_id, job))
+                conn.execute(
+                    "UPDATE jobs SET last_run_id = ? WHERE name = ?", (run_id, job)
+                )
 
         return self._submit(op)
 
@@ -1308,12 +1419,17 @@ class Store:
         )
         return [dict(r) for r in rows]
 
-    def count_runs(self, since: float, status: str) -> int:
+    def writer_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def count_failed(self, since: float) -> int:
+        """Runs that ended badly (failed, timed out, missed, lost) since ``since``."""
         return (
             self._reader()
             .execute(
-                "SELECT count(*) FROM runs WHERE status = ? AND finished_at >= ?",
-                (status, since),
+                "SELECT count(*) FROM runs WHERE finished_at >= ? AND status IN "
+                "('failed', 'timed_out', 'missed', 'lost')",
+                (since,),
             )
             .fetchone()[0]
         )
@@ -1613,6 +1729,8 @@ class Run:
     def row(self) -> dict:
         out = {key: getattr(self, key) for key in RUN_COLUMNS if key != "job"}
         out["job"] = self.job.name
+        if self.status == "starting":  # an internal step of queued
+            out["status"] = "queued"
         return out
 
     def public(self) -> dict:
@@ -3272,8 +3390,2040 @@ class Engine:
 
 
 ###############################################################################
+# Web page ####################################################################
+###############################################################################
+
+#: The whole page: HTML, CSS and JavaScript, served as is at ``/``.  It holds
+#: no data; everything comes from the JSON API and SSE, and data is only ever
+#: inserted as text.
+INDEX_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<title>minisched</title>
+<style>
+:root {
+  --bg: #ffffff; --fg: #1b1f24; --muted: #57606a; --line: #d0d7de; --card: #f6f8fa;
+  --accent: #0a58ca; --ok: #1a7f37; --bad: #cf222e; --warn: #9a6700; --run: #0a58ca;
+  --stderr: #b35900; --sys: #6f42c1; --focus: #0a58ca;
+}
+@media (prefers-color-scheme: dark) {
+  :root {
+    --bg: #0d1117; --fg: #e6edf3; --muted: #9198a1; --line: #30363d; --card: #161b22;
+    --accent: #58a6ff; --ok: #3fb950; --bad: #ff7b72; --warn: #d29922; --run: #58a6ff;
+    --stderr: #ffa657; --sys: #d2a8ff; --focus: #58a6ff;
+  }
+}
+* { box-sizing: border-box; }
+html { -webkit-text-size-adjust: 100%; }
+body { margin: 0; background: var(--bg); color: var(--fg);
+  font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+a { color: var(--accent); }
+:focus-visible { outline: 2px solid var(--focus); outline-offset: 2px; }
+header { display: flex; flex-wrap: wrap; gap: .5rem 1.5rem; align-items: center;
+  padding: .6rem 1rem; border-bottom: 1px solid var(--line); background: var(--card); }
+header .brand { font-weight: 700; font-size: 1.1rem; text-decoration: none; color: var(--fg); }
+.counts, .sys { display: flex; flex-wrap: wrap; gap: .3rem 1rem; color: var(--muted); font-size: .9rem; }
+.counts b, .sys b { color: var(--fg); }
+.sys { margin-left: auto; }
+main { padding: 1rem; max-width: 1400px; margin: 0 auto; }
+.filestate { margin: .6rem 1rem 0; padding: .5rem .8rem; border-radius: 6px; font-size: .9rem;
+  border: 1px solid var(--line); overflow-wrap: anywhere; }
+.filestate.error { border-color: var(--bad); color: var(--bad); }
+.toolbar { display: flex; flex-wrap: wrap; gap: .5rem; margin-bottom: .8rem; align-items: center; }
+.toolbar input[type=search] { flex: 1 1 14rem; min-width: 0; }
+input, select, textarea, button { font: inherit; color: inherit; }
+input, select, textarea { background: var(--bg); border: 1px solid var(--line); border-radius: 6px;
+  padding: .35rem .5rem; max-width: 100%; }
+textarea { width: 100%; min-height: 4.5rem; font-family: ui-monospace, SFMono-Regular, Menlo, monospace; }
+button, .button { background: var(--card); border: 1px solid var(--line); border-radius: 6px;
+  padding: .3rem .7rem; cursor: pointer; text-decoration: none; color: var(--fg); display: inline-block; }
+button:hover, .button:hover { border-color: var(--muted); }
+button.primary { background: var(--accent); border-color: var(--accent); color: #fff; }
+button.danger { color: var(--bad); }
+button:disabled { opacity: .5; cursor: default; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: .45rem .5rem; border-bottom: 1px solid var(--line); vertical-align: top; }
+th { font-size: .8rem; text-transform: uppercase; letter-spacing: .03em; color: var(--muted); }
+td { overflow-wrap: anywhere; }
+.muted { color: var(--muted); }
+.small { font-size: .85rem; }
+.tag { display: inline-block; font-size: .75rem; padding: 0 .4rem; margin: .1rem .2rem 0 0;
+  border: 1px solid var(--line); border-radius: 999px; color: var(--muted); }
+.badge { display: inline-block; font-size: .78rem; font-weight: 600; padding: .05rem .45rem;
+  border-radius: 4px; border: 1px solid currentColor; white-space: nowrap; }
+.s-succeeded { color: var(--ok); } .s-failed, .s-timed_out, .s-lost { color: var(--bad); }
+.s-missed, .s-skipped, .s-cancelled { color: var(--warn); } .s-running, .s-queued { color: var(--run); }
+.dot { display: inline-block; width: .6rem; height: .6rem; border-radius: 50%; background: var(--run);
+  margin-right: .3rem; animation: pulse 1.2s infinite ease-in-out; }
+@keyframes pulse { 50% { opacity: .25; } }
+@media (prefers-reduced-motion: reduce) { .dot { animation: none; } }
+.actions { display: flex; flex-wrap: wrap; gap: .3rem; }
+.actions button { padding: .2rem .5rem; font-size: .85rem; }
+h1 { font-size: 1.35rem; margin: .2rem 0 .6rem; overflow-wrap: anywhere; }
+h2 { font-size: 1.05rem; margin: 1.4rem 0 .5rem; }
+.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(16rem, 1fr)); gap: 1rem; }
+.card { border: 1px solid var(--line); border-radius: 8px; padding: .8rem; background: var(--card); min-width: 0; }
+pre { margin: 0; white-space: pre-wrap; overflow-wrap: anywhere; font: 13px/1.45 ui-monospace, SFMono-Regular, Menlo, monospace; }
+.log { border: 1px solid var(--line); border-radius: 8px; padding: .6rem; background: var(--card);
+  height: 60vh; overflow-y: auto; }
+.log .stderr { color: var(--stderr); }
+.log .system { color: var(--sys); font-style: italic; }
+.log .marker { display: block; margin: .3rem 0; padding: .2rem .4rem; border: 1px dashed var(--sys); border-radius: 4px; }
+.logbar { display: flex; flex-wrap: wrap; gap: .5rem; align-items: center; margin: .5rem 0; }
+.legend span { margin-right: .8rem; font-size: .85rem; }
+.hidden { display: none !important; }
+form.editor { max-width: 56rem; }
+.field { margin-bottom: .8rem; }
+.field label { display: block; font-weight: 600; font-size: .9rem; margin-bottom: .2rem; }
+.field .help { font-size: .8rem; color: var(--muted); }
+.field .err { color: var(--bad); font-size: .85rem; min-height: 0; }
+.field input[type=text], .field input[type=number], .field select { width: 100%; }
+.field input[type=checkbox] { width: auto; }
+.field.invalid input, .field.invalid textarea, .field.invalid select { border-color: var(--bad); }
+details { border: 1px solid var(--line); border-radius: 8px; padding: .5rem .8rem; margin: .8rem 0; }
+summary { cursor: pointer; font-weight: 600; }
+.two { display: grid; grid-template-columns: repeat(auto-fit, minmax(14rem, 1fr)); gap: 0 1rem; }
+.note { padding: .5rem .8rem; border-left: 3px solid var(--warn); background: var(--card); margin: .5rem 0; }
+.error-box { color: var(--bad); margin: .5rem 0; overflow-wrap: anywhere; }
+.preview li { font-family: ui-monospace, monospace; font-size: .85rem; }
+.chart { width: 100%; height: 120px; display: block; }
+.chart .s-succeeded { fill: var(--ok); } .chart .s-failed, .chart .s-timed_out, .chart .s-lost { fill: var(--bad); }
+.chart .s-cancelled, .chart .s-missed, .chart .s-skipped { fill: var(--warn); } .chart .s-running, .chart .s-queued { fill: var(--run); }
+#login { position: fixed; inset: 0; background: rgba(0,0,0,.45); display: flex; align-items: center; justify-content: center; padding: 1rem; }
+#login form { background: var(--bg); border: 1px solid var(--line); border-radius: 10px; padding: 1.2rem; width: 100%; max-width: 24rem; }
+#login input { width: 100%; margin: .4rem 0 .8rem; }
+.toast { position: fixed; bottom: 1rem; left: 50%; transform: translateX(-50%); background: var(--fg); color: var(--bg);
+  padding: .5rem 1rem; border-radius: 6px; max-width: 90vw; overflow-wrap: anywhere; }
+@media (max-width: 720px) {
+  main { padding: .6rem; }
+  table.cards thead { display: none; }
+  table.cards, table.cards tbody, table.cards tr, table.cards td { display: block; width: 100%; }
+  table.cards tr { border: 1px solid var(--line); border-radius: 8px; margin-bottom: .6rem; padding: .3rem .5rem; }
+  table.cards td { border: 0; padding: .2rem 0; }
+  table.cards td[data-label]::before { content: attr(data-label) ": "; color: var(--muted); font-size: .8rem; }
+  .sys { margin-left: 0; }
+}
+</style>
+</head>
+<body>
+<header>
+  <a class="brand" href="#/">minisched</a>
+  <div class="counts" id="counts" aria-live="polite"></div>
+  <div class="sys" id="sys"></div>
+</header>
+<div id="filestate" class="filestate hidden" role="status"></div>
+<main id="main" tabindex="-1"><p class="muted">Loading…</p></main>
+<div id="login" class="hidden">
+  <form id="login-form">
+    <h1>minisched</h1>
+    <label for="token">This server needs its token</label>
+    <input id="token" name="token" type="password" autocomplete="current-password" required>
+    <div class="error-box" id="login-error" role="alert"></div>
+    <button class="primary" type="submit">Sign in</button>
+  </form>
+</div>
+<div id="toast" class="toast hidden" role="status" aria-live="polite"></div>
+<script>
+"use strict";
+// Everything on this page comes from the JSON API and SSE; data is put into the
+// DOM only as text (textContent / text nodes), never as HTML.
+const $ = (sel, root) => (root || document).querySelector(sel);
+function h(tag, attrs, ...kids) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "class") el.className = v;
+    else if (k === "value") el.value = v;
+    else if (k === "checked") el.checked = !!v;
+    else el.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const kid of kids.flat(Infinity)) {
+    if (kid === null || kid === undefined || kid === false) continue;
+    el.append(kid instanceof Node ? kid : String(kid));
+  }
+  return el;
+}
+function svg(tag, attrs, ...kids) {
+  const el = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, String(v));
+  for (const kid of kids) el.append(kid instanceof Node ? kid : String(kid));
+  return el;
+}
+class ApiError extends Error {
+  constructor(message, field, status) { super(message); this.field = field; this.status = status; }
+}
+async function api(method, path, body) {
+  const opts = { method, headers: { Accept: "application/json" }, credentials: "same-origin" };
+  if (body !== undefined) {
+    opts.headers["Content-Type"] = "application/json";
+    opts.body = JSON.stringify(body);
+  }
+  const r = await fetch(path, opts);
+  const type = r.headers.get("Content-Type") || "";
+  const data = type.includes("json") ? await r.json() : await r.text();
+  if (r.status === 401 && !path.startsWith("/api/login")) showLogin();
+  if (!r.ok) throw new ApiError((data && data.error) || r.statusText, data && data.field, r.status);
+  return data;
+}
+function toast(text) {
+  const t = $("#toast");
+  t.textContent = text;
+  t.classList.remove("hidden");
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => t.classList.add("hidden"), 4000);
+}
+async function act(fn, ok) {
+  try { const r = await fn(); if (ok) toast(ok); return r; }
+  catch (e) { if (e.status !== 401) toast(e.message); return null; }
+}
+
+// -- formatting -------------------------------------------------------------------
+function rel(iso) {
+  if (!iso) return "—";
+  const s = Math.round((new Date(iso) - Date.now()) / 1000), a = Math.abs(s);
+  const t = a < 60 ? a + " s" : a < 3600 ? Math.round(a / 60) + " min"
+    : a < 86400 ? Math.round(a / 360) / 10 + " h" : Math.round(a / 8640) / 10 + " d";
+  return s >= 0 ? "in " + t : t + " ago";
+}
+function abs(iso) { return iso ? new Date(iso).toLocaleString() : ""; }
+function when(iso) { return iso ? h("time", { datetime: iso, title: abs(iso) }, rel(iso)) : "—"; }
+function dur(s) {
+  if (s === null || s === undefined) return "—";
+  if (s < 1) return Math.round(s * 1000) + " ms";
+  if (s < 120) return (Math.round(s * 10) / 10) + " s";
+  return Math.floor(s / 60) + " min " + Math.round(s % 60) + " s";
+}
+function bytes(n) {
+  if (n === null || n === undefined) return "—";
+  const u = ["B", "KiB", "MiB", "GiB"]; let i = 0;
+  while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
+  return (i ? n.toFixed(1) : n) + " " + u[i];
+}
+function badge(status) { return h("span", { class: "badge s-" + status }, status.replace("_", " ")); }
+function maskEnv(def) {
+  const out = Object.assign({}, def);
+  if (out.env) { out.env = {}; for (const k of Object.keys(def.env)) out.env[k] = "***"; }
+  return out;
+}
+
+// -- header: counts, system, jobs file ----------------------------------------------
+async function refreshStatus() {
+  let st;
+  try { st = await api("GET", "/api/status"); } catch (e) { return; }
+  const c = st.counts;
+  $("#counts").replaceChildren(
+    h("span", null, h("b", null, c.jobs), " jobs"),
+    h("span", null, h("b", null, c.running), " running"),
+    h("span", { class: c.failed_24h ? "s-failed" : "" }, h("b", null, c.failed_24h), " failed in 24 h"));
+  const s = st.system;
+  $("#sys").replaceChildren(
+    h("span", null, "CPU ", h("b", null, Math.round(s.cpu_percent) + "%")),
+    h("span", null, "mem ", h("b", null, Math.round(s.memory_percent) + "%")),
+    h("span", null, "disk ", h("b", null, Math.round(s.disk_percent) + "%")),
+    h("span", null, "load ", h("b", null, s.load.map(x => x.toFixed(2)).join(" "))));
+  const fs = $("#filestate");
+  if (!st.jobs_file) { fs.classList.add("hidden"); return; }
+  fs.classList.remove("hidden");
+  fs.classList.toggle("error", !!st.jobs_file.error);
+  fs.textContent = st.jobs_file.error
+    ? "Jobs file not loaded, previous definitions keep running: " + st.jobs_file.error
+    : "Jobs file " + st.jobs_file.path + " loaded " + rel(st.jobs_file.loaded_at);
+}
+
+// -- live updates ---------------------------------------------------------------------
+let events = null, refreshTimer = null, onChange = null;
+function connectEvents() {
+  if (events) events.close();
+  events = new EventSource("/api/events");
+  const changed = () => {
+    clearTimeout(refreshTimer);
+    refreshTimer = setTimeout(() => { if (onChange) onChange(); refreshStatus(); }, 250);
+  };
+  events.addEventListener("run", changed);
+  events.addEventListener("job", changed);
+  events.addEventListener("reconnect", () => { connectEvents(); changed(); });
+}
+
+// -- dashboard ------------------------------------------------------------------------
+const filters = { q: "", tag: "", status: "" };
+async function dashboard() {
+  const main = $("#main");
+  const search = h("input", { type: "search", placeholder: "Search name, description, command",
+    "aria-label": "Search jobs", value: filters.q });
+  const tagSel = h("select", { "aria-label": "Filter by tag" }, h("option", { value: "" }, "All tags"));
+  const statusSel = h("select", { "aria-label": "Filter by status" },
+    ["", "running", "paused", "succeeded", "failed", "timed_out", "cancelled", "missed", "lost"].map(
+      s => h("option", { value: s }, s ? s.replace("_", " ") : "Any status")));
+  statusSel.value = filters.status;
+  const body = h("tbody");
+  const table = h("table", { class: "cards jobs" },
+    h("thead", null, h("tr", null, ["Job", "Schedule", "Next run", "Last run", "", "Actions"].map(t => h("th", { scope: "col" }, t)))),
+    body);
+  main.replaceChildren(h("h1", null, "Jobs"),
+    h("div", { class: "toolbar" }, search, tagSel, statusSel,
+      h("a", { class: "button primary", href: "#/new" }, "New job")),
+    table);
+  let all = [];
+  const draw = () => {
+    const q = filters.q.toLowerCase();
+    const rows = all.filter(j => (!filters.tag || (j.tags || []).includes(filters.tag))
+      && (!q || [j.name, j.description, typeof j.command === "string" ? j.command : JSON.stringify(j.command || j.url)]
+        .some(v => String(v || "").toLowerCase().includes(q)))
+      && (!filters.status || (filters.status === "running" ? j.running > 0
+        : filters.status === "paused" ? j.paused : j.last_run && j.last_run.status === filters.status)));
+    body.replaceChildren(...rows.map(jobRow));
+    if (!rows.length) body.append(h("tr", null, h("td", { colspan: 6, class: "muted" },
+      all.length ? "No job matches the filters." : "No jobs yet. Create one with “New job”.")));
+  };
+  const load = async () => {
+    let data;
+    try { data = await api("GET", "/api/jobs"); } catch (e) { return; }
+    all = data.jobs;
+    const tags = [...new Set(all.flatMap(j => j.tags || []))].sort();
+    const keep = filters.tag;
+    tagSel.replaceChildren(h("option", { value: "" }, "All tags"), ...tags.map(t => h("option", { value: t }, t)));
+    tagSel.value = keep;
+    draw();
+  };
+  search.addEventListener("input", () => { filters.q = search.value; draw(); });
+  tagSel.addEventListener("change", () => { filters.tag = tagSel.value; draw(); });
+  statusSel.addEventListener("change", () => { filters.status = statusSel.value; draw(); });
+  onChange = load;
+  await load();
+}
+function jobActions(j, after) {
+  const name = j.name, path = "/api/jobs/" + encodeURIComponent(name);
+  const done = () => { if (after) after(); };
+  return h("div", { class: "actions" },
+    h("button", { type: "button", "aria-label": "Run " + name + " now",
+      onclick: () => act(async () => {
+        try { return await api("POST", path + "/run"); }
+        catch (e) {
+          if (e.status === 409 && confirm(e.message + "\n\nRun anyway?")) return api("POST", path + "/run?force=1");
+          throw e;
+        }
+      }, "Started " + name).then(done) }, "Run"),
+    h("button", { type: "button", "aria-label": "Stop " + name, disabled: !j.running,
+      onclick: () => act(() => api("POST", path + "/stop"), "Stopping " + name).then(done) }, "Stop"),
+    j.paused
+      ? h("button", { type: "button", "aria-label": "Resume " + name,
+          onclick: () => act(() => api("POST", path + "/resume"), "Resumed " + name).then(done) }, "Resume")
+      : h("button", { type: "button", "aria-label": "Pause " + name,
+          onclick: () => act(() => api("POST", path + "/pause"), "Paused " + name).then(done) }, "Pause"),
+    j.source === "file" ? null : h("a", { class: "button", href: "#/edit/" + encodeURIComponent(name),
+      "aria-label": "Edit " + name }, "Edit"),
+    j.source === "file" ? null : h("button", { type: "button", class: "danger", "aria-label": "Delete " + name,
+      onclick: () => { if (confirm("Delete job " + name + "? Its run history is kept.")) {
+        act(() => api("DELETE", path), "Deleted " + name).then(() => { location.hash = "#/"; done(); }); } } }, "Delete"));
+}
+function lastRunCell(r) {
+  if (!r) return h("span", { class: "muted" }, "never");
+  return h("span", null, h("a", { href: "#/run/" + r.id }, badge(r.status)), " ",
+    when(r.started_at || r.finished_at), r.duration !== null ? h("span", { class: "muted small" }, " · " + dur(r.duration)) : null);
+}
+function jobRow(j) {
+  return h("tr", { "data-job": j.name },
+    h("td", { "data-label": "Job" }, h("a", { href: "#/job/" + encodeURIComponent(j.name) }, h("b", null, j.name)),
+      j.source === "file" ? h("span", { class: "muted small" }, " (file)") : null,
+      h("div", null, (j.tags || []).map(t => h("span", { class: "tag" }, t))),
+      j.description ? h("div", { class: "muted small" }, j.description) : null),
+    h("td", { "data-label": "Schedule" }, h("code", null, j.schedule || "—"),
+      h("div", { class: "muted small" }, j.schedule_description)),
+    h("td", { "data-label": "Next run" }, j.paused ? h("span", { class: "badge s-skipped" }, "paused")
+      : j.enabled === false ? h("span", { class: "muted" }, "disabled") : when(j.next_run_at),
+      j.next_run_at && !j.paused ? h("div", { class: "muted small" }, abs(j.next_run_at)) : null),
+    h("td", { "data-label": "Last run" }, lastRunCell(j.last_run)),
+    h("td", { "data-label": "State" }, j.running ? h("span", { class: "s-running" }, h("span", { class: "dot", "aria-hidden": "true" }), "running") : ""),
+    h("td", { "data-label": "Actions" }, jobActions(j)));
+}
+
+// -- job page -------------------------------------------------------------------------
+async function jobPage(name) {
+  const main = $("#main");
+  let j;
+  try { j = await api("GET", "/api/jobs/" + encodeURIComponent(name)); }
+  catch (e) { main.replaceChildren(h("h1", null, "Job"), h("p", { class: "error-box" }, e.message)); return; }
+  const runsBox = h("div"), chartBox = h("div"), nextBox = h("ol", { class: "preview" });
+  const cursors = [];
+  let before = null;
+  const loadRuns = async () => {
+    const q = "?limit=20" + (before ? "&before=" + before : "");
+    const data = await api("GET", "/api/jobs/" + encodeURIComponent(name) + "/runs" + q);
+    const table = h("table", { class: "cards" },
+      h("thead", null, h("tr", null, ["Run", "Status", "Trigger", "Attempt", "Started", "Duration", "Exit", "CPU", "Peak memory"].map(t => h("th", { scope: "col" }, t)))),
+      h("tbody", null, data.runs.map(r => h("tr", null,
+        h("td", { "data-label": "Run" }, h("a", { href: "#/run/" + r.id }, "#" + r.id)),
+        h("td", { "data-label": "Status" }, badge(r.status)),
+        h("td", { "data-label": "Trigger" }, r.trigger),
+        h("td", { "data-label": "Attempt" }, r.attempt),
+        h("td", { "data-label": "Started" }, when(r.started_at || r.scheduled_at)),
+        h("td", { "data-label": "Duration" }, dur(r.duration)),
+        h("td", { "data-label": "Exit" }, r.signal ? "signal " + r.signal : (r.exit_code ?? "—")),
+        h("td", { "data-label": "CPU" }, r.cpu_time === null ? "—" : r.cpu_time.toFixed(2) + " s"),
+        h("td", { "data-label": "Peak memory" }, bytes(r.peak_rss))))));
+    const last = data.runs.length ? data.runs[data.runs.length - 1].id : null;
+    runsBox.replaceChildren(
+      data.runs.length ? table : h("p", { class: "muted" }, "No runs yet."),
+      h("div", { class: "toolbar" },
+        h("button", { type: "button", disabled: !cursors.length, onclick: () => { before = cursors.pop(); loadRuns(); } }, "Newer"),
+        h("span", { class: "muted small" }, data.total + " runs in history"),
+        h("button", { type: "button", disabled: !last || data.runs.length < 20,
+          onclick: () => { cursors.push(before); before = last; loadRuns(); } }, "Older")));
+    if (!before) chartBox.replaceChildren(durationChart(data.runs.slice().reverse()));
+  };
+  const loadNext = async () => {
+    if (!j.schedule || j.paused || j.enabled === false) { nextBox.replaceChildren(h("li", { class: "muted" }, j.paused ? "paused" : "no scheduled runs")); return; }
+    const p = new URLSearchParams({ expr: j.schedule, n: 5 });
+    if (j.timezone) p.set("timezone", j.timezone);
+    if (j.schedule.trim().toLowerCase().startsWith("@every")) p.set("anchor", j.created_at);
+    try {
+      const data = await api("GET", "/api/cron/next?" + p);
+      nextBox.replaceChildren(...data.times.map(t => h("li", null, t.local, h("span", { class: "muted" }, "  (" + rel(t.utc) + ")"))));
+      if (!data.times.length) nextBox.replaceChildren(h("li", { class: "muted" }, "none"));
+    } catch (e) { nextBox.replaceChildren(h("li", { class: "error-box" }, e.message)); }
+  };
+  const reload = async () => { try { j = await api("GET", "/api/jobs/" + encodeURIComponent(name)); } catch (e) { return; } draw(); loadRuns(); };
+  const draw = () => main.replaceChildren(
+    h("p", { class: "small" }, h("a", { href: "#/" }, "← Jobs")),
+    h("h1", null, j.name, " ", j.paused ? h("span", { class: "badge s-skipped" }, "paused") : null,
+      j.running ? h("span", { class: "s-running small" }, " ", h("span", { class: "dot", "aria-hidden": "true" }), j.running + " running") : null),
+    j.description ? h("p", { class: "muted" }, j.description) : null,
+    j.source === "file" ? h("p", { class: "note" }, "Defined in the jobs file: edit the file to change it.") : null,
+    jobActions(j, reload),
+    h("div", { class: "grid", style: "margin-top:1rem" },
+      h("div", { class: "card" }, h("h2", { style: "margin-top:0" }, "Schedule"),
+        h("p", null, h("code", null, j.schedule || "manual"), " — ", j.schedule_description),
+        h("h2", null, "Next five fire times"), nextBox),
+      h("div", { class: "card" }, h("h2", { style: "margin-top:0" }, "Recent durations"), chartBox,
+        h("div", { class: "legend muted" }, h("span", { class: "s-succeeded" }, "■ succeeded"), h("span", { class: "s-failed" }, "■ failed / timed out"), h("span", { class: "s-cancelled" }, "■ cancelled / missed"))),
+      h("div", { class: "card" }, h("h2", { style: "margin-top:0" }, "Definition"), h("pre", null, JSON.stringify(maskEnv(definitionOf(j)), null, 2)))),
+    h("h2", null, "Run history"), runsBox);
+  draw();
+  loadNext();
+  await loadRuns();
+  onChange = () => { if (!before) reload(); };
+}
+const STATE_KEYS = ["source", "paused", "next_run_at", "last_run", "running", "schedule_description", "created_at"];
+function definitionOf(j) { const d = Object.assign({}, j); for (const k of STATE_KEYS) delete d[k]; return d; }
+function durationChart(runs) {
+  runs = runs.filter(r => r.duration !== null);
+  const W = 400, H = 120;
+  const box = svg("svg", { class: "chart", viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "Durations of recent runs" });
+  if (!runs.length) { box.append(svg("text", { x: 8, y: 20, fill: "currentColor" }, "no finished runs yet")); return box; }
+  const max = Math.max(...runs.map(r => r.duration), 0.001), bw = W / Math.max(runs.length, 10);
+  runs.forEach((r, i) => {
+    const bh = Math.max(2, (r.duration / max) * (H - 16));
+    box.append(svg("rect", { x: i * bw + 1, y: H - bh, width: Math.max(1, bw - 2), height: bh, class: "s-" + r.status },
+      svg("title", null, "#" + r.id + " " + r.status + " " + dur(r.duration))));
+  });
+  box.append(svg("text", { x: 4, y: 12, fill: "currentColor", "font-size": 11 }, "max " + dur(max)));
+  return box;
+}
+
+// -- run page: live log ---------------------------------------------------------------
+let stream = null;
+async function runPage(id) {
+  const main = $("#main");
+  let run;
+  try { run = await api("GET", "/api/runs/" + id); }
+  catch (e) { main.replaceChildren(h("h1", null, "Run"), h("p", { class: "error-box" }, e.message)); return; }
+  const head = h("div"), log = h("pre", { class: "log", id: "log", tabindex: "0", "aria-label": "Run output" });
+  const conn = h("span", { class: "muted small", role: "status" });
+  const jump = h("button", { type: "button", class: "hidden", onclick: () => { follow = true; log.scrollTop = log.scrollHeight; jump.classList.add("hidden"); } }, "↓ New output");
+  let lastSeq = 0, follow = true;
+  log.addEventListener("scroll", () => {
+    follow = log.scrollHeight - log.scrollTop - log.clientHeight < 30;
+    if (follow) jump.classList.add("hidden");
+  });
+  const drawHead = () => head.replaceChildren(
+    h("p", { class: "small" }, h("a", { href: "#/job/" + encodeURIComponent(run.job) }, "← " + run.job)),
+    h("h1", null, "Run #" + run.id + " of " + run.job + " ", badge(run.status)),
+    h("p", { class: "muted" }, run.trigger + ", attempt " + run.attempt,
+      " · started ", when(run.started_at), " · ", dur(run.duration),
+      run.exit_code !== null ? " · exit code " + run.exit_code : "", run.signal ? " · signal " + run.signal : "",
+      run.output_truncated ? " · output truncated" : ""),
+    run.error ? h("p", { class: "error-box" }, run.error) : null,
+    h("div", { class: "logbar" },
+      ["running", "queued"].includes(run.status)
+        ? h("button", { type: "button", class: "danger", onclick: () => act(() => api("POST", "/api/runs/" + run.id + "/stop"), "Stopping run " + run.id) }, "Stop")
+        : null,
+      h("a", { class: "button", href: "/api/runs/" + run.id + "/log", download: "run-" + run.id + ".log" }, "Download log"),
+      h("span", { class: "legend" }, h("span", null, "stdout"), h("span", { class: "stderr" }, "stderr"), h("span", { class: "system" }, "minisched")),
+      conn, jump));
+  drawHead();
+  main.replaceChildren(head, log);
+  const append = (c) => {
+    if (c.seq <= lastSeq) return;   // after a reconnect: never twice
+    lastSeq = c.seq;
+    const marker = c.stream === "system" && /bytes of output dropped/.test(c.text);
+    log.append(h("span", { class: c.stream + (marker ? " marker" : ""), "data-seq": c.seq }, c.text));
+    if (follow) log.scrollTop = log.scrollHeight; else jump.classList.remove("hidden");
+  };
+  if (stream) stream.close();
+  const es = stream = new EventSource("/api/runs/" + id + "/stream");
+  es.addEventListener("log", (e) => append(JSON.parse(e.data)));
+  es.addEventListener("status", (e) => { run = JSON.parse(e.data); drawHead(); });
+  es.addEventListener("end", (e) => {
+    const d = JSON.parse(e.data);
+    if (d && d.status) { run = d; drawHead(); es.close(); conn.textContent = ""; }
+  });
+  es.onopen = () => { conn.textContent = ""; };
+  es.onerror = () => { if (es.readyState !== EventSource.CLOSED) conn.textContent = "reconnecting…"; };
+  onChange = null;
+}
+
+// -- editor ---------------------------------------------------------------------------
+const FIELDS = [
+  ["name", "text", "Name", "Letters, digits, _ . - (up to 64)", true],
+  ["kind", ["command", "http"], "Kind", "A command, or an HTTP request", true],
+  ["command", "textarea", "Command", "Run by /bin/sh -c; or a JSON list like [\"/usr/bin/env\", \"python3\"] for argv", true, "command"],
+  ["url", "text", "URL", "http:// or https://", true, "http"],
+  ["method", ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"], "Method", "", true, "http"],
+  ["expect_status", "ints", "Expected status", "Comma-separated, e.g. 200, 204 (default: any 2xx)", true, "http"],
+  ["headers", "json", "Headers", "JSON object, e.g. {\"Authorization\": \"Bearer …\"}", false, "http"],
+  ["body", "textarea", "Body", "Sent as is (JSON if it parses as JSON)", false, "http"],
+  ["schedule", "text", "Schedule", "*/5 * * * *, 0 30 2 * * * (seconds first), @daily, @every 90s, @at 2026-12-01T09:00, @reboot; empty = manual only", true],
+  ["timezone", "text", "Time zone", "IANA name such as Europe/Berlin (default: the server's)", true],
+  ["enabled", "checkbox", "Enabled", "Unticked: never fires on schedule (can still be run)", true],
+  ["description", "text", "Description", "", true],
+  ["tags", "list", "Tags", "Comma-separated", true],
+  ["cwd", "text", "Working directory", "Default: the server's", false, "command"],
+  ["env", "env", "Environment", "One KEY=value per line", false, "command"],
+  ["user", "text", "Run as user", "Needs the server to run as root", false, "command"],
+  ["timeout", "number", "Timeout (s)", "0 = none; then the whole tree is killed", false],
+  ["kill_grace", "number", "Kill grace (s)", "Between SIGTERM and SIGKILL (default 10)", false],
+  ["retries", "number", "Retries", "Extra attempts after a failure or timeout", false],
+  ["retry_delay", "number", "Retry delay (s)", "Default 10", false],
+  ["retry_backoff", "number", "Retry backoff", "Multiplier per retry (default 2)", false],
+  ["retry_max_delay", "number", "Retry max delay (s)", "Default 3600", false],
+  ["concurrency", ["", "forbid", "allow", "replace", "queue"], "Concurrency", "When a fire comes while a run is active (default forbid)", false],
+  ["queue_max", "number", "Queue max", "With queue: how many fires may wait (default 1)", false],
+  ["catch_up", ["", "none", "latest", "all"], "Catch up", "Slots missed while the server was down (default none)", false],
+  ["starting_deadline", "number", "Starting deadline (s)", "A slot that cannot start within this is missed", false],
+  ["jitter", "number", "Jitter (s)", "Random delay added to each scheduled start", false],
+  ["max_runs", "number", "Max runs", "Then the job disables itself (0 = unlimited)", false],
+  ["keep_runs", "number", "Keep runs", "History kept (default 100)", false],
+  ["max_output", "number", "Max output (bytes)", "Default 1048576; beginning and end are kept", false],
+  ["on_start", "json", "On start hooks", "JSON list: [{\"url\": \"https://…\"}] or [{\"command\": \"…\"}]", false],
+  ["on_success", "json", "On success hooks", "JSON list of hooks", false],
+  ["on_failure", "json", "On failure hooks", "JSON list of hooks", false],
+  ["after", "list", "Run after", "Comma-separated job names: run when one of them succeeds", false],
+];
+function fieldValue(type, v) {
+  if (v === undefined || v === null) return type === "checkbox" ? true : "";
+  if (type === "json") return JSON.stringify(v, null, 2);
+  if (type === "list" || type === "ints") return v.join(", ");
+  if (type === "env") return Object.entries(v).map(([k, x]) => k + "=" + x).join("\n");
+  if (type === "textarea" && typeof v !== "string") return JSON.stringify(v);
+  return String(v);
+}
+function readField(type, el) {
+  const raw = type === "checkbox" ? el.checked : el.value;
+  if (type === "checkbox") return raw;
+  if (raw.trim() === "") return undefined;
+  if (type === "number") { const n = Number(raw); return Number.isFinite(n) ? n : raw; }
+  if (type === "json") { try { return JSON.parse(raw); } catch (e) { return raw; } }
+  if (type === "list") return raw.split(",").map(s => s.trim()).filter(Boolean);
+  if (type === "ints") return raw.split(",").map(s => s.trim()).filter(Boolean).map(s => Number.isFinite(Number(s)) ? Number(s) : s);
+  if (type === "env") {
+    const env = {};
+    for (const line of raw.split("\n")) { if (!line.trim()) continue; const i = line.indexOf("="); env[i < 0 ? line.trim() : line.slice(0, i).trim()] = i < 0 ? "" : line.slice(i + 1); }
+    return env;
+  }
+  if (type === "textarea" && raw.trim().startsWith("[")) { try { return JSON.parse(raw); } catch (e) { return raw; } }
+  return raw;
+}
+async function editor(name) {
+  const main = $("#main");
+  let job = { kind: "command", enabled: true };
+  if (name) {
+    try { job = await api("GET", "/api/jobs/" + encodeURIComponent(name)); }
+    catch (e) { main.replaceChildren(h("h1", null, "Edit"), h("p", { class: "error-box" }, e.message)); return; }
+  }
+  const readOnly = job.source === "file";
+  const inputs = {}, errs = {}, wraps = {};
+  const general = h("div", { class: "error-box", role: "alert" });
+  const preview = h("ol", { class: "preview", "aria-live": "polite" });
+  const mk = ([key, type, label, help, basic, kind]) => {
+    const id = "f-" + key;
+    let input;
+    if (Array.isArray(type)) input = h("select", { id, name: key }, type.map(o => h("option", { value: o }, o || "(default)")));
+    else if (type === "textarea" || type === "json" || type === "env") input = h("textarea", { id, name: key, rows: type === "textarea" ? 3 : 4 });
+    else if (type === "checkbox") input = h("input", { id, name: key, type: "checkbox" });
+    else input = h("input", { id, name: key, type: type === "number" ? "text" : "text", inputmode: type === "number" ? "decimal" : null, autocomplete: "off" });
+    const t = Array.isArray(type) ? "select" : type;
+    if (t === "checkbox") input.checked = fieldValue(t, job[key]) === true || job[key] === undefined ? job[key] !== false : false;
+    else input.value = fieldValue(t, job[key]);
+    if (key === "name" && name) input.readOnly = true;
+    if (readOnly) input.disabled = true;
+    inputs[key] = [t, input];
+    errs[key] = h("div", { class: "err", id: id + "-err", role: "alert" });
+    input.setAttribute("aria-describedby", id + "-help " + id + "-err");
+    const w = wraps[key] = h("div", { class: "field", "data-kind": kind || "" },
+      t === "checkbox" ? h("label", { for: id }, input, " ", label) : h("label", { for: id }, label),
+      t === "checkbox" ? null : input,
+      h("div", { class: "help", id: id + "-help" }, help), errs[key]);
+    return w;
+  };
+  const basic = FIELDS.filter(f => f[4]).map(mk), adv = FIELDS.filter(f => !f[4]).map(mk);
+  const schedWrap = wraps.schedule;
+  schedWrap.append(h("div", { class: "help" }, "Next fire times:"), preview);
+  const form = h("form", { class: "editor", novalidate: true },
+    h("div", { class: "two" }, basic),
+    h("details", null, h("summary", null, "Advanced: timeouts, retries, concurrency, environment, hooks"), h("div", { class: "two" }, adv)),
+    general,
+    readOnly ? null : h("div", { class: "toolbar" }, h("button", { class: "primary", type: "submit" }, name ? "Save" : "Create job"),
+      h("a", { class: "button", href: name ? "#/job/" + encodeURIComponent(name) : "#/" }, "Cancel")));
+  const kindSel = inputs.kind[1];
+  const showKind = () => { for (const [k, w] of Object.entries(wraps)) { const kd = w.getAttribute("data-kind"); w.classList.toggle("hidden", !!kd && kd !== kindSel.value); } };
+  kindSel.addEventListener("change", showKind);
+  showKind();
+  const collect = () => {
+    const def = {};
+    for (const [key, [t, el]] of Object.entries(inputs)) {
+      const w = wraps[key];
+      if (w.classList.contains("hidden")) continue;
+      const v = readField(t, el);
+      if (t === "checkbox") { if (v === false) def[key] = false; continue; }
+      if (v !== undefined) def[key] = v;
+    }
+    if (def.kind === "command") delete def.kind;
+    return def;
+  };
+  const showErrors = (list) => {
+    for (const k of Object.keys(errs)) { errs[k].textContent = ""; wraps[k].classList.remove("invalid"); }
+    general.textContent = "";
+    let first = null;
+    for (const e of list) {
+      const key = (e.field || "").split(/[.\[]/)[0];
+      if (errs[key]) { errs[key].textContent = e.error; wraps[key].classList.add("invalid"); first = first || inputs[key][1]; }
+      else general.append(h("div", null, e.error));
+    }
+    if (first) { if (first.closest("details")) first.closest("details").open = true; first.focus(); }
+  };
+  let pt = null;
+  const doPreview = () => {
+    clearTimeout(pt);
+    pt = setTimeout(async () => {
+      const expr = inputs.schedule[1].value.trim();
+      errs.schedule.textContent = ""; wraps.schedule.classList.remove("invalid");
+      if (!expr) { preview.replaceChildren(h("li", { class: "muted" }, "manual only")); return; }
+      const p = new URLSearchParams({ expr, n: 5 });
+      const tz = inputs.timezone[1].value.trim();
+      if (tz) p.set("timezone", tz);
+      try {
+        const data = await api("GET", "/api/cron/next?" + p);
+        preview.replaceChildren(...(data.times.length ? data.times.map(t => h("li", null, t.local)) : [h("li", { class: "muted" }, "never fires")]));
+        if (data.description) preview.prepend(h("li", { class: "muted", style: "list-style:none" }, data.description));
+      } catch (e) {
+        preview.replaceChildren();
+        const key = e.field === "timezone" ? "timezone" : "schedule";
+        errs[key].textContent = e.message; wraps[key].classList.add("invalid");
+      }
+    }, 250);
+  };
+  inputs.schedule[1].addEventListener("input", doPreview);
+  inputs.timezone[1].addEventListener("input", doPreview);
+  doPreview();
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const def = collect();
+    try {
+      const saved = name ? await api("PUT", "/api/jobs/" + encodeURIComponent(name), def) : await api("POST", "/api/jobs", def);
+      toast((name ? "Saved " : "Created ") + saved.name);
+      location.hash = "#/job/" + encodeURIComponent(saved.name);
+    } catch (e) {
+      if (e.status === 401) return;
+      let list = [{ field: e.field, error: e.message }];
+      if (e.status === 400) { try { const v = await api("POST", "/api/validate", def); if (v.errors.length) list = v.errors; } catch (x) { /* keep the first */ } }
+      showErrors(list);
+    }
+  });
+  main.replaceChildren(
+    h("p", { class: "small" }, h("a", { href: name ? "#/job/" + encodeURIComponent(name) : "#/" }, "← Back")),
+    h("h1", null, name ? "Edit " + name : "New job"),
+    readOnly ? h("p", { class: "note" }, "This job is defined in the jobs file and is read-only here: edit the file (it is reloaded within 2 seconds).") : null,
+    form);
+  onChange = null;
+  if (!name) inputs.name[1].focus();
+}
+
+// -- login and routing -------------------------------------------------------------------
+function showLogin() {
+  $("#login").classList.remove("hidden");
+  $("#token").focus();
+}
+$("#login-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  try {
+    await api("POST", "/api/login", { token: $("#token").value });
+    $("#login").classList.add("hidden");
+    $("#token").value = "";
+    $("#login-error").textContent = "";
+    connectEvents();
+    route();
+  } catch (e) { $("#login-error").textContent = e.message; }
+});
+async function route() {
+  if (stream && !location.hash.startsWith("#/run/")) { stream.close(); stream = null; }
+  const parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+  onChange = null;
+  if (parts[0] === "job" && parts[1]) await jobPage(parts[1]);
+  else if (parts[0] === "run" && parts[1]) await runPage(parts[1]);
+  else if (parts[0] === "new") await editor(null);
+  else if (parts[0] === "edit" && parts[1]) await editor(parts[1]);
+  else await dashboard();
+  document.title = "minisched" + (parts[1] ? " · " + parts[1] : "");
+}
+window.addEventListener("hashchange", () => { route(); $("#main").focus({ preventScroll: true }); });
+setInterval(() => { refreshStatus(); for (const t of document.querySelectorAll("time[datetime]")) t.textContent = rel(t.getAttribute("datetime")); }, 10000);
+connectEvents();
+refreshStatus();
+route();
+</script>
+</body>
+</html>
+"""
+#: Content-Security-Policy of the page: only its own inline script (by hash) and
+#: same-origin requests; no frames.
+PAGE_CSP = "default-src 'self'; script-src 'sha256-{}'; style-src 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'".format(
+    base64.b64encode(
+        hashlib.sha256(
+            INDEX_HTML.split("<script>", 1)[1].split("</script>", 1)[0].encode()
+        ).digest()
+    ).decode()
+)
+
+
+def page():
+    """``GET /``: the page shell (open even with a token; it holds no data)."""
+    response = bottle.HTTPResponse(INDEX_HTML)
+    response.content_type = "text/html; charset=utf-8"
+    response.set_header("Content-Security-Policy", PAGE_CSP)
+    response.set_header("X-Content-Type-Options", "nosniff")
+    response.set_header("Referrer-Policy", "no-referrer")
+    response.set_header("Cache-Control", "no-cache")
+    return response
+
+
+###############################################################################
+# HTTP API ####################################################################
+###############################################################################
+
+#: Largest request body accepted.
+MAX_BODY = 1 << 20
+#: Seconds between SSE heartbeat comments.
+SSE_HEARTBEAT = 15.0
+#: Name of the page's session cookie.
+SESSION_COOKIE = "minisched_session"
+#: Failed logins allowed per client address per minute.
+LOGIN_ATTEMPTS = 10
+
+#: Every route: (method, OpenAPI path, handler name, summary, query parameters,
+#: JSON body?).  ``make_app`` registers routes from this table and
+#: ``/api/openapi.json`` describes it, so the two cannot drift apart.
+API_ROUTES = (
+    (
+        "GET",
+        "/api/health",
+        "health",
+        "Liveness of the scheduler and database",
+        (),
+        False,
+    ),
+    (
+        "GET",
+        "/api/status",
+        "status",
+        "Version, uptime, counts, jobs file state",
+        (),
+        False,
+    ),
+    (
+        "GET",
+        "/api/jobs",
+        "list_jobs",
+        "List jobs",
+        ("tag", "q", "status", "limit", "offset"),
+        False,
+    ),
+    ("POST", "/api/jobs", "create_job", "Create a job", (), True),
+    ("GET", "/api/jobs/{name}", "get_job", "A job's definition and state", (), False),
+    ("PUT", "/api/jobs/{name}", "put_job", "Replace a job's definition", (), True),
+    ("PATCH", "/api/jobs/{name}", "patch_job", "Change some fields of a job", (), True),
+    ("DELETE", "/api/jobs/{name}", "delete_job", "Delete a job", ("purge",), False),
+    ("POST", "/api/jobs/{name}/run", "run_job", "Trigger a run now", ("force",), False),
+    (
+        "POST",
+        "/api/jobs/{name}/stop",
+        "stop_job",
+        "Stop the job's active runs",
+        (),
+        False,
+    ),
+    ("POST", "/api/jobs/{name}/pause", "pause_job", "Pause the schedule", (), False),
+    ("POST", "/api/jobs/{name}/resume", "resume_job", "Resume the schedule", (), False),
+    (
+        "GET",
+        "/api/jobs/{name}/runs",
+        "job_runs",
+        "A job's runs, newest first",
+        ("limit", "before", "status", "offset"),
+        False,
+    ),
+    (
+        "GET",
+        "/api/runs",
+        "list_runs",
+        "All runs, newest first",
+        ("limit", "before", "status", "offset", "job"),
+        False,
+    ),
+    ("GET", "/api/runs/{id}", "get_run", "One run", (), False),
+    ("POST", "/api/runs/{id}/stop", "stop_run", "Stop one run", (), False),
+    (
+        "GET",
+        "/api/runs/{id}/log",
+        "run_log",
+        "A run's stored output",
+        ("format",),
+        False,
+    ),
+    (
+        "GET",
+        "/api/runs/{id}/stream",
+        "run_stream",
+        "A run's output live (SSE)",
+        (),
+        False,
+    ),
+    ("GET", "/api/events", "events", "Run and job changes (SSE)", (), False),
+    ("POST", "/api/batch", "batch", "One action on several jobs", (), True),
+    ("POST", "/api/validate", "validate", "Validate a job or jobs document", (), True),
+    (
+        "GET",
+        "/api/cron/next",
+        "cron_next",
+        "Next fire times of a schedule",
+        ("expr", "n", "timezone", "after", "anchor"),
+        False,
+    ),
+    ("GET", "/api/export", "export", "All jobs as a jobs document", ("format",), False),
+    (
+        "POST",
+        "/api/import",
+        "import_jobs",
+        "Load a jobs document",
+        ("dry_run", "format"),
+        True,
+    ),
+    ("GET", "/api/system", "system", "Host and server metrics", (), False),
+    (
+        "POST",
+        "/api/login",
+        "login",
+        "Exchange the token for a session cookie",
+        (),
+        True,
+    ),
+    ("POST", "/api/logout", "logout", "Drop the session cookie", (), False),
+    ("GET", "/api/openapi.json", "openapi", "This description", (), False),
+    ("GET", "/metrics", "metrics", "Prometheus metrics", (), False),
+)
+_OPEN_PATHS = ("/api/health", "/api/login", "/api/openapi.json")
+_STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
+#: Fields of a job shown in CSV exports, in order.
+CSV_FIELDS = ("name", *JOB_DEFAULTS)
+_CSV_TEXT_FIELDS = (
+    "command",
+    "kind",
+    "url",
+    "method",
+    "schedule",
+    "timezone",
+    "description",
+    "cwd",
+    "user",
+    "concurrency",
+    "catch_up",
+)
+
+
+def _error(status: int, message: str, field=None, headers=None) -> bottle.HTTPResponse:
+    body = json.dumps({"error": message, "field": field})
+    response = bottle.HTTPResponse(body, status, headers or {})
+    response.content_type = "application/json"
+    return response
+
+
+def _json(data, status=200) -> bottle.HTTPResponse:
+    response = bottle.HTTPResponse(json.dumps(data), status)
+    response.content_type = "application/json"
+    return response
+
+
+def _sse(event: str, data, event_id=None) -> str:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def _prom_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _host_name(host: str) -> str:
+    """``Host`` header -> bare lowercase name (no port, no brackets)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class Api:
+    """The JSON API over an :class:`Engine`.  One instance per app; handlers
+    run on the HTTP server's request threads."""
+
+    def __init__(self, engine, config, heartbeat=SSE_HEARTBEAT):
+        self.engine = engine
+        self.config = config
+        self.heartbeat = heartbeat
+        self.closing = threading.Event()
+        self._lock = threading.Lock()
+        self._streams = 0
+        self._logins = {}
+        names = {"localhost", "127.0.0.1", "::1", "localhost.localdomain"}
+        names.add(_host_name(config.host))
+        names.update(_host_name(h) for h in config.public_host)
+        self._hosts = names
+        self._networks = [
+            ipaddress.ip_network(c, strict=False) for c in config.allow_ip
+        ]
+        token = config.token or ""
+        self._session = hmac.new(
+            token.encode(), b"minisched-session", "sha256"
+        ).hexdigest()
+
+    # -- request checks (before every route) -----------------------------------
+
+    def check_request(self) -> None:
+        """Security rules of SPEC §9; raises an HTTPResponse to refuse."""
+        request = bottle.request
+        path = request.path
+        if self._networks:
+            try:
+                client = ipaddress.ip_address(request.remote_addr or "")
+            except ValueError:
+                client = None
+            if client is None or not any(client in net for net in self._networks):
+                raise _error(403, "your address is not allowed (--allow-ip)")
+        host = _host_name(request.get_header("Host", ""))
+        if host not in self._hosts and not _is_ip(host):
+            raise _error(
+                403, "unknown Host header: add the name with --public-host", "Host"
+            )
+        origin = request.get_header("Origin")
+        if request.method in _STATE_CHANGING and origin is not None:
+            expected = request.get_header("Host", "").lower()
+            netloc = origin.lower().split("://", 1)[-1].rstrip("/")
+            if origin == "null" or netloc != expected:
+                raise _error(403, "cross-origin request refused", "Origin")
+        protected = (path.startswith("/api/") or path == "/metrics") and (
+            path not in _OPEN_PATHS
+        )
+        if self.config.token and protected and not self._authorized():
+            raise _error(
+                401,
+                "missing or wrong token",
+                None,
+                {"WWW-Authenticate": 'Bearer realm="minisched"'},
+            )
+        if request.method in _STATE_CHANGING:
+            length = request.content_length
+            if length > MAX_BODY:
+                raise _error(413, f"request body larger than {MAX_BODY} bytes")
+            ctype = (request.content_type or "").split(";")[0].strip().lower()
+            allowed = ("application/json",)
+            if path == "/api/import":
+                allowed += ("text/csv",)
+            if length > 0 and ctype not in allowed:
+                raise _error(
+                    415, "request bodies must be application/json", "Content-Type"
+                )
+
+    def _authorized(self) -> bool:
+        request = bottle.request
+        header = request.get_header("Authorization", "")
+        if header.startswith("Bearer "):
+            return hmac.compare_digest(
+                header[7:].strip().encode(), self.config.token.encode()
+            )
+        cookie = request.get_cookie(SESSION_COOKIE) or ""
+        return hmac.compare_digest(cookie.encode(), self._session.encode())
+
+    # -- helpers -----------------------------------------------------------------
+
+    @staticmethod
+    def body():
+        """The request's JSON body (400 if malformed; None if empty)."""
+        raw = bottle.request.body.read(MAX_BODY + 1)
+        if len(raw) > MAX_BODY:
+            raise _error(413, f"request body larger than {MAX_BODY} bytes")
+        if not raw.strip():
+            return None
+        try:
+            return parse_json(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InvalidError("request body is not UTF-8") from None
+
+    @staticmethod
+    def int_param(name, default, low, high):
+        raw = bottle.request.query.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise InvalidError(f"{name}: must be an integer", name) from None
+        if value < low or (high is not None and value > high):
+            raise InvalidError(f"{name}: must be between {low} and {high}", name)
+        return value
+
+    @staticmethod
+    def flag(name) -> bool:
+        return bottle.request.query.get(name, "").lower() in ("1", "true", "yes")
+
+    def job_or_404(self, name):
+        job = self.engine.scheduler.get_job(name)
+        if job is None:
+            raise NotFoundError(f"no job named {name!r}", "name")
+        return job
+
+    @staticmethod
+    def run_id(value) -> int:
+        try:
+            return int(value)
+        except ValueError:
+            raise NotFoundError(f"no run with id {value!r}", "id") from None
+
+    def run_or_404(self, value) -> dict:
+        row = self.engine.store.get_run(self.run_id(value))
+        if row is None:
+            raise NotFoundError(f"no run with id {value}", "id")
+        return row
+
+    def job_json(self, job, last_runs=None, running=None, mask=False) -> dict:
+        """A job as the API shows it: definition plus state."""
+        sched = self.engine.scheduler
+        state = sched.state(job.name)
+        if last_runs is None:
+            last_runs = self.engine.store.last_runs()
+        if running is None:
+            running = collections.Counter(
+                r.job.name
+                for r in self.engine.runner.active_runs()
+                if r.status != "queued"
+            )
+        out = job.public(mask_env=mask)
+        last = last_runs.get(job.name)
+        out.update(
+            source=job.source,
+            paused=state["paused"],
+            next_run_at=iso_utc(state["next_run_at"]),
+            last_run=run_public(last) if last else None,
+            running=running.get(job.name, 0),
+            schedule_description=job.schedule_obj.describe(),
+            created_at=iso_utc(job.created_at),
+        )
+        return out
+
+    def editable(self, job) -> None:
+        if job.source == "file":
+            raise ConflictError(
+                f"job {job.name!r} is defined in the jobs file {self.config.jobs}: "
+                "edit the file instead",
+                "name",
+            )
+
+    def save(self, definition, create=False):
+        definition = validate_job(definition, self.engine.tz)
+        job = self.engine.scheduler.put_job(definition, "api", create_only=create)
+        return self.job_json(job)
+
+    # -- jobs --------------------------------------------------------------------
+
+    def health(self):
+        engine = self.engine
+        checks = {
+            "scheduler": engine.scheduler.alive(),
+            "database": engine.store.healthy and engine.store.writer_alive(),
+        }
+        ok = all(checks.values()) and not self.closing.is_set()
+        return _json(
+            {
+                "status": "ok" if ok else "unhealthy",
+                "checks": checks,
+                "version": __version__,
+            },
+            200 if ok else 503,
+        )
+
+    def status(self):
+        engine = self.engine
+        counts = engine.runner.counts()
+        jobs = engine.scheduler.jobs()
+        return {
+            "version": __version__,
+            "started_at": iso_utc(engine.started_at),
+            "uptime": round(time.time() - engine.started_at, 3),
+            "counts": {
+                "jobs": len(jobs),
+                "paused": sum(engine.scheduler.state(j.name)["paused"] for j in jobs),
+                "running": counts["running"],
+                "queued": counts["queued"],
+                "failed_24h": engine.store.count_failed(time.time() - 86400),
+            },
+            "jobs_file": engine.jobs_file.status() if engine.jobs_file else None,
+            "scheduler": {
+                "lag": round(engine.scheduler.lag, 6),
+                "last_tick": iso_utc(engine.scheduler.last_tick),
+            },
+            "streams": self._streams,
+            "system": _system_summary(engine.config.db),
+        }
+
+    def list_jobs(self):
+        query = bottle.request.query
+        tag, text, status = (
+            query.get("tag"),
+            query.get("q", "").lower(),
+            query.get("status"),
+        )
+        if status is not None and status not in (*RUN_STATUSES, "paused"):
+            raise InvalidError(
+                "status: must be one of " + ", ".join((*RUN_STATUSES, "paused")),
+                "status",
+            )
+        limit = self.int_param("limit", 1000, 1, 10000)
+        offset = self.int_param("offset", 0, 0, None)
+        last_runs = self.engine.store.last_runs()
+        running = collections.Counter(
+            r.job.name for r in self.engine.runner.active_runs() if r.status != "queued"
+        )
+        out = []
+        for job in self.engine.scheduler.jobs():
+            if tag and tag not in job.tags:
+                continue
+            if text and not any(
+                text in str(v).lower()
+                for v in (job.name, job.description, job.command or job.url)
+            ):
+                continue
+            item = self.job_json(job, last_runs, running, mask=True)
+            if status == "paused" and not item["paused"]:
+                continue
+            if status == "running" and not item["running"]:
+                continue
+            if status not in (None, "paused", "running") and (
+                not item["last_run"] or item["last_run"]["status"] != status
+            ):
+                continue
+            out.append(item)
+        return {"jobs": out[offset : offset + limit], "total": len(out)}
+
+    def create_job(self):
+        definition = self.body()
+        if not isinstance(definition, dict):
+            raise InvalidError("the body must be a job object")
+        return _json(self.save(definition, create=True), 201)
+
+    def get_job(self, name):
+        return self.job_json(self.job_or_404(name))
+
+    def put_job(self, name):
+        job = self.job_or_404(name)
+        self.editable(job)
+        definition = self.body()
+        if not isinstance(definition, dict):
+            raise InvalidError("the body must be a job object")
+        if definition.setdefault("name", name) != name:
+            raise InvalidError(
+                "name: cannot be changed (delete and create instead)", "name"
+            )
+        return self.save(definition)
+
+    def patch_job(self, name):
+        job = self.job_or_404(name)
+        self.editable(job)
+        changes = self.body()
+        if not isinstance(changes, dict):
+            raise InvalidError("the body must be an object of fields to change")
+        if changes.get("name", name) != name:
+            raise InvalidError(
+                "name: cannot be changed (delete and create instead)", "name"
+            )
+        definition = dict(job.definition)
+        for key, value in changes.items():
+            if value is None and key != "name":
+                definition.pop(key, None)  # null resets a field to its default
+            else:
+                definition[key] = value
+        return self.save(definition)
+
+    def delete_job(self, name):
+        job = self.job_or_404(name)
+        self.editable(job)
+        self.engine.scheduler.remove_job(name, purge=self.flag("purge"))
+        return {"deleted": name, "purged": self.flag("purge")}
+
+    def run_job(self, name):
+        self.job_or_404(name)
+        run = self.engine.scheduler.trigger(name, force=self.flag("force"))
+        return _json(run, 202)
+
+    def stop_job(self, name):
+        self.job_or_404(name)
+        return {"stopped": self.engine.runner.stop_job(name)}
+
+    def pause_job(self, name):
+        self.job_or_404(name)
+        self.engine.scheduler.set_paused(name, True)
+        return self.get_job(name)
+
+    def resume_job(self, name):
+        self.job_or_404(name)
+        self.engine.scheduler.set_paused(name, False)
+        return self.get_job(name)
+
+    # -- runs --------------------------------------------------------------------
+
+    def _runs(self, job=None):
+        query = bottle.request.query
+        status = query.get("status")
+        if status is not None and status not in RUN_STATUSES:
+            raise InvalidError(
+                "status: must be one of " + ", ".join(RUN_STATUSES), "status"
+            )
+        rows, total = self.engine.store.list_runs(
+            job=job,
+            status=status,
+            before=self.int_param("before", None, 1, None),
+            limit=self.int_param("limit", 50, 1, 1000),
+            offset=self.int_param("offset", 0, 0, None),
+        )
+        return {"runs": [run_public(r) for r in rows], "total": total}
+
+    def job_runs(self, name):
+        if (
+            self.engine.scheduler.get_job(name) is None
+            and not self.engine.store.list_runs(job=name, limit=1)[1]
+        ):
+            raise NotFoundError(f"no job named {name!r}", "name")
+        return self._runs(name)
+
+    def list_runs(self):
+        return self._runs(bottle.request.query.get("job") or None)
+
+    def get_run(self, id):
+        return run_public(self.run_or_404(id))
+
+    def stop_run(self, id):
+        row = self.run_or_404(id)
+        if not self.engine.runner.stop_run(row["id"]):
+            raise ConflictError(
+                f"run {row['id']} is not active (it is {row['status']})", "id"
+            )
+        return {"stopped": 1}
+
+    def run_log(self, id):
+        row = self.run_or_404(id)
+        fmt = bottle.request.query.get("format", "text")
+        if fmt not in ("text", "json"):
+            raise InvalidError("format: must be text or json", "format")
+        chunks = self.engine.store.get_chunks(row["id"])
+        if fmt == "json":
+            for chunk in chunks:
+                chunk["ts"] = iso_utc(chunk["ts"])
+            return {"chunks": chunks}
+        response = bottle.HTTPResponse("".join(c["text"] for c in chunks))
+        response.content_type = "text/plain; charset=utf-8"
+        response.set_header(
+            "Content-Disposition", f'inline; filename="run-{row["id"]}.log"'
+        )
+        return response
+
+    # -- server-sent events -------------------------------------------------------
+
+    def _open_stream(self):
+        with self._lock:
+            if self._streams >= self.config.max_streams:
+                raise _error(
+                    503,
+                    f"too many live streams (--max-streams "
+                    f"{self.config.max_streams}); try again later",
+                )
+            self._streams += 1
+        bottle.response.content_type = "text/event-stream"
+        bottle.response.set_header("Cache-Control", "no-cache")
+        bottle.response.set_header("X-Accel-Buffering", "no")
+
+    def _close_stream(self, sub):
+        sub.close()
+        with self._lock:
+            self._streams -= 1
+
+    def run_stream(self, id):
+        row = self.run_or_404(id)
+        run_id = row["id"]
+        header = (
+            bottle.request.get_header("Last-Event-ID")
+            or bottle.request.query.get("last_event_id")
+            or "0"
+        )
+        try:
+            last_seq = max(0, int(header))
+        except ValueError:
+            raise InvalidError(
+                "Last-Event-ID: must be an integer", "Last-Event-ID"
+            ) from None
+        self._open_stream()
+        bus, store = self.engine.bus, self.engine.store
+
+        def wanted(kind, data):
+            return (
+                (kind == "log" and data["run_id"] == run_id)
+                or (kind == "run" and data["id"] == run_id)
+                or kind == "shutdown"
+            )
+
+        sub = bus.subscribe(maxsize=2000, filter_fn=wanted)
+
+        def stream():
+            nonlocal sub, last_seq
+            try:
+                yield f"retry: 2000\n: stream of run {run_id}\n\n"
+                while True:
+                    # Replay what is stored (after a flush, so nothing published
+                    # before we subscribed is missing), then follow live.
+                    store.flush()
+                    for chunk in store.get_chunks(run_id, last_seq):
+                        last_seq = chunk["seq"]
+                        yield _sse(
+                            "log", dict(chunk, ts=iso_utc(chunk["ts"])), last_seq
+                        )
+                    current = store.get_run(run_id)
+                    if current is None:
+                        yield _sse("end", None)
+                        return
+                    yield _sse("status", run_public(current))
+                    if current["status"] not in ACTIVE_STATUSES:
+                        yield _sse("end", run_public(current))
+                        return
+                    while not sub.lagged:
+                        item = sub.get(self.heartbeat)
+                        if item is None:
+                            yield ": heartbeat\n\n"
+                            continue
+                        kind, data = item
+                        if kind == "shutdown":
+                            yield "retry: 5000\n" + _sse("end", {"reason": "shutdown"})
+                            return
+                        if kind == "log":
+                            if data["seq"] > last_seq:
+                                last_seq = data["seq"]
+                                chunk = {k: data[k] for k in ("seq", "stream", "text")}
+                                chunk["ts"] = iso_utc(data["ts"])
+                                yield _sse("log", chunk, last_seq)
+                            continue
+                        yield _sse("status", data)
+                        if data["status"] not in ACTIVE_STATUSES:
+                            store.flush()
+                            final = store.get_run(run_id)
+                            # Output published while we were away is stored now.
+                            for chunk in store.get_chunks(run_id, last_seq):
+                                last_seq = chunk["seq"]
+                                yield _sse(
+                                    "log",
+                                    dict(chunk, ts=iso_utc(chunk["ts"])),
+                                    last_seq,
+                                )
+                            yield _sse("end", run_public(final) if final else data)
+                            return
+                    # Lagged: resubscribe and resume from the database.
+                    sub.close()
+                    sub = bus.subscribe(maxsize=2000, filter_fn=wanted)
+            finally:
+                self._close_stream(sub)
+
+        return stream()
+
+    def events(self):
+        self._open_stream()
+        sub = self.engine.bus.subscribe(
+            maxsize=5000,
+            filter_fn=lambda kind, _data: kind in ("run", "job", "shutdown"),
+        )
+
+        def stream():
+            try:
+                yield "retry: 2000\n: minisched events\n\n"
+                while True:
+                    if sub.lagged:
+                        yield _sse(
+                            "reconnect", {"reason": "too slow; reload the state"}
+                        )
+                        return
+                    item = sub.get(self.heartbeat)
+                    if item is None:
+                        yield ": heartbeat\n\n"
+                    elif item[0] == "shutdown":
+                        yield "retry: 5000\n" + _sse("end", {"reason": "shutdown"})
+                        return
+                    else:
+                        yield _sse(*item)
+            finally:
+                self._close_stream(sub)
+
+        return stream()
+
+    # -- batch, validation, preview, import/export ----------------------------
+
+    def batch(self):
+        body = self.body()
+        actions = ("run", "stop", "pause", "resume", "delete")
+        if not isinstance(body, dict):
+            raise InvalidError('the body must be {"action": ..., "jobs": [...]}')
+        action, names = body.get("action"), body.get("jobs")
+        if action not in actions:
+            raise InvalidError("action: must be one of " + ", ".join(actions), "action")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise InvalidError("jobs: must be a list of job names", "jobs")
+        handlers = {
+            "run": self.run_job,
+            "stop": self.stop_job,
+            "pause": self.pause_job,
+            "resume": self.resume_job,
+            "delete": self.delete_job,
+        }
+        results = []
+        for name in names:
+            try:
+                out = handlers[action](name)
+            except MinischedError as exc:
+                results.append({"job": name, "ok": False, "error": exc.message})
+                continue
+            item = {"job": name, "ok": True}
+            if action == "run":
+                item["run"] = json.loads(out.body)
+            results.append(item)
+        return {"results": results}
+
+    def validate(self):
+        body = self.body()
+        try:
+            if isinstance(body, list) or (isinstance(body, dict) and "jobs" in body):
+                parse_jobs_document(body, self.engine.tz)
+            else:
+                validate_job(body, self.engine.tz)
+        except InvalidError as exc:
+            return {"valid": False, "errors": exc.errors}
+        return {"valid": True, "errors": []}
+
+    def cron_next(self):
+        query = bottle.request.query
+        expr = query.get("expr")
+        if not expr:
+            raise InvalidError(
+                "expr: required (a schedule such as */5 * * * *)", "expr"
+            )
+        tz = (
+            get_zone(query.get("timezone")) if query.get("timezone") else self.engine.tz
+        )
+        n = self.int_param("n", 5, 1, 100)
+        after = parse_iso(query["after"], tz) if query.get("after") else time.time()
+        schedule = Schedule(expr, tz)
+        anchor = parse_iso(query["anchor"], tz) if query.get("anchor") else None
+        times = next_fire_times(expr, n, tz, after, anchor)
+        return {
+            "times": [{"local": iso_local(t, tz), "utc": iso_utc(t)} for t in times],
+            "description": schedule.describe(),
+        }
+
+    def export(self):
+        fmt = bottle.request.query.get("format", "json")
+        if fmt not in ("json", "csv"):
+            raise InvalidError("format: must be json or csv", "format")
+        jobs = [
+            job.definition
+            for job in self.engine.scheduler.jobs()
+            if job.source == "api"
+        ]
+        if fmt == "json":
+            response = _json({"defaults": {}, "jobs": jobs})
+        else:
+            out = io.StringIO()
+            writer = csv.writer(out)
+            writer.writerow(CSV_FIELDS)
+            for definition in jobs:
+                writer.writerow(
+                    [
+                        _csv_cell(key, definition.get(key)) if key in definition else ""
+                        for key in CSV_FIELDS
+                    ]
+                )
+            response = bottle.HTTPResponse(out.getvalue())
+            response.content_type = "text/csv; charset=utf-8"
+        response.set_header(
+            "Content-Disposition", f'attachment; filename="minisched-jobs.{fmt}"'
+        )
+        return response
+
+    def import_jobs(self):
+        ctype = (bottle.request.content_type or "").split(";")[0].strip().lower()
+        if ctype == "text/csv" or bottle.request.query.get("format") == "csv":
+            raw = bottle.request.body.read(MAX_BODY + 1).decode("utf-8", "replace")
+            doc = {"jobs": _parse_csv_jobs(raw)}
+        else:
+            doc = self.body()
+        definitions = parse_jobs_document(doc, self.engine.tz)
+        sched = self.engine.scheduler
+        report = {
+            "created": [],
+            "updated": [],
+            "unchanged": [],
+            "dry_run": self.flag("dry_run"),
+        }
+        for definition in definitions:
+            current = sched.get_job(definition["name"])
+            if current is not None:
+                self.editable(current)
+            key = (
+                "created"
+                if current is None
+                else "unchanged"
+                if current.definition == definition
+                else "updated"
+            )
+            report[key].append(definition["name"])
+        if not report["dry_run"]:
+            for definition in definitions:
+                if definition["name"] not in report["unchanged"]:
+                    sched.put_job(definition, "api")
+        return report
+
+    # -- system, metrics, login, openapi -------------------------------------------
+
+    def system(self):
+        return _system_details(self.engine.config.db)
+
+    def metrics(self):
+        engine = self.engine
+        with engine.runner._lock:
+            stats = dict(engine.runner.stats)
+            durations = {k: list(v) for k, v in engine.runner.durations.items()}
+        counts = engine.runner.counts()
+        lines = [
+            "# HELP minisched_up 1 while the scheduler and database are healthy.",
+            "# TYPE minisched_up gauge",
+            f"minisched_up {int(engine.scheduler.alive() and engine.store.healthy)}",
+            "# HELP minisched_jobs Jobs defined.",
+            "# TYPE minisched_jobs gauge",
+            f"minisched_jobs {len(engine.scheduler.jobs())}",
+            "# HELP minisched_runs_total Runs ended since the server started.",
+            "# TYPE minisched_runs_total counter",
+        ]
+        for (job, status), count in sorted(stats.items()):
+            lines.append(
+                f'minisched_runs_total{{job="{_prom_label(job)}",'
+                f'status="{status}"}} {count}'
+            )
+        lines += [
+            "# HELP minisched_run_duration_seconds Duration of ended runs.",
+            "# TYPE minisched_run_duration_seconds summary",
+        ]
+        for job, (total, count) in sorted(durations.items()):
+            label = _prom_label(job)
+            lines.append(
+                f'minisched_run_duration_seconds_sum{{job="{label}"}} {total:.6f}'
+            )
+            lines.append(
+                f'minisched_run_duration_seconds_count{{job="{label}"}} {count}'
+            )
+        lines += [
+            "# HELP minisched_running Runs running now.",
+            "# TYPE minisched_running gauge",
+            f"minisched_running {counts['running']}",
+            "# HELP minisched_queued Runs waiting to start.",
+            "# TYPE minisched_queued gauge",
+            f"minisched_queued {counts['queued']}",
+            "# HELP minisched_scheduler_lag_seconds How late the last slots were handled.",
+            "# TYPE minisched_scheduler_lag_seconds gauge",
+            f"minisched_scheduler_lag_seconds {engine.scheduler.lag:.6f}",
+        ]
+        response = bottle.HTTPResponse("\n".join(lines) + "\n")
+        response.content_type = "text/plain; version=0.0.4; charset=utf-8"
+        return response
+
+    def login(self):
+        if not self.config.token:
+            return {"ok": True, "token_required": False}
+        client = bottle.request.remote_addr or ""
+        now = time.monotonic()
+        with self._lock:
+            recent = [t for t in self._logins.get(client, []) if now - t < 60]
+            self._logins[client] = recent
+            if len(recent) >= LOGIN_ATTEMPTS:
+                raise _error(429, "too many failed logins; wait a minute")
+        body = self.body()
+        token = body.get("token") if isinstance(body, dict) else None
+        if not isinstance(token, str) or not hmac.compare_digest(
+            token.encode(), self.config.token.encode()
+        ):
+            with self._lock:
+                self._logins[client].append(now)
+            raise _error(401, "wrong token", "token")
+        response = _json({"ok": True, "token_required": True})
+        response.set_cookie(
+            SESSION_COOKIE,
+            self._session,
+            httponly=True,
+            samesite="strict",
+            path="/",
+            max_age=30 * 86400,
+        )
+        return response
+
+    def logout(self):
+        response = _json({"ok": True})
+        response.delete_cookie(SESSION_COOKIE, path="/")
+        return response
+
+    def openapi(self):
+        return openapi_document()
+
+
+def _csv_cell(key, value) -> str:
+    if key in _CSV_TEXT_FIELDS and isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def _parse_csv_jobs(text) -> list:
+    """CSV (as ``/api/export?format=csv`` writes it) -> job objects."""
+    rows = list(csv.DictReader(io.StringIO(text)))
+    jobs = []
+    for i, row in enumerate(rows):
+        job = {}
+        for key, cell in row.items():
+            if key is None or cell in (None, ""):
+                continue
+            if key == "name" or (key in _CSV_TEXT_FIELDS and not cell.startswith("[")):
+                job[key] = cell
+                continue
+            try:
+                job[key] = json.loads(cell)
+            except ValueError:
+                raise InvalidError(
+                    f"jobs[{i}].{key}: invalid value {cell!r}", f"jobs[{i}].{key}"
+                ) from None
+        jobs.append(job)
+    return jobs
+
+
+def _system_summary(db_path) -> dict:
+    vm = psutil.virtual_memory()
+    disk = psutil.disk_usage(os.path.dirname(os.path.abspath(db_path)))
+    return {
+        "cpu_percent": psutil.cpu_percent(None),
+        "load": list(os.getloadavg()),
+        "memory_percent": vm.percent,
+        "disk_percent": disk.percent,
+    }
+
+
+def _system_details(db_path) -> dict:
+    me = psutil.Process()
+    vm = psutil.virtual_memory()
+    disk = psutil.disk_usage(os.path.dirname(os.path.abspath(db_path)))
+    try:
+        fds = me.num_fds()
+    except (AttributeError, psutil.Error):
+        fds = None
+    return {
+        "host": {
+            "cpu_count": psutil.cpu_count(),
+            "cpu_percent": psutil.cpu_percent(None),
+            "load": list(os.getloadavg()),
+            "memory": {
+                "total": vm.total,
+                "available": vm.available,
+                "percent": vm.percent,
+            },
+            "disk": {
+                "path": os.path.dirname(os.path.abspath(db_path)),
+                "total": disk.total,
+                "free": disk.free,
+                "percent": disk.percent,
+            },
+            "boot_time": iso_utc(psutil.boot_time()),
+        },
+        "server": {
+            "pid": me.pid,
+            "rss": me.memory_info().rss,
+            "threads": me.num_threads(),
+            "fds": fds,
+            "cpu_times": me.cpu_times().user + me.cpu_times().system,
+        },
+    }
+
+
+def openapi_document() -> dict:
+    """OpenAPI 3 description built from :data:`API_ROUTES`."""
+    error = {
+        "description": "error",
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
+        },
+    }
+    paths = {}
+    for method, path, name, summary, params, has_body in API_ROUTES:
+        parameters = [
+            {
+                "name": p,
+                "in": "path",
+                "required": True,
+                "schema": {"type": "integer" if p == "id" else "string"},
+            }
+            for p in re.findall(r"{(\w+)}", path)
+        ]
+        parameters += [
+            {"name": q, "in": "query", "required": False, "schema": {"type": "string"}}
+            for q in params
+        ]
+        op = {
+            "operationId": name,
+            "summary": summary,
+            "parameters": parameters,
+            "responses": {
+                "200": {"description": "ok"},
+                "400": error,
+                "401": error,
+                "403": error,
+                "404": error,
+            },
+        }
+        if has_body:
+            op["requestBody"] = {
+                "required": False,
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            }
+            op["responses"].update({"409": error, "413": error, "415": error})
+        if path.endswith("/stream") or path == "/api/events":
+            op["responses"]["200"] = {
+                "description": "event stream",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            }
+        paths.setdefault(path, {})[method.lower()] = op
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "minisched", "version": __version__},
+        "paths": paths,
+        "components": {
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error", "field"],
+                    "properties": {
+                        "error": {"type": "string"},
+                        "field": {"type": "string", "nullable": True},
+                    },
+                }
+            },
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+    }
+
+
+def make_app(engine, config=None, heartbeat=SSE_HEARTBEAT) -> bottle.Bottle:
+    """A fresh Bottle app serving the API (and the page) over ``engine``."""
+    config = config or engine.config
+    api = Api(engine, config, heartbeat)
+    app = bottle.Bottle()
+    app.config["json.enable"] = False
+    app.config["minisched.api"] = api
+    app.add_hook("before_request", api.check_request)
+
+    def wrap(fn):
+        def handler(*args, **kwargs):
+            try:
+                result = fn(*args, **kwargs)
+            except MinischedError as exc:
+                return _error(exc.status, exc.message, exc.field)
+            except bottle.HTTPResponse:
+                raise
+            except Exception as exc:
+                log.exception(
+                    "error in %s %s", bottle.request.method, bottle.request.path
+                )
+                return _error(500, f"internal error: {type(exc).__name__}")
+            if isinstance(result, (dict, list)):
+                return _json(result)
+            return result
+
+        return handler
+
+    for method, path, name, _summary, _params, _body in API_ROUTES:
+        rule = re.sub(r"{(\w+)}", r"<\1>", path)
+        app.route(rule, method, wrap(getattr(api, name)))
+
+    def json_error(err):
+        bottle.response.content_type = "application/json"
+        message = {404: "not found", 405: "method not allowed"}.get(
+            err.status_code, str(err.body or err.status_line)
+        )
+        return json.dumps({"error": message, "field": None})
+
+    app.route("/", "GET", page)
+    for code in (400, 401, 403, 404, 405, 413, 415, 500, 503):
+        app.error_handler[code] = json_error
+    return app
+
+
+###############################################################################
+# Server ######################################################################
+###############################################################################
+
+
+class _ThreadingWSGIServer(
+    socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer
+):
+    """wsgiref with a daemon thread per connection: an SSE client holds its
+    thread, never the server."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return  # the client went away: normal for SSE
+        log.exception("error serving %s", client_address[0])
+
+
+class _RequestHandler(wsgiref.simple_server.WSGIRequestHandler):
+    def address_string(self):
+        return self.client_address[0]
+
+    def log_message(self, format, *args):
+        # The request line holds no secret: tokens travel in headers only.
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+def make_server(app, host: str, port: int):
+    """A threaded wsgiref server for ``app``, bound but not yet serving."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server_class = type("Server", (_ThreadingWSGIServer,), {"address_family": family})
+    return wsgiref.simple_server.make_server(
+        host, port, app, server_class=server_class, handler_class=_RequestHandler
+    )
+
+
+class HttpServer:
+    """The API server on ``minisched-http``; ``close()`` ends SSE streams at once."""
+
+    def __init__(self, engine, config):
+        self.app = make_app(engine, config)
+        self.api = self.app.config["minisched.api"]
+        self.engine = engine
+        self.server = make_server(self.app, config.host, config.port)
+        self.port = self.server.server_port
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, name="minisched-http", daemon=True
+        )
+
+    def start(self) -> HttpServer:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self.api.closing.set()
+        self.engine.bus.publish("shutdown", None)
+        self.server.shutdown()
+        self.server.server_close()
+
+
+###############################################################################
 # Command line ################################################################
 ###############################################################################
+
+
+class ClientError(MinischedError):
+    """A client command failed; the message is for the user."""
+
+
+class Client:
+    """The client commands' side of the API (``--url``, ``--token``)."""
+
+    def __init__(self, url: str, token: str | None):
+        self.url = url.rstrip("/")
+        self.token = token
+
+    def _request(self, method, path, body=None):
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if self.token:
+            headers["Authorization"] = "Bearer " + self.token
+        return urllib.request.Request(self.url + path, data, headers, method=method)
+
+    def call(self, method, path, body=None):
+        """JSON in, JSON (or text) out; ClientError with the server's message."""
+        try:
+            with urllib.request.urlopen(
+                self._request(method, path, body), timeout=30
+            ) as r:
+                raw = r.read()
+                if r.headers.get_content_type() == "application/json":
+                    return json.loads(raw)
+                return raw.decode("utf-8", "replace")
+        except urllib.error.HTTPError as exc:
+            try:
+                message = json.loads(exc.read())["error"]
+            except (ValueError, KeyError, TypeError):
+                message = exc.reason
+            if exc.code == 401:
+                message += " (pass --token or set MINISCHED_TOKEN)"
+            raise ClientError(f"{message} (HTTP {exc.code})") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ClientError(
+                f"cannot reach minisched at {self.url} ({reason}): is "
+                "'python minisched.py serve' running there?"
+            ) from None
+
+    def follow(self, run_id: int, out=None, err=None) -> dict:
+        """Print a run's output live until it ends; returns the final run."""
+        out, err = out or sys.stdout, err or sys.stderr
+        last = 0
+        for _attempt in range(100):
+            request = self._request("GET", f"/api/runs/{run_id}/stream")
+            request.add_header("Accept", "text/event-stream")
+            if last:
+                request.add_header("Last-Event-ID", str(last))
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    event, data = None, []
+                    for raw in response:
+                        line = raw.decode("utf-8", "replace").rstrip("\n")
+                        if line.startswith("event:"):
+                            event = line[6:].strip()
+                        elif line.startswith("data:"):
+                            data.append(line[5:].strip())
+                        elif line.startswith("id:"):
+                            last = int(line[3:].strip() or 0)
+                        elif not line and event:
+                            payload = json.loads("\n".join(data))
+                            if event == "log":
+                                stream = err if payload["stream"] != "stdout" else out
+                                stream.write(payload["text"])
+                                stream.flush()
+                            elif event == "end" and payload and "status" in payload:
+                                return payload
+                            event, data = None, []
+            except urllib.error.HTTPError:
+                return self.call("GET", f"/api/runs/{run_id}")
+            except (urllib.error.URLError, OSError):
+                time.sleep(1)  # the server restarts or the network blinked
+        raise ClientError(f"lost the stream of run {run_id}")
+
+
+def _print_table(rows, columns) -> None:
+    widths = [
+        max(len(c), *(len(str(r.get(c, "") or "")) for r in rows)) for c in columns
+    ]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)))
+    for row in rows:
+        print(
+            "  ".join(
+                str(row.get(c, "") or "").ljust(w) for c, w in zip(columns, widths)
+            )
+        )
+
+
+def _cmd_client(ns) -> int:
+    client = Client(ns.url, ns.token or os.environ.get("MINISCHED_TOKEN"))
+    quote = urllib.parse.quote
+    command = ns.command
+    if command == "list":
+        result = client.call("GET", "/api/jobs")
+        if not ns.json:
+            rows = [
+                dict(
+                    j,
+                    last=(j["last_run"] or {}).get("status", "-"),
+                    next=j["next_run_at"] or "-",
+                    state="paused"
+                    if j["paused"]
+                    else ("running" if j["running"] else ""),
+                )
+                for j in result["jobs"]
+            ]
+            _print_table(rows, ("name", "schedule", "next", "last", "state"))
+            return 0
+    elif command == "show":
+        result = client.call("GET", f"/api/jobs/{quote(ns.name)}")
+    elif command == "add":
+        try:
+            with open(ns.file, encoding="utf-8") as f:
+                doc = parse_json(f.read())
+        except OSError as exc:
+            raise UsageError(f"cannot read {ns.file}: {exc}") from None
+        if isinstance(doc, dict) and "jobs" not in doc:
+            result = client.call("POST", "/api/jobs", doc)
+        else:
+            result = client.call("POST", "/api/import", doc)
+    elif command == "remove":
+        result = client.call("DELETE", f"/api/jobs/{quote(ns.name)}")
+    elif command in ("pause", "resume", "stop"):
+        result = client.call("POST", f"/api/jobs/{quote(ns.name)}/{command}")
+    elif command == "trigger":
+        path = f"/api/jobs/{quote(ns.name)}/run" + ("?force=1" if ns.force else "")
+        run = client.call("POST", path)
+        if not ns.follow:
+            result = run
+        else:
+            final = client.follow(run["id"])
+            if ns.json:
+                print(json.dumps(final))
+            else:
+                error = f": {final['error']}" if final.get("error") else ""
+                print(f"run {final['id']} {final['status']}{error}", file=sys.stderr)
+            return 0 if final["status"] == "succeeded" else 1
+    elif command == "logs":
+        if ns.follow:
+            final = client.follow(ns.run_id)
+            return 0 if final["status"] == "succeeded" else 1
+        result = client.call("GET", f"/api/runs/{ns.run_id}/log")
+        if isinstance(result, str):
+            sys.stdout.write(result)
+            return 0
+    else:  # status
+        result = client.call("GET", "/api/status")
+    print(json.dumps(result, indent=None if ns.json else 2))
+    return 0
 
 
 def _is_loopback(host: str) -> bool:
@@ -3347,6 +5497,41 @@ def _build_parser() -> argparse.ArgumentParser:
     nxt.add_argument("--timezone")
     nxt.add_argument("--after", help="ISO 8601 time (default: now)")
     nxt.add_argument("--json", action="store_true")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--url",
+        default=f"http://127.0.0.1:{DEFAULT_PORT}",
+        help="the server (default %(default)s)",
+    )
+    common.add_argument("--token", help="API token (default: $MINISCHED_TOKEN)")
+    common.add_argument("--json", action="store_true", help="print JSON")
+    for name, helptext, args in (
+        ("list", "list jobs", ()),
+        ("show", "show a job", ("name",)),
+        ("add", "create jobs from a JSON file (a job or a jobs document)", ("file",)),
+        ("remove", "delete a job", ("name",)),
+        ("trigger", "run a job now", ("name",)),
+        ("logs", "print a run's output", ("run_id",)),
+        ("pause", "pause a job's schedule", ("name",)),
+        ("resume", "resume a job's schedule", ("name",)),
+        ("stop", "stop a job's active runs", ("name",)),
+        ("status", "server status", ()),
+    ):
+        cmd = sub.add_parser(name, help=helptext, parents=[common])
+        for arg in args:
+            cmd.add_argument(arg, type=int if arg == "run_id" else str)
+        if name in ("trigger", "logs"):
+            cmd.add_argument(
+                "--follow",
+                "-f",
+                action="store_true",
+                help="stream the output until the run ends; exit 0 only "
+                "if it succeeded",
+            )
+        if name == "trigger":
+            cmd.add_argument(
+                "--force", action="store_true", help="run even if a forbid job is busy"
+            )
     return parser
 
 
@@ -3422,15 +5607,27 @@ def _cmd_serve(ns) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
+    try:
+        http = HttpServer(engine, config)
+    except OSError as exc:
+        print(
+            f"minisched: cannot listen on {config.host}:{config.port}: {exc}",
+            file=sys.stderr,
+        )
+        return 1
     engine.start()
+    http.start()
     log.info(
-        "minisched %s started: database %s, %d jobs",
+        "minisched %s listening on http://%s:%d/ (database %s, %d jobs)",
         __version__,
+        config.host if ":" not in config.host else f"[{config.host}]",
+        http.port,
         config.db,
         len(engine.scheduler.jobs()),
     )
     while not stopping.wait(3600):
         pass
+    http.close()
     engine.shutdown()
     log.info("minisched stopped")
     return 0
@@ -3449,15 +5646,17 @@ def main(argv=None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return {"serve": _cmd_serve, "validate": _cmd_validate, "next": _cmd_next}[
-            ns.command
-        ](ns)
+        handler = {"serve": _cmd_serve, "validate": _cmd_validate, "next": _cmd_next}
+        return handler.get(ns.command, _cmd_client)(ns)
     except UsageError as exc:
         print(f"minisched: {exc.message}", file=sys.stderr)
         return 2
     except InvalidError as exc:
         print(f"minisched: {exc.message}", file=sys.stderr)
         return 2
+    except ClientError as exc:
+        print(f"minisched: {exc.message}", file=sys.stderr)
+        return 1
     except MinischedError as exc:
         print(f"minisched: {exc.message}", file=sys.stderr)
         return 1
