@@ -61,6 +61,7 @@ import pwd
 import queue
 import random
 import re
+import secrets
 import selectors
 import signal
 import socket
@@ -270,6 +271,10 @@ _MACROS = {
     "@hourly": "0 * * * *",
 }
 _SINGLE_VALUE = re.compile(r"^\d+$")
+#: Times minisched accepts (``@at``, ``after``); later ones cannot be formatted.
+MIN_TIME, MAX_TIME = 0.0, 221845392000.0  # 1970 .. 9000-01-01
+#: Longest ``@every`` interval: 100 years.
+MAX_EVERY = 100 * 365 * 86400
 
 
 def parse_duration(text: str) -> float:
@@ -294,8 +299,12 @@ def iso_utc(ts: float | None) -> str | None:
     """Epoch seconds -> ``2026-11-23T09:00:00.000Z`` (None stays None)."""
     if ts is None:
         return None
-    dt = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    ms = round(ts * 1000)
+    t = time.gmtime(ms // 1000)
+    return (
+        f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:"
+        f"{t.tm_min:02d}:{t.tm_sec:02d}.{ms % 1000:03d}Z"
+    )
 
 
 def iso_local(ts: float, tz: datetime.tzinfo) -> str:
@@ -335,14 +344,21 @@ def parse_iso(text: str, tz: datetime.tzinfo) -> float:
     """ISO 8601 -> epoch seconds; a naive time is read in ``tz`` with the DST rules
     of fixed-time jobs (a time in the gap means the end of the gap, a repeated
     time its first occurrence)."""
+    clean = text.strip()
+    if clean[-1:] in ("Z", "z"):  # Python < 3.11 does not read "Z"
+        clean = clean[:-1] + "+00:00"
     try:
-        dt = datetime.datetime.fromisoformat(text.strip())
-    except ValueError:
+        dt = datetime.datetime.fromisoformat(clean)
+        if dt.tzinfo is not None:
+            value = dt.timestamp()
+        else:
+            instants = _resolve_wall(dt, tz)
+            value = instants[0] if instants[0] is not None else instants[2]
+    except (ValueError, OverflowError, OSError):
         raise InvalidError(f"invalid ISO 8601 time {text!r}") from None
-    if dt.tzinfo is not None:
-        return dt.timestamp()
-    instants = _resolve_wall(dt, tz)
-    return instants[0] if instants[0] is not None else instants[2]
+    if not MIN_TIME <= value <= MAX_TIME:
+        raise InvalidError(f"time {text!r} is out of range (years 1970 to 9000)")
+    return value
 
 
 def _resolve_wall(naive: datetime.datetime, tz) -> tuple:
@@ -405,9 +421,9 @@ class Schedule:
                 self.interval = parse_duration(text[6:])
             except InvalidError as exc:
                 raise InvalidError(exc.message, "schedule") from None
-            if self.interval < 1:
+            if not 1 <= self.interval <= MAX_EVERY:
                 raise InvalidError(
-                    "@every needs an interval of at least 1s", "schedule"
+                    "@every needs an interval between 1s and 100 years", "schedule"
                 )
         elif low.startswith("@at"):
             self.kind = "at"
@@ -650,7 +666,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD")
 #: Environment variables minisched sets itself; a job may not override them.
-RESERVED_ENV = ("MINISCHED_RUN_ID", "MINISCHED_JOB")
+RESERVED_ENV = ("MINISCHED_RUN_ID", "MINISCHED_JOB", "MINISCHED_SERVER")
 
 #: Every job field and its default (SPEC §3).  ``name`` has none.
 JOB_DEFAULTS = {
@@ -693,11 +709,9 @@ HTTP_FIELDS = ("url", "method", "headers", "body", "expect_status")
 
 
 def _is_number(value) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _check_number(value, low, high, integer=False):
@@ -910,7 +924,7 @@ def validate_job(data, server_tz: datetime.tzinfo | None = None) -> dict:
             Schedule(data["schedule"], tz)
         except InvalidError as exc:
             bad("schedule", exc.message)
-    if isinstance(name, str) and name in (data.get("after") or []):
+    if isinstance(data.get("after"), list) and name in data["after"]:
         bad("after", "a job cannot depend on itself")
     if errors:
         raise InvalidError(errors[0]["error"], errors[0]["field"], errors)
@@ -932,6 +946,8 @@ class Job:
         self.name = definition["name"]
         self.tz = get_zone(self.timezone) if self.timezone else server_tz
         self.schedule_obj = Schedule(self.schedule, self.tz)
+        self._static = None
+        self._masked_json = None
 
     def retry_delay_for(self, attempt: int) -> float:
         """Delay before attempt ``attempt`` (2 = first retry)."""
@@ -944,6 +960,23 @@ class Job:
         if mask_env and out.get("env"):
             out["env"] = {key: "***" for key in out["env"]}
         return out
+
+    def static_state(self) -> dict:
+        """The parts of the API's job state that never change for this object."""
+        if self._static is None:
+            self._static = {
+                "source": self.source,
+                "schedule_description": self.schedule_obj.describe(),
+                "created_at": iso_utc(self.created_at),
+            }
+        return self._static
+
+    def masked_json(self) -> str:
+        """``public(mask_env=True)`` as JSON without its closing brace, computed
+        once: the jobs list splices the changing state after it."""
+        if self._masked_json is None:
+            self._masked_json = json.dumps(self.public(mask_env=True))[:-1]
+        return self._masked_json
 
 
 ###############################################################################
@@ -1023,6 +1056,8 @@ RUN_COLUMNS = (
     "output_truncated",
 )
 _WRITE_BATCH = 2000
+#: Idle reader connections kept open.
+_READ_POOL = 8
 
 
 def run_public(row: dict) -> dict:
@@ -1051,7 +1086,9 @@ class Store:
 
     def __init__(self, path: str):
         self.path = path
-        self._local = threading.local()
+        self._pool = []  # idle reader connections
+        #: Marks this database's processes (``MINISCHED_SERVER``), set by open().
+        self.server_id = None
         self._queue = queue.Queue()
         self._lock = threading.Lock()
         self._next_run_id = 0
@@ -1088,6 +1125,15 @@ class Store:
                 f"PRAGMA user_version={number + 1};COMMIT;"
             )
         row = conn.execute(
+            "SELECT value FROM settings WHERE key = 'server_id'"
+        ).fetchone()
+        self.server_id = json.loads(row[0]) if row else secrets.token_hex(6)
+        if not row:
+            conn.execute(
+                "INSERT INTO settings VALUES ('server_id', ?)",
+                (json.dumps(self.server_id),),
+            )
+        row = conn.execute(
             "SELECT seq FROM sqlite_sequence WHERE name='runs'"
         ).fetchone()
         self._next_run_id = (row[0] if row else 0) + 1
@@ -1109,6 +1155,10 @@ class Store:
             except sqlite3.Error:
                 pass
             self._writer_conn.close()
+        with self._lock:
+            pool, self._pool = self._pool, []
+        for conn in pool:
+            conn.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -1122,12 +1172,6 @@ class Store:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA journal_size_limit=16777216")
         conn.execute("PRAGMA foreign_keys=OFF")
-        return conn
-
-    def _reader(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self._connect()
         return conn
 
     # -- the writer thread -------------------------------------------------
@@ -1245,6 +1289,23 @@ class Store:
 
         return self._submit(op)
 
+    def mark_started(self, rows: list):
+        """Runs that started: ``[(started_at, pid, pid_create_time, id, job)]``;
+        each also becomes its job's last run.  One operation per batch."""
+
+        def op(conn):
+            conn.executemany(
+                "UPDATE runs SET status = 'running', started_at = ?, pid = ?, "
+                "pid_create_time = ? WHERE id = ?",
+                [row[:4] for row in rows],
+            )
+            conn.executemany(
+                "UPDATE jobs SET last_run_id = ? WHERE name = ?",
+                [(row[3], row[4]) for row in rows],
+            )
+
+        return self._submit(op)
+
     def add_chunks(self, rows: list):
         """Append output chunks: ``[(run_id, seq, stream, ts, text), ...]``."""
         return self._submit(
@@ -1355,92 +1416,93 @@ class Store:
             )
         )
 
-    # -- reads (any thread, own connection) ---------------------------------
+    # -- reads (any thread, pooled connections) ------------------------------
+
+    def _query(self, sql: str, args=(), one=False):
+        """One read on a pooled connection (requests come on short-lived
+        threads, so connections are lent, not kept per thread).  Rows as dicts."""
+        with self._lock:
+            conn = self._pool.pop() if self._pool else None
+        if conn is None:
+            conn = self._connect()
+        try:
+            cursor = conn.execute(sql, args)
+            if one:
+                row = cursor.fetchone()
+                return dict(row) if row else None
+            return [dict(row) for row in cursor.fetchall()]
+        finally:
+            with self._lock:
+                keep = len(self._pool) < _READ_POOL
+                if keep:
+                    self._pool.append(conn)
+            if not keep:
+                conn.close()
 
     def load_jobs(self) -> list:
-        rows = self._reader().execute("SELECT * FROM jobs ORDER BY name").fetchall()
-        out = []
-        for row in rows:
-            item = dict(row)
+        out = self._query("SELECT * FROM jobs ORDER BY name")
+        for item in out:
             item["definition"] = json.loads(item["definition"])
             if item["file_definition"]:
                 item["file_definition"] = json.loads(item["file_definition"])
-            out.append(item)
         return out
 
     def get_run(self, run_id: int) -> dict | None:
-        row = (
-            self._reader()
-            .execute("SELECT * FROM runs WHERE id = ?", (run_id,))
-            .fetchone()
-        )
-        return dict(row) if row else None
+        return self._query("SELECT * FROM runs WHERE id = ?", (run_id,), one=True)
 
     def list_runs(self, job=None, status=None, before=None, limit=50, offset=0):
-        """Newest first, with the total count of matches."""
+        """Newest first, with the total count of matches (``before`` is a
+        cursor, not a filter: it does not change the total)."""
         where, args = [], []
-        for clause, value in (
-            ("job = ?", job),
-            ("status = ?", status),
-            ("id < ?", before),
-        ):
+        for clause, value in (("job = ?", job), ("status = ?", status)):
             if value is not None:
                 where.append(clause)
                 args.append(value)
-        sql_where = (" WHERE " + " AND ".join(where)) if where else ""
-        conn = self._reader()
-        total = conn.execute("SELECT count(*) FROM runs" + sql_where, args).fetchone()[
-            0
-        ]
-        rows = conn.execute(
-            f"SELECT * FROM runs{sql_where} ORDER BY id DESC LIMIT ? OFFSET ?",
-            args + [limit, offset],
-        ).fetchall()
-        return [dict(r) for r in rows], total
+        total = self._query(
+            "SELECT count(*) AS n FROM runs" + _where(where), args, one=True
+        )["n"]
+        if before is not None:
+            where.append("id < ?")
+            args.append(before)
+        rows = self._query(
+            f"SELECT * FROM runs{_where(where)} ORDER BY id DESC LIMIT ? OFFSET ?",
+            [*args, limit, offset],
+        )
+        return rows, total
 
     def last_runs(self) -> dict:
-        """Each job's last run (the newest started or missed one), by job name."""
-        rows = (
-            self._reader()
-            .execute("SELECT runs.* FROM jobs JOIN runs ON runs.id = jobs.last_run_id")
-            .fetchall()
+        """Each job's last run (the newest started or ended one), by job name."""
+        rows = self._query(
+            "SELECT runs.* FROM jobs JOIN runs ON runs.id = jobs.last_run_id"
         )
-        return {row["job"]: dict(row) for row in rows}
+        return {row["job"]: row for row in rows}
 
     def get_chunks(self, run_id: int, after_seq: int = 0, limit: int = 100000) -> list:
-        rows = (
-            self._reader()
-            .execute(
-                "SELECT seq, stream, ts, text FROM chunks WHERE run_id = ? AND seq > ? "
-                "ORDER BY seq LIMIT ?",
-                (run_id, after_seq, limit),
-            )
-            .fetchall()
+        return self._query(
+            "SELECT seq, stream, ts, text FROM chunks WHERE run_id = ? AND seq > ? "
+            "ORDER BY seq LIMIT ?",
+            (run_id, after_seq, limit),
         )
-        return [dict(r) for r in rows]
 
     def writer_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     def count_failed(self, since: float) -> int:
         """Runs that ended badly (failed, timed out, missed, lost) since ``since``."""
-        return (
-            self._reader()
-            .execute(
-                "SELECT count(*) FROM runs WHERE finished_at >= ? AND status IN "
-                "('failed', 'timed_out', 'missed', 'lost')",
-                (since,),
-            )
-            .fetchone()[0]
-        )
+        return self._query(
+            "SELECT count(*) AS n FROM runs WHERE status IN "
+            "('failed', 'timed_out', 'missed', 'lost') AND finished_at >= ?",
+            (since,),
+            one=True,
+        )["n"]
 
     def get_setting(self, key: str, default=None):
-        row = (
-            self._reader()
-            .execute("SELECT value FROM settings WHERE key = ?", (key,))
-            .fetchone()
-        )
-        return json.loads(row[0]) if row else default
+        row = self._query("SELECT value FROM settings WHERE key = ?", (key,), one=True)
+        return json.loads(row["value"]) if row else default
+
+
+def _where(clauses) -> str:
+    return (" WHERE " + " AND ".join(clauses)) if clauses else ""
 
 
 ###############################################################################
@@ -1478,6 +1540,13 @@ class EventBus:
     def __init__(self):
         self._lock = threading.Lock()
         self._subs = ()
+        self._listeners = ()
+
+    def listen(self, fn) -> None:
+        """Call ``fn(kind, data)`` synchronously on every publish; it must be
+        quick and never block (it runs on the publisher's thread)."""
+        with self._lock:
+            self._listeners = (*self._listeners, fn)
 
     def subscribe(self, maxsize=10000, filter_fn=None) -> Subscription:
         sub = Subscription(self, maxsize, filter_fn)
@@ -1493,6 +1562,8 @@ class EventBus:
         return len(self._subs)
 
     def publish(self, kind: str, data) -> None:
+        for fn in self._listeners:
+            fn(kind, data)
         for sub in self._subs:  # a tuple: safe to iterate without the lock
             if sub.lagged or (sub.filter is not None and not sub.filter(kind, data)):
                 continue
@@ -1508,9 +1579,11 @@ class EventBus:
 ###############################################################################
 
 
-def find_marked_pids(run_ids, exclude=()):
+def find_marked_pids(run_ids, exclude=(), server=None):
     """Pids of processes whose environment has ``MINISCHED_RUN_ID`` in ``run_ids``
-    (a set of str).  This finds descendants that left the process group with
+    (a set of str) and, when ``server`` is given, ``MINISCHED_SERVER == server``
+    (run ids restart at 1 in every database; this keeps two servers on one
+    host apart).  This finds descendants that left the process group with
     ``setsid``.  Reads ``/proc`` directly; also runs inside the guard process."""
     found = []
     try:
@@ -1525,15 +1598,17 @@ def find_marked_pids(run_ids, exclude=()):
                 env = f.read()
         except OSError:
             continue
-        start = env.find(b"MINISCHED_RUN_ID=")
-        while start != -1:
-            if start == 0 or env[start - 1] == 0:
-                end = env.find(b"\0", start)
-                value = env[start + 17 : end if end != -1 else None].decode()
-                if value in run_ids:
-                    found.append(int(name))
-                break
-            start = env.find(b"MINISCHED_RUN_ID=", start + 1)
+        if b"MINISCHED_RUN_ID=" not in env:
+            continue
+        marks = {}
+        for item in env.split(b"\0"):
+            if item.startswith((b"MINISCHED_RUN_ID=", b"MINISCHED_SERVER=")):
+                key, _, value = item.partition(b"=")
+                marks[key] = value.decode("ascii", "replace")
+        if marks.get(b"MINISCHED_RUN_ID") in run_ids and (
+            server is None or marks.get(b"MINISCHED_SERVER") == server
+        ):
+            found.append(int(name))
     return found
 
 
@@ -1556,7 +1631,7 @@ for pgid in groups.values():
         os.killpg(pgid, signal.SIGKILL)
     except OSError:
         pass
-for pid in find_marked_pids(set(groups), (os.getpid(),)):
+for pid in find_marked_pids(set(groups), (os.getpid(),), sys.argv[1] or None):
     try:
         os.kill(pid, signal.SIGKILL)
     except OSError:
@@ -1577,6 +1652,7 @@ class ProcessGuard:
     def __init__(self):
         self._lock = threading.Lock()
         self._proc = None
+        self.server = None  # this database's MINISCHED_SERVER mark
 
     def start(self) -> None:
         import inspect
@@ -1584,7 +1660,7 @@ class ProcessGuard:
         source = inspect.getsource(find_marked_pids) + _GUARD_MAIN
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", source],
+                [sys.executable, "-I", "-S", "-c", source, self.server or ""],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 start_new_session=True,
@@ -1628,9 +1704,10 @@ class ProcessGuard:
                 proc.wait()
 
 
-def signal_run(pgid: int | None, run_ids, sig: int, exclude=()) -> int:
+def signal_run(pgid: int | None, run_ids, sig: int, exclude=(), server=None) -> int:
     """Send ``sig`` to a run's process group and to every process carrying one
-    of ``run_ids`` as its marker.  Returns how many marked processes were hit."""
+    of ``run_ids`` (of ``server``) as its marker.  Returns how many marked
+    processes were hit."""
     if pgid:
         try:
             os.killpg(pgid, sig)
@@ -1638,7 +1715,7 @@ def signal_run(pgid: int | None, run_ids, sig: int, exclude=()) -> int:
             pass
     hit = 0
     for pid in find_marked_pids(
-        {str(r) for r in run_ids}, (os.getpid(),) + tuple(exclude)
+        {str(r) for r in run_ids}, (os.getpid(), *exclude), server
     ):
         try:
             os.kill(pid, sig)
@@ -1648,7 +1725,9 @@ def signal_run(pgid: int | None, run_ids, sig: int, exclude=()) -> int:
     return hit
 
 
-def kill_leftover(pid: int | None, create_time: float | None, run_id: int) -> bool:
+def kill_leftover(
+    pid: int | None, create_time: float | None, run_id: int, server=None
+) -> bool:
     """Startup repair: SIGKILL the group of a dead server's run, only if ``pid``
     is still the same process (same create time), plus processes with its marker.
     True if anything was killed."""
@@ -1664,7 +1743,25 @@ def kill_leftover(pid: int | None, create_time: float | None, run_id: int) -> bo
                 killed = True
             except OSError:
                 pass
-    return signal_run(None, [run_id], signal.SIGKILL) > 0 or killed
+    return signal_run(None, [run_id], signal.SIGKILL, (), server) > 0 or killed
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _create_time(pid: int) -> float | None:
+    """A process's start time as psutil computes it (boot time + field 22 of
+    ``/proc/PID/stat``), read directly: this is on the spawn path."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        ticks = int(data[data.rfind(b")") + 2 :].split()[19])
+        return psutil.boot_time() + ticks / _CLOCK_TICKS
+    except (OSError, ValueError, IndexError):
+        try:
+            return psutil.Process(pid).create_time()
+        except psutil.Error:
+            return None
 
 
 def _exit_description(code: int | None, sig: int | None) -> str | None:
@@ -1708,6 +1805,7 @@ class Run:
         self.output_bytes = 0
         self.output_truncated = False
         self.force = False  # a forced manual trigger ignores the job's concurrency
+        self.counted = False  # counted in the Runner's live/busy totals
         self.persisted = None  # Future of the insert; launch waits on it
         self.not_before = None
         self.kill_reason = None  # ("cancelled" | "timed_out", message)
@@ -1720,7 +1818,6 @@ class Run:
         self.head_left = job.max_output // 2
         self.tail = collections.deque()
         self.tail_bytes = 0
-        self.dropped_bytes = 0
         self.marker_seq = None
         self.exited = False
         self.rusage = None
@@ -1760,8 +1857,10 @@ class Runner:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._runs = {}  # id -> Run, every queued or running run
+        self._by_job = {}  # job name -> {id: Run}, the same runs by job
         self._waiting = []  # runs eligible to start, in order
-        self._starting = 0
+        self._live = 0  # runs starting or running
+        self._busy = collections.Counter()  # job -> its live runs (not "allow")
         self._closing = False
         self._launch_q = queue.SimpleQueue()
         self._io_q = queue.SimpleQueue()
@@ -1822,9 +1921,7 @@ class Runner:
         self.guard.close()
 
     def _active_processes(self) -> bool:
-        return any(r.status == "running" for r in self._runs.values()) or bool(
-            self._starting
-        )
+        return self._live > 0
 
     # -- submitting (scheduler and request threads) --------------------------
 
@@ -1848,7 +1945,7 @@ class Runner:
         with self._lock:
             if self._closing:
                 raise MinischedError("the server is shutting down")
-            active = [r for r in self._runs.values() if r.job.name == job.name]
+            active = list(self._by_job.get(job.name, {}).values())
             reason = None
             to_stop = []
             if active and trigger not in ("retry", "catch_up"):
@@ -1884,6 +1981,7 @@ class Runner:
                 run.force = force
                 run.not_before = not_before
                 self._runs[run.id] = run
+                self._by_job.setdefault(job.name, {})[run.id] = run
         run.persisted = self.store.insert_run(run.row(), job_update)
         if run.status == "skipped":
             self._published(run, job)
@@ -1952,32 +2050,37 @@ class Runner:
 
     def _pump(self) -> None:
         """Start every waiting run that may start now.  Caller holds the lock."""
-        if not self._waiting:
-            return
-        running = (
-            sum(1 for r in self._runs.values() if r.status == "running")
-            + self._starting
-        )
-        blocked_jobs = {
-            r.job.name
-            for r in self._runs.values()
-            if r.status == "running" and r.job.concurrency != "allow"
-        }
         keep = []
         for run in self._waiting:
-            ok = self.max_concurrent <= 0 or running < self.max_concurrent
-            if ok and not run.force and run.job.concurrency != "allow":
-                ok = run.job.name not in blocked_jobs
-            if ok:
-                run.status = "starting"
-                self._starting += 1
-                running += 1
-                if run.job.concurrency != "allow":
-                    blocked_jobs.add(run.job.name)
-                self._launch_q.put(run)
-            else:
+            name, exclusive = run.job.name, run.job.concurrency != "allow"
+            ok = self.max_concurrent <= 0 or self._live < self.max_concurrent
+            if ok and exclusive and not run.force:
+                ok = not self._busy[name]
+            if not ok:
                 keep.append(run)
+                continue
+            run.status = "starting"
+            run.counted = True
+            self._live += 1
+            if exclusive:
+                self._busy[name] += 1
+            self._launch_q.put(run)
         self._waiting = keep
+
+    def _forget(self, run) -> None:
+        """Drop a run from the active indexes.  Caller holds the lock."""
+        self._runs.pop(run.id, None)
+        runs = self._by_job.get(run.job.name)
+        if runs is not None:
+            runs.pop(run.id, None)
+            if not runs:
+                del self._by_job[run.job.name]
+        if run.counted:
+            run.counted = False
+            self._live -= 1
+            if run.job.concurrency != "allow":
+                self._busy[run.job.name] -= 1
+        self._changed.notify_all()
 
     # -- stopping (any thread) ---------------------------------------------
 
@@ -2001,17 +2104,18 @@ class Runner:
 
     def _cancel_queued(self, run, message) -> None:
         with self._lock:
-            if run.status != "queued" or self._runs.pop(run.id, None) is None:
+            if run.status != "queued" or run.id not in self._runs:
                 return
+            self._forget(run)
             if run in self._waiting:
                 self._waiting.remove(run)
             run.status = "cancelled"
-            self._changed.notify_all()
         run.error = message
         run.finished_at = self.clock()
         self.store.update_run(
             run.id,
             {"status": "cancelled", "error": message, "finished_at": run.finished_at},
+            job=run.job.name,
         )
         self._published(run, run.job)
 
@@ -2023,16 +2127,13 @@ class Runner:
 
     def active_runs(self, name: str | None = None) -> list:
         with self._lock:
-            return [
-                r for r in self._runs.values() if name is None or r.job.name == name
-            ]
+            if name is None:
+                return list(self._runs.values())
+            return list(self._by_job.get(name, {}).values())
 
     def counts(self) -> dict:
         with self._lock:
-            running = sum(
-                1 for r in self._runs.values() if r.status in ("running", "starting")
-            )
-            return {"running": running, "queued": len(self._runs) - running}
+            return {"running": self._live, "queued": len(self._runs) - self._live}
 
     def get_active(self, run_id: int):
         with self._lock:
@@ -2041,69 +2142,91 @@ class Runner:
     # -- the launcher thread ---------------------------------------------------
 
     def _launch_loop(self) -> None:
-        """``minisched-launcher``: wait for each run's insert, then spawn it."""
+        """``minisched-launcher``: spawn runs, in batches.  Every run queued at
+        once is spawned back to back (each only after its insert committed);
+        the bookkeeping follows, so a burst starts as fast as a bare loop."""
         while True:
-            item = self._launch_q.get()
-            if item is None:
-                return
-            if callable(item):
-                self.guard.start()
-                item()
-                continue
-            try:
-                self._launch(item)
-            except Exception as exc:  # never let one run kill the launcher
-                log.exception("launching run %d failed", item.id)
-                self._io_command(("failed", item, f"cannot start: {exc}"))
+            batch = [self._launch_q.get()]
+            while batch[-1] is not None and not callable(batch[-1]):
+                try:
+                    batch.append(self._launch_q.get_nowait())
+                except queue.Empty:
+                    break
+            started = []
+            for item in batch:
+                if item is None:
+                    self._after_launch(started)
+                    return
+                if callable(item):
+                    self.guard.server = self.store.server_id
+                    self.guard.start()
+                    item()
+                    continue
+                try:
+                    if self._launch(item):
+                        started.append(item)
+                except Exception as exc:
+                    log.exception("launching run %d failed", item.id)
+                    item.error = f"cannot start: {exc}"
+                    started.append(item)
+            self._after_launch(started)
 
-    def _launch(self, run) -> None:
+    def _launch(self, run) -> bool:
+        """Spawn one run (after its insert committed).  False if it must not
+        run (its slot already had a run, or it could not be recorded)."""
         try:
             inserted = run.persisted.result(timeout=120)
         except Exception as exc:  # noqa: BLE001 - reported below
             inserted = exc
         if inserted is not True:
             with self._lock:
-                self._runs.pop(run.id, None)
-                self._starting -= 1
-                self._changed.notify_all()
+                self._forget(run)
             if inserted is not False:
                 log.error("run %d not started: cannot record it: %s", run.id, inserted)
-            return
+            return False
         run.started_at = self.clock()
-        job = run.job
-        if job.kind == "http":
-            self._mark_running(run)
-            threading.Thread(
-                target=self._http_run,
-                args=(run,),
-                name="minisched-http-run",
-                daemon=True,
-            ).start()
-            return
+        if run.job.kind == "http":
+            return True
         try:
             run.proc = self._spawn(run)
         except _SpawnError as exc:
-            self._mark_running(run)
-            self._io_command(("failed", run, str(exc)))
-            return
+            run.error = str(exc)
+            return True
         run.pid = run.proc.pid
-        self.guard.register(run.id, run.pid)
-        self._mark_running(run)
-        self._io_command(("add", run))
+        run.pid_create_time = _create_time(run.pid)
+        return True
 
-    def _mark_running(self, run) -> None:
+    def _after_launch(self, runs) -> None:
+        """Record and announce a batch of started runs; hand them to the io
+        thread (or to an http thread).  Launcher thread."""
+        if not runs:
+            return
+        for run in runs:
+            if run.pid:
+                self.guard.register(run.id, run.pid)
         with self._lock:
-            run.status = "running"
-            self._starting -= 1
-        self.store.update_run(
-            run.id,
-            {"status": "running", "started_at": run.started_at, "pid": run.pid},
-            job=run.job.name,
+            for run in runs:
+                run.status = "running"
+            self._changed.notify_all()  # wakes an idle sampler to measure early
+        self.store.mark_started(
+            [(r.started_at, r.pid, r.pid_create_time, r.id, r.job.name) for r in runs]
         )
-        public = run.public()
-        self.bus.publish("run", public)
-        log.info("run %d of %s started (%s)", run.id, run.job.name, run.trigger)
-        self.on_hook("on_start", public, run.job)
+        for run in runs:
+            public = run.public()
+            self.bus.publish("run", public)
+            log.info("run %d of %s started (%s)", run.id, run.job.name, run.trigger)
+            self.on_hook("on_start", public, run.job)
+            if run.job.kind == "http" and run.error is None:
+                threading.Thread(
+                    target=self._http_run,
+                    args=(run,),
+                    name="minisched-http-run",
+                    daemon=True,
+                ).start()
+            elif run.proc is None:
+                self._io_command(("failed", run, run.error))
+            else:
+                self._io_command(("add", run))
 
     def _spawn(self, run) -> subprocess.Popen:
         """Start the job's process in its own session.  Launcher thread only."""
@@ -2111,6 +2234,7 @@ class Runner:
         env = dict(os.environ)
         env.update(job.env)
         env["MINISCHED_RUN_ID"] = str(run.id)
+        env["MINISCHED_SERVER"] = self.store.server_id or ""
         env["MINISCHED_JOB"] = job.name
         env["PYTHONUNBUFFERED"] = "1"
         argv = (
@@ -2262,11 +2386,9 @@ class Runner:
             self._poll_exit(run)  # no pidfd (macOS, old kernels): poll
         if run.job.timeout:
             self._add_timer(run.job.timeout, lambda: self._on_timeout(run))
-        try:
-            run.pid_create_time = psutil.Process(proc.pid).create_time()
-        except psutil.Error:
-            pass
-        self.store.update_run(run.id, {"pid_create_time": run.pid_create_time})
+        if run.kill_reason is not None:  # stopped while it was being spawned
+            self._system_line(run, run.kill_reason[1])
+            self._signal_escalate(run, run.job.kill_grace)
 
     def _poll_exit(self, run) -> None:
         if not run.exited and self._reap(run, os.WNOHANG):
@@ -2341,11 +2463,14 @@ class Runner:
         self._signal_escalate(run, run.job.kill_grace)
 
     def _signal_escalate(self, run, grace) -> None:
-        signal_run(run.pid, [run.id], signal.SIGTERM, (self.guard.pid or 0,))
+        server = self.store.server_id
+        signal_run(run.pid, [run.id], signal.SIGTERM, (self.guard.pid or 0,), server)
 
         def hard_kill():
             if run.finished_at is None:
-                signal_run(run.pid, [run.id], signal.SIGKILL, (self.guard.pid or 0,))
+                signal_run(
+                    run.pid, [run.id], signal.SIGKILL, (self.guard.pid or 0,), server
+                )
                 self._add_timer(1.0, force_close)
 
         def force_close():
@@ -2360,7 +2485,7 @@ class Runner:
         if run.finished_at is not None or run.kill_reason is not None:
             return
         run.kill_reason = (status, message)
-        if run.proc is None:
+        if run.proc is None:  # not spawned yet: _io_add kills it on arrival
             if run.job.kind == "http":  # the request cannot be aborted: stop waiting
                 self._finish(run)
             return
@@ -2413,24 +2538,36 @@ class Runner:
                 run.output_truncated = True
                 run.seq += 1
                 run.marker_seq = run.seq
-            self._emit(run, stream, decoder.decode(data), store=False, size=len(data))
+            self._emit(run, stream, decoder.decode(data), store=False)
 
-    def _emit(self, run, stream, text, store, size=0) -> None:
+    def _emit(self, run, stream, text, store) -> None:
+        """Number a decoded chunk, store it (head) or keep it in the bounded
+        tail, and publish it live.  Io thread."""
         if not text:
             return
         run.seq += 1
         chunk = {"seq": run.seq, "stream": stream, "ts": self.clock(), "text": text}
         if store:
+            # Queued for the writer before it is published: a stream that
+            # subscribes, flushes and replays can never miss it.
             self.store.add_chunks([(run.id, chunk["seq"], stream, chunk["ts"], text)])
-        else:
-            run.tail.append((chunk, size))
-            run.tail_bytes += size
-            limit = run.job.max_output - run.job.max_output // 2
-            while run.tail_bytes > limit and len(run.tail) > 1:
-                _old, old_size = run.tail.popleft()
-                run.tail_bytes -= old_size
-                run.dropped_bytes += old_size
         self.bus.publish("log", dict(chunk, run_id=run.id))
+        if store:
+            return
+        size = len(text.encode())
+        run.tail.append([chunk, size])
+        run.tail_bytes += size
+        limit = run.job.max_output - run.job.max_output // 2
+        while run.tail_bytes > limit:
+            first = run.tail[0]
+            excess = run.tail_bytes - limit
+            if first[1] <= excess:
+                run.tail.popleft()
+                run.tail_bytes -= first[1]
+                continue
+            kept = first[0]["text"].encode()[excess:].decode("utf-8", "ignore")
+            run.tail_bytes -= first[1] - len(kept.encode())
+            first[0]["text"], first[1] = kept, len(kept.encode())
 
     def _system_line(self, run, text) -> None:
         """A line of minisched's own (stream ``system``), always stored."""
@@ -2467,6 +2604,8 @@ class Runner:
         run.finished_at = self.clock()
         run.duration = round(run.finished_at - (run.started_at or run.finished_at), 3)
         if run.marker_seq is not None:
+            head = run.job.max_output // 2 - run.head_left
+            dropped = max(0, run.output_bytes - head - run.tail_bytes)
             rows = [
                 (
                     run.id,
@@ -2474,7 +2613,7 @@ class Runner:
                     "system",
                     run.finished_at,
                     (
-                        f"[minisched: {run.dropped_bytes} bytes of output dropped here "
+                        f"[minisched: {dropped} bytes of output dropped here "
                         f"(max_output {run.job.max_output})]\n"
                     ),
                 ),
@@ -2487,7 +2626,7 @@ class Runner:
         if run.rusage is not None:
             cpu = run.rusage.ru_utime + run.rusage.ru_stime
             run.cpu_time = round(max(run.cpu_time or 0, cpu), 3)
-            run.peak_rss = max(run.peak_rss or 0, run.rusage.ru_maxrss * 1024)
+            # Not ru_maxrss: it includes the server's own RSS from before exec.
         if run.kill_reason:
             status, run.error = run.kill_reason
         elif status is None:
@@ -2516,11 +2655,11 @@ class Runner:
             job=run.job.name,
         )
         self._count(run)
-        job = self.job_lookup(run.job.name) or run.job
+        current = self.job_lookup(run.job.name)  # None once the job is deleted
+        job = current or run.job
         with self._lock:
-            self._runs.pop(run.id, None)
+            self._forget(run)
             self._pump()
-            self._changed.notify_all()
         public = run.public()
         self.bus.publish("run", public)
         log.info(
@@ -2533,7 +2672,7 @@ class Runner:
             (": " + run.error) if run.error else "",
         )
         retry = status in ("failed", "timed_out") and run.attempt <= job.retries
-        if retry and not self._closing:
+        if retry and current is not None and not self._closing:
             delay = job.retry_delay_for(run.attempt + 1)
             try:
                 self.submit(
@@ -3339,9 +3478,29 @@ class Engine:
             JobsFile(config.jobs, self.scheduler, self.bus) if config.jobs else None
         )
         self.hooks = None
+        self._last_lock = threading.Lock()
+        self._last_runs = {}  # job -> (run id, public run, its JSON)
+        self.bus.listen(self._track_last_run)
+
+    def _track_last_run(self, kind, data) -> None:
+        """Bus listener: keep each job's last started-or-ended run in memory
+        (as ``jobs.last_run_id`` does in the database)."""
+        if kind != "run" or data["status"] in ("queued", "skipped"):
+            return
+        with self._last_lock:
+            current = self._last_runs.get(data["job"])
+            if current is None or data["id"] >= current[0]:
+                self._last_runs[data["job"]] = (data["id"], data, json.dumps(data))
+
+    def last_run(self, name):
+        """``(run id, public run, JSON)`` of a job's last run, or None."""
+        return self._last_runs.get(name)
 
     def start(self) -> Engine:
         self.store.open()
+        for name, row in self.store.last_runs().items():
+            public = run_public(row)
+            self._last_runs[name] = (row["id"], public, json.dumps(public))
         self.hooks = Hooks(self.store)
         self.runner.on_hook = self.hooks.fire
         self.scheduler.load()
@@ -3359,7 +3518,9 @@ class Engine:
         """Runs left active by a dead server become ``lost``; kill their leftovers."""
         rows = self.store.mark_lost(time.time()).result()
         for row in rows:
-            killed = kill_leftover(row["pid"], row["pid_create_time"], row["id"])
+            killed = kill_leftover(
+                row["pid"], row["pid_create_time"], row["id"], self.store.server_id
+            )
             log.warning(
                 "run %d of %s was %s when the server stopped: marked lost%s",
                 row["id"],
@@ -3403,6 +3564,7 @@ INDEX_HTML = r"""<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark">
 <title>minisched</title>
+<link rel="icon" href="data:,">
 <style>
 :root {
   --bg: #ffffff; --fg: #1b1f24; --muted: #57606a; --line: #d0d7de; --card: #f6f8fa;
@@ -3419,7 +3581,7 @@ INDEX_HTML = r"""<!doctype html>
 * { box-sizing: border-box; }
 html { -webkit-text-size-adjust: 100%; }
 body { margin: 0; background: var(--bg); color: var(--fg);
-  font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+  font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; overflow-wrap: anywhere; }
 a { color: var(--accent); }
 :focus-visible { outline: 2px solid var(--focus); outline-offset: 2px; }
 header { display: flex; flex-wrap: wrap; gap: .5rem 1.5rem; align-items: center;
@@ -3429,6 +3591,7 @@ header .brand { font-weight: 700; font-size: 1.1rem; text-decoration: none; colo
 .counts b, .sys b { color: var(--fg); }
 .sys { margin-left: auto; }
 main { padding: 1rem; max-width: 1400px; margin: 0 auto; }
+main:focus { outline: none; }
 .filestate { margin: .6rem 1rem 0; padding: .5rem .8rem; border-radius: 6px; font-size: .9rem;
   border: 1px solid var(--line); overflow-wrap: anywhere; }
 .filestate.error { border-color: var(--bad); color: var(--bad); }
@@ -3461,7 +3624,7 @@ td { overflow-wrap: anywhere; }
 @keyframes pulse { 50% { opacity: .25; } }
 @media (prefers-reduced-motion: reduce) { .dot { animation: none; } }
 .actions { display: flex; flex-wrap: wrap; gap: .3rem; }
-.actions button { padding: .2rem .5rem; font-size: .85rem; }
+.actions button, .actions .button { padding: .2rem .5rem; font-size: .85rem; }
 h1 { font-size: 1.35rem; margin: .2rem 0 .6rem; overflow-wrap: anywhere; }
 h2 { font-size: 1.05rem; margin: 1.4rem 0 .5rem; }
 .grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(16rem, 1fr)); gap: 1rem; }
@@ -3547,6 +3710,12 @@ function h(tag, attrs, ...kids) {
   }
   return el;
 }
+function fill(el, ...kids) {
+  // Like replaceChildren, but skips null/false (replaceChildren would print "null").
+  el.replaceChildren();
+  for (const kid of kids.flat(Infinity)) if (kid !== null && kid !== undefined && kid !== false) el.append(kid);
+  return el;
+}
 function svg(tag, attrs, ...kids) {
   const el = document.createElementNS("http://www.w3.org/2000/svg", tag);
   for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, String(v));
@@ -3615,12 +3784,12 @@ async function refreshStatus() {
   let st;
   try { st = await api("GET", "/api/status"); } catch (e) { return; }
   const c = st.counts;
-  $("#counts").replaceChildren(
+  fill($("#counts"), 
     h("span", null, h("b", null, c.jobs), " jobs"),
     h("span", null, h("b", null, c.running), " running"),
     h("span", { class: c.failed_24h ? "s-failed" : "" }, h("b", null, c.failed_24h), " failed in 24 h"));
   const s = st.system;
-  $("#sys").replaceChildren(
+  fill($("#sys"), 
     h("span", null, "CPU ", h("b", null, Math.round(s.cpu_percent) + "%")),
     h("span", null, "mem ", h("b", null, Math.round(s.memory_percent) + "%")),
     h("span", null, "disk ", h("b", null, Math.round(s.disk_percent) + "%")),
@@ -3663,7 +3832,7 @@ async function dashboard() {
   const table = h("table", { class: "cards jobs" },
     h("thead", null, h("tr", null, ["Job", "Schedule", "Next run", "Last run", "", "Actions"].map(t => h("th", { scope: "col" }, t)))),
     body);
-  main.replaceChildren(h("h1", null, "Jobs"),
+  fill(main, h("h1", null, "Jobs"),
     h("div", { class: "toolbar" }, search, tagSel, statusSel,
       h("a", { class: "button primary", href: "#/new" }, "New job")),
     table);
@@ -3675,7 +3844,7 @@ async function dashboard() {
         .some(v => String(v || "").toLowerCase().includes(q)))
       && (!filters.status || (filters.status === "running" ? j.running > 0
         : filters.status === "paused" ? j.paused : j.last_run && j.last_run.status === filters.status)));
-    body.replaceChildren(...rows.map(jobRow));
+    fill(body, ...rows.map(jobRow));
     if (!rows.length) body.append(h("tr", null, h("td", { colspan: 6, class: "muted" },
       all.length ? "No job matches the filters." : "No jobs yet. Create one with “New job”.")));
   };
@@ -3685,7 +3854,7 @@ async function dashboard() {
     all = data.jobs;
     const tags = [...new Set(all.flatMap(j => j.tags || []))].sort();
     const keep = filters.tag;
-    tagSel.replaceChildren(h("option", { value: "" }, "All tags"), ...tags.map(t => h("option", { value: t }, t)));
+    fill(tagSel, h("option", { value: "" }, "All tags"), ...tags.map(t => h("option", { value: t }, t)));
     tagSel.value = keep;
     draw();
   };
@@ -3737,7 +3906,7 @@ function jobRow(j) {
       : j.enabled === false ? h("span", { class: "muted" }, "disabled") : when(j.next_run_at),
       j.next_run_at && !j.paused ? h("div", { class: "muted small" }, abs(j.next_run_at)) : null),
     h("td", { "data-label": "Last run" }, lastRunCell(j.last_run)),
-    h("td", { "data-label": "State" }, j.running ? h("span", { class: "s-running" }, h("span", { class: "dot", "aria-hidden": "true" }), "running") : ""),
+    h("td", { "data-label": j.running ? "State" : null }, j.running ? h("span", { class: "s-running" }, h("span", { class: "dot", "aria-hidden": "true" }), "running") : ""),
     h("td", { "data-label": "Actions" }, jobActions(j)));
 }
 
@@ -3746,7 +3915,7 @@ async function jobPage(name) {
   const main = $("#main");
   let j;
   try { j = await api("GET", "/api/jobs/" + encodeURIComponent(name)); }
-  catch (e) { main.replaceChildren(h("h1", null, "Job"), h("p", { class: "error-box" }, e.message)); return; }
+  catch (e) { fill(main, h("h1", null, "Job"), h("p", { class: "error-box" }, e.message)); return; }
   const runsBox = h("div"), chartBox = h("div"), nextBox = h("ol", { class: "preview" });
   const cursors = [];
   let before = null;
@@ -3766,28 +3935,28 @@ async function jobPage(name) {
         h("td", { "data-label": "CPU" }, r.cpu_time === null ? "—" : r.cpu_time.toFixed(2) + " s"),
         h("td", { "data-label": "Peak memory" }, bytes(r.peak_rss))))));
     const last = data.runs.length ? data.runs[data.runs.length - 1].id : null;
-    runsBox.replaceChildren(
+    fill(runsBox, 
       data.runs.length ? table : h("p", { class: "muted" }, "No runs yet."),
       h("div", { class: "toolbar" },
         h("button", { type: "button", disabled: !cursors.length, onclick: () => { before = cursors.pop(); loadRuns(); } }, "Newer"),
         h("span", { class: "muted small" }, data.total + " runs in history"),
         h("button", { type: "button", disabled: !last || data.runs.length < 20,
           onclick: () => { cursors.push(before); before = last; loadRuns(); } }, "Older")));
-    if (!before) chartBox.replaceChildren(durationChart(data.runs.slice().reverse()));
+    if (!before) fill(chartBox, durationChart(data.runs.slice().reverse()));
   };
   const loadNext = async () => {
-    if (!j.schedule || j.paused || j.enabled === false) { nextBox.replaceChildren(h("li", { class: "muted" }, j.paused ? "paused" : "no scheduled runs")); return; }
+    if (!j.schedule || j.paused || j.enabled === false) { fill(nextBox, h("li", { class: "muted" }, j.paused ? "paused" : "no scheduled runs")); return; }
     const p = new URLSearchParams({ expr: j.schedule, n: 5 });
     if (j.timezone) p.set("timezone", j.timezone);
     if (j.schedule.trim().toLowerCase().startsWith("@every")) p.set("anchor", j.created_at);
     try {
       const data = await api("GET", "/api/cron/next?" + p);
-      nextBox.replaceChildren(...data.times.map(t => h("li", null, t.local, h("span", { class: "muted" }, "  (" + rel(t.utc) + ")"))));
-      if (!data.times.length) nextBox.replaceChildren(h("li", { class: "muted" }, "none"));
-    } catch (e) { nextBox.replaceChildren(h("li", { class: "error-box" }, e.message)); }
+      fill(nextBox, ...data.times.map(t => h("li", null, t.local, h("span", { class: "muted" }, "  (" + rel(t.utc) + ")"))));
+      if (!data.times.length) fill(nextBox, h("li", { class: "muted" }, "none"));
+    } catch (e) { fill(nextBox, h("li", { class: "error-box" }, e.message)); }
   };
   const reload = async () => { try { j = await api("GET", "/api/jobs/" + encodeURIComponent(name)); } catch (e) { return; } draw(); loadRuns(); };
-  const draw = () => main.replaceChildren(
+  const draw = () => fill(main, 
     h("p", { class: "small" }, h("a", { href: "#/" }, "← Jobs")),
     h("h1", null, j.name, " ", j.paused ? h("span", { class: "badge s-skipped" }, "paused") : null,
       j.running ? h("span", { class: "s-running small" }, " ", h("span", { class: "dot", "aria-hidden": "true" }), j.running + " running") : null),
@@ -3830,7 +3999,7 @@ async function runPage(id) {
   const main = $("#main");
   let run;
   try { run = await api("GET", "/api/runs/" + id); }
-  catch (e) { main.replaceChildren(h("h1", null, "Run"), h("p", { class: "error-box" }, e.message)); return; }
+  catch (e) { fill(main, h("h1", null, "Run"), h("p", { class: "error-box" }, e.message)); return; }
   const head = h("div"), log = h("pre", { class: "log", id: "log", tabindex: "0", "aria-label": "Run output" });
   const conn = h("span", { class: "muted small", role: "status" });
   const jump = h("button", { type: "button", class: "hidden", onclick: () => { follow = true; log.scrollTop = log.scrollHeight; jump.classList.add("hidden"); } }, "↓ New output");
@@ -3839,7 +4008,7 @@ async function runPage(id) {
     follow = log.scrollHeight - log.scrollTop - log.clientHeight < 30;
     if (follow) jump.classList.add("hidden");
   });
-  const drawHead = () => head.replaceChildren(
+  const drawHead = () => fill(head, 
     h("p", { class: "small" }, h("a", { href: "#/job/" + encodeURIComponent(run.job) }, "← " + run.job)),
     h("h1", null, "Run #" + run.id + " of " + run.job + " ", badge(run.status)),
     h("p", { class: "muted" }, run.trigger + ", attempt " + run.attempt,
@@ -3855,7 +4024,7 @@ async function runPage(id) {
       h("span", { class: "legend" }, h("span", null, "stdout"), h("span", { class: "stderr" }, "stderr"), h("span", { class: "system" }, "minisched")),
       conn, jump));
   drawHead();
-  main.replaceChildren(head, log);
+  fill(main, head, log);
   const append = (c) => {
     if (c.seq <= lastSeq) return;   // after a reconnect: never twice
     lastSeq = c.seq;
@@ -3942,7 +4111,7 @@ async function editor(name) {
   let job = { kind: "command", enabled: true };
   if (name) {
     try { job = await api("GET", "/api/jobs/" + encodeURIComponent(name)); }
-    catch (e) { main.replaceChildren(h("h1", null, "Edit"), h("p", { class: "error-box" }, e.message)); return; }
+    catch (e) { fill(main, h("h1", null, "Edit"), h("p", { class: "error-box" }, e.message)); return; }
   }
   const readOnly = job.source === "file";
   const inputs = {}, errs = {}, wraps = {};
@@ -4011,16 +4180,16 @@ async function editor(name) {
     pt = setTimeout(async () => {
       const expr = inputs.schedule[1].value.trim();
       errs.schedule.textContent = ""; wraps.schedule.classList.remove("invalid");
-      if (!expr) { preview.replaceChildren(h("li", { class: "muted" }, "manual only")); return; }
+      if (!expr) { fill(preview, h("li", { class: "muted" }, "manual only")); return; }
       const p = new URLSearchParams({ expr, n: 5 });
       const tz = inputs.timezone[1].value.trim();
       if (tz) p.set("timezone", tz);
       try {
         const data = await api("GET", "/api/cron/next?" + p);
-        preview.replaceChildren(...(data.times.length ? data.times.map(t => h("li", null, t.local)) : [h("li", { class: "muted" }, "never fires")]));
+        fill(preview, ...(data.times.length ? data.times.map(t => h("li", null, t.local)) : [h("li", { class: "muted" }, "never fires")]));
         if (data.description) preview.prepend(h("li", { class: "muted", style: "list-style:none" }, data.description));
       } catch (e) {
-        preview.replaceChildren();
+        fill(preview, );
         const key = e.field === "timezone" ? "timezone" : "schedule";
         errs[key].textContent = e.message; wraps[key].classList.add("invalid");
       }
@@ -4043,7 +4212,7 @@ async function editor(name) {
       showErrors(list);
     }
   });
-  main.replaceChildren(
+  fill(main, 
     h("p", { class: "small" }, h("a", { href: name ? "#/job/" + encodeURIComponent(name) : "#/" }, "← Back")),
     h("h1", null, name ? "Edit " + name : "New job"),
     readOnly ? h("p", { class: "note" }, "This job is defined in the jobs file and is read-only here: edit the file (it is reloaded within 2 seconds).") : null,
@@ -4234,7 +4403,7 @@ API_ROUTES = (
     ("GET", "/api/openapi.json", "openapi", "This description", (), False),
     ("GET", "/metrics", "metrics", "Prometheus metrics", (), False),
 )
-_OPEN_PATHS = ("/api/health", "/api/login", "/api/openapi.json")
+_OPEN_PATHS = ("/api/health", "/api/login")
 _STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
 #: Fields of a job shown in CSV exports, in order.
 CSV_FIELDS = ("name", *JOB_DEFAULTS)
@@ -4271,6 +4440,19 @@ def _sse(event: str, data, event_id=None) -> str:
     return f"{head}event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
+#: Largest id or count accepted in a URL (SQLite's integer range).
+MAX_INT = 2**63 - 1
+
+
+def _parse_int(text: str):
+    """ASCII digits (optionally signed) -> int, else None."""
+    text = text.strip()
+    body = text[1:] if text[:1] in "+-" else text
+    if not body.isascii() or not body.isdigit() or len(body) > 30:
+        return None
+    return int(text)
+
+
 def _prom_label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -4283,12 +4465,21 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
+def _allowed_hosts(config) -> set:
+    """Names the ``Host`` header may carry: loopback names, the bound address
+    (every local address when bound to a wildcard) and ``--public-host``."""
+    names = {"localhost", "localhost.localdomain", "127.0.0.1", "::1"}
+    bound = _host_name(config.host)
+    names.add(bound)
+    if bound in ("0.0.0.0", "::", ""):
+        for addresses in psutil.net_if_addrs().values():
+            names.update(
+                a.address.split("%")[0].lower()
+                for a in addresses
+                if a.family in (socket.AF_INET, socket.AF_INET6)
+            )
+    names.update(_host_name(h) for h in config.public_host)
+    return names
 
 
 class Api:
@@ -4303,10 +4494,7 @@ class Api:
         self._lock = threading.Lock()
         self._streams = 0
         self._logins = {}
-        names = {"localhost", "127.0.0.1", "::1", "localhost.localdomain"}
-        names.add(_host_name(config.host))
-        names.update(_host_name(h) for h in config.public_host)
-        self._hosts = names
+        self._hosts = _allowed_hosts(config)
         self._networks = [
             ipaddress.ip_network(c, strict=False) for c in config.allow_ip
         ]
@@ -4329,7 +4517,7 @@ class Api:
             if client is None or not any(client in net for net in self._networks):
                 raise _error(403, "your address is not allowed (--allow-ip)")
         host = _host_name(request.get_header("Host", ""))
-        if host not in self._hosts and not _is_ip(host):
+        if host not in self._hosts:
             raise _error(
                 403, "unknown Host header: add the name with --public-host", "Host"
             )
@@ -4357,7 +4545,8 @@ class Api:
             allowed = ("application/json",)
             if path == "/api/import":
                 allowed += ("text/csv",)
-            if length > 0 and ctype not in allowed:
+            chunked = "chunked" in request.get_header("Transfer-Encoding", "").lower()
+            if (length > 0 or chunked) and ctype not in allowed:
                 raise _error(
                     415, "request bodies must be application/json", "Content-Type"
                 )
@@ -4392,11 +4581,11 @@ class Api:
         raw = bottle.request.query.get(name)
         if raw is None or raw == "":
             return default
-        try:
-            value = int(raw)
-        except ValueError:
-            raise InvalidError(f"{name}: must be an integer", name) from None
-        if value < low or (high is not None and value > high):
+        value = _parse_int(raw)
+        high = MAX_INT if high is None else high
+        if value is None:
+            raise InvalidError(f"{name}: must be an integer", name)
+        if not low <= value <= high:
             raise InvalidError(f"{name}: must be between {low} and {high}", name)
         return value
 
@@ -4412,10 +4601,10 @@ class Api:
 
     @staticmethod
     def run_id(value) -> int:
-        try:
-            return int(value)
-        except ValueError:
-            raise NotFoundError(f"no run with id {value!r}", "id") from None
+        run_id = _parse_int(value)
+        if run_id is None or not 0 < run_id <= MAX_INT:
+            raise NotFoundError(f"no run with id {value!r}", "id")
+        return run_id
 
     def run_or_404(self, value) -> dict:
         row = self.engine.store.get_run(self.run_id(value))
@@ -4423,29 +4612,28 @@ class Api:
             raise NotFoundError(f"no run with id {value}", "id")
         return row
 
-    def job_json(self, job, last_runs=None, running=None, mask=False) -> dict:
-        """A job as the API shows it: definition plus state."""
-        sched = self.engine.scheduler
-        state = sched.state(job.name)
-        if last_runs is None:
-            last_runs = self.engine.store.last_runs()
-        if running is None:
-            running = collections.Counter(
-                r.job.name
-                for r in self.engine.runner.active_runs()
-                if r.status != "queued"
-            )
-        out = job.public(mask_env=mask)
-        last = last_runs.get(job.name)
+    def _running(self) -> collections.Counter:
+        return collections.Counter(
+            r.job.name for r in self.engine.runner.active_runs() if r.status != "queued"
+        )
+
+    def _state(self, job, running) -> dict:
+        """A job's changing state, without ``last_run``."""
+        state = self.engine.scheduler.state(job.name)
+        out = dict(job.static_state())
         out.update(
-            source=job.source,
             paused=state["paused"],
             next_run_at=iso_utc(state["next_run_at"]),
-            last_run=run_public(last) if last else None,
             running=running.get(job.name, 0),
-            schedule_description=job.schedule_obj.describe(),
-            created_at=iso_utc(job.created_at),
         )
+        return out
+
+    def job_json(self, job, mask=False) -> dict:
+        """A job as the API shows it: definition plus state."""
+        out = job.public(mask_env=mask)
+        out.update(self._state(job, self._running()))
+        last = self.engine.last_run(job.name)
+        out["last_run"] = last[1] if last else None
         return out
 
     def editable(self, job) -> None:
@@ -4517,11 +4705,10 @@ class Api:
             )
         limit = self.int_param("limit", 1000, 1, 10000)
         offset = self.int_param("offset", 0, 0, None)
-        last_runs = self.engine.store.last_runs()
-        running = collections.Counter(
-            r.job.name for r in self.engine.runner.active_runs() if r.status != "queued"
-        )
-        out = []
+        running = self._running()
+        items = []
+        # Built as text: each job's definition JSON is cached on the Job, so a
+        # long list costs little more than its changing state.
         for job in self.engine.scheduler.jobs():
             if tag and tag not in job.tags:
                 continue
@@ -4530,17 +4717,24 @@ class Api:
                 for v in (job.name, job.description, job.command or job.url)
             ):
                 continue
-            item = self.job_json(job, last_runs, running, mask=True)
-            if status == "paused" and not item["paused"]:
+            state = self._state(job, running)
+            last = self.engine.last_run(job.name)
+            if status == "paused" and not state["paused"]:
                 continue
-            if status == "running" and not item["running"]:
+            if status == "running" and not state["running"]:
                 continue
             if status not in (None, "paused", "running") and (
-                not item["last_run"] or item["last_run"]["status"] != status
+                not last or last[1]["status"] != status
             ):
                 continue
-            out.append(item)
-        return {"jobs": out[offset : offset + limit], "total": len(out)}
+            items.append(
+                f"{job.masked_json()}, {json.dumps(state)[1:-1]}, "
+                f'"last_run": {last[2] if last else "null"}}}'
+            )
+        page = ",".join(items[offset : offset + limit])
+        response = bottle.HTTPResponse(f'{{"jobs": [{page}], "total": {len(items)}}}')
+        response.content_type = "application/json"
+        return response
 
     def create_job(self):
         definition = self.body()
@@ -4590,6 +4784,7 @@ class Api:
     def run_job(self, name):
         self.job_or_404(name)
         run = self.engine.scheduler.trigger(name, force=self.flag("force"))
+        self.engine.store.flush()  # so GET /api/runs/{id} finds it at once
         return _json(run, 202)
 
     def stop_job(self, name):
@@ -4692,7 +4887,9 @@ class Api:
             or "0"
         )
         try:
-            last_seq = max(0, int(header))
+            last_seq = _parse_int(header)
+            if last_seq is None or not 0 <= last_seq <= MAX_INT:
+                raise ValueError(header)
         except ValueError:
             raise InvalidError(
                 "Last-Event-ID: must be an integer", "Last-Event-ID"
@@ -4851,10 +5048,19 @@ class Api:
             get_zone(query.get("timezone")) if query.get("timezone") else self.engine.tz
         )
         n = self.int_param("n", 5, 1, 100)
-        after = parse_iso(query["after"], tz) if query.get("after") else time.time()
+        after, anchor = time.time(), None
+        for name in ("after", "anchor"):
+            if query.get(name):
+                try:
+                    value = parse_iso(query[name], tz)
+                except InvalidError as exc:
+                    raise InvalidError(f"{name}: {exc.message}", name) from None
+                after, anchor = (value, anchor) if name == "after" else (after, value)
         schedule = Schedule(expr, tz)
-        anchor = parse_iso(query["anchor"], tz) if query.get("anchor") else None
-        times = next_fire_times(expr, n, tz, after, anchor)
+        try:
+            times = next_fire_times(expr, n, tz, after, anchor)
+        except (OverflowError, ValueError):
+            raise InvalidError("after: too far in the future", "after") from None
         return {
             "times": [{"local": iso_local(t, tz), "utc": iso_utc(t)} for t in times],
             "description": schedule.describe(),
@@ -5014,21 +5220,31 @@ class Api:
 
 
 def _csv_cell(key, value) -> str:
-    if key in _CSV_TEXT_FIELDS and isinstance(value, str):
+    if (key == "name" or key in _CSV_TEXT_FIELDS) and isinstance(value, str):
         return value
     return json.dumps(value)
 
 
 def _parse_csv_jobs(text) -> list:
     """CSV (as ``/api/export?format=csv`` writes it) -> job objects."""
-    rows = list(csv.DictReader(io.StringIO(text)))
+    csv.field_size_limit(MAX_BODY)
+    try:
+        rows = list(csv.DictReader(io.StringIO(text)))
+    except csv.Error as exc:
+        raise InvalidError(f"invalid CSV: {exc}") from None
     jobs = []
     for i, row in enumerate(rows):
         job = {}
         for key, cell in row.items():
             if key is None or cell in (None, ""):
                 continue
-            if key == "name" or (key in _CSV_TEXT_FIELDS and not cell.startswith("[")):
+            if key == "command" and cell.startswith("["):
+                try:  # an argv list; else a shell command such as "[ -d x ] && ..."
+                    job[key] = json.loads(cell)
+                    continue
+                except ValueError:
+                    pass
+            if key == "name" or key in _CSV_TEXT_FIELDS:
                 job[key] = cell
                 continue
             try:
@@ -5214,6 +5430,7 @@ class _ThreadingWSGIServer(
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # the default 5 drops bursts (pages reconnecting)
 
     def handle_error(self, request, client_address):
         if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):

@@ -4,32 +4,48 @@ Run with ``python -m pytest -q test_minisched.py``.  Live tests bind port 0 and
 wait on conditions with deadlines; the scheduler is driven by a fake clock.
 """
 
+import collections
 import contextlib
 import datetime
+import http.client
 import http.server
+import io
 import json
+import logging
+import math
 import os
+import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+import wsgiref.util
 import zoneinfo
 
 import psutil
 import pytest
+from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import strategies as st
 
 import minisched
 from minisched import (
+    API_ROUTES,
+    MAX_BODY,
     Config,
     ConflictError,
     Engine,
     EventBus,
+    HttpServer,
     InvalidError,
     Runner,
     Scheduler,
     Store,
+    make_app,
+    make_server,
     next_fire_times,
     validate_job,
 )
@@ -787,12 +803,13 @@ def test_timeout_kills_the_whole_tree_including_setsid(harness):
         kill_grace=1,
     )
     run = h.sched.trigger("tree")
-    wait_for(lambda: minisched.find_marked_pids({str(run["id"])}))
+    mine = {"run_ids": {str(run["id"])}, "server": h.store.server_id}
+    wait_for(lambda: minisched.find_marked_pids(**mine))
     h.wait_idle()
     row = h.store.get_run(run["id"])
     assert row["status"] == "timed_out"
     assert "timeout" in row["error"]
-    assert minisched.find_marked_pids({str(run["id"])}) == []
+    assert minisched.find_marked_pids(**mine) == []
     log = "".join(c["text"] for c in h.store.get_chunks(run["id"]))
     assert "killed after timeout of 0.5s" in log
 
@@ -1014,7 +1031,12 @@ def test_serve_killed_with_sigkill_then_restarted(tmp_path, kill_guard_too):
             lambda: read_runs(tmp_path) and read_runs(tmp_path)[0]["status"] == "lost"
         )
         wait_for(lambda: all(gone(p) for p in pids), 10)
-        assert minisched.find_marked_pids({str(run["id"])}) == []
+        server_id = json.loads(
+            sqlite3.connect(str(tmp_path / "m.db"))
+            .execute("SELECT value FROM settings WHERE key = 'server_id'")
+            .fetchone()[0]
+        )
+        assert minisched.find_marked_pids({str(run["id"])}, server=server_id) == []
         server.send_signal(signal.SIGTERM)
         assert server.wait(10) == 0
     finally:
@@ -1094,3 +1116,1999 @@ def test_engine_start_repairs_and_reboot_runs(tmp_path):
         wait_for(lambda: engine.store.list_runs(job="r", status="succeeded")[1] == 1)
     finally:
         engine.shutdown(2)
+
+
+# -- API in-process through WSGI -----------------------------------------------
+
+_NO_BODY = object()
+
+
+class WsgiResponse:
+    def __init__(self, status_line, headers, body):
+        self.status = int(status_line.split()[0])
+        self.headers = headers
+        self.body = body
+
+    def header(self, name):
+        values = self.header_list(name)
+        return values[0] if values else None
+
+    def header_list(self, name):
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+    @property
+    def text(self):
+        return self.body.decode("utf-8")
+
+    def json(self):
+        assert (self.header("Content-Type") or "").startswith("application/json")
+        return json.loads(self.body)
+
+    def error(self, status, field=None):
+        """Assert this is the JSON error ``status`` naming ``field``; return it."""
+        assert self.status == status, (self.status, self.body[:500])
+        data = self.json()
+        assert set(data) == {"error", "field"}, data
+        assert isinstance(data["error"], str) and data["error"]
+        assert data["field"] == field, data
+        return data
+
+
+class RunWaiting:
+    """Waiting on runs through the API (``find_run`` is None until it is there)."""
+
+    def wait_run(self, run_id, timeout=15):
+        """The run once it has ended."""
+
+        def ended():
+            run = self.find_run(run_id)
+            return (
+                run if run and run["status"] not in minisched.ACTIVE_STATUSES else None
+            )
+
+        return wait_for(ended, timeout)
+
+    def wait_running(self, run_id):
+        wait_for(lambda: (self.find_run(run_id) or {}).get("status") == "running")
+
+    def wait_visible(self, run_id):
+        return wait_for(lambda: self.find_run(run_id))
+
+
+class WsgiClient(RunWaiting):
+    """Calls a bottle app in-process, as wsgiref would, from 127.0.0.1 with
+    ``Host: 127.0.0.1:8100``."""
+
+    def __init__(self, app, engine=None, **default_headers):
+        self.app = app
+        self.engine = engine
+        self.default_headers = default_headers
+
+    @property
+    def api(self):
+        return self.app.config["minisched.api"]
+
+    def __call__(
+        self, method, path, body=_NO_BODY, data=None, headers=None, remote="127.0.0.1"
+    ):
+        environ = {}
+        wsgiref.util.setup_testing_defaults(environ)
+        path, _, query = path.partition("?")
+        if body is not _NO_BODY:
+            data = json.dumps(body).encode()
+        environ.update(
+            REQUEST_METHOD=method,
+            PATH_INFO=urllib.parse.unquote(path).encode().decode("latin-1"),
+            QUERY_STRING=query,
+            HTTP_HOST="127.0.0.1:8100",
+            REMOTE_ADDR=remote,
+            CONTENT_LENGTH="0",
+        )
+        environ.pop("CONTENT_TYPE", None)
+        wanted = {}
+        if data is not None:
+            wanted["Content-Type"] = "application/json"
+            wanted["Content-Length"] = str(len(data))
+        wanted.update(self.default_headers)
+        wanted.update(headers or {})
+        for name, value in wanted.items():
+            key = name.upper().replace("-", "_")
+            if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                key = "HTTP_" + key
+            if value is None:
+                environ.pop(key, None)
+            else:
+                environ[key] = value
+        environ["wsgi.input"] = io.BytesIO(data or b"")
+        started = {}
+
+        def start_response(status, response_headers, exc_info=None):
+            started.update(status=status, headers=response_headers)
+
+        result = self.app(environ, start_response)
+        try:
+            body = b"".join(
+                part.encode() if isinstance(part, str) else part for part in result
+            )
+        finally:
+            if hasattr(result, "close"):
+                result.close()
+        return WsgiResponse(started["status"], started["headers"], body)
+
+    def get(self, path, **kwargs):
+        return self("GET", path, **kwargs)
+
+    def post(self, path, body=_NO_BODY, **kwargs):
+        return self("POST", path, body, **kwargs)
+
+    def put(self, path, body=_NO_BODY, **kwargs):
+        return self("PUT", path, body, **kwargs)
+
+    def patch(self, path, body=_NO_BODY, **kwargs):
+        return self("PATCH", path, body, **kwargs)
+
+    def delete(self, path, **kwargs):
+        return self("DELETE", path, **kwargs)
+
+    def ok(self, method, path, body=_NO_BODY, status=200, **kwargs):
+        """The JSON answer of a request that must succeed with ``status``."""
+        response = self(method, path, body, **kwargs)
+        assert response.status == status, (response.status, response.body[:500])
+        return response.json()
+
+    def find_run(self, run_id):
+        response = self.get(f"/api/runs/{run_id}")
+        return response.json() if response.status == 200 else None
+
+
+@pytest.fixture
+def engines(tmp_path):
+    """Factory of started engines on fresh databases; all shut down afterwards."""
+    made = []
+
+    def make(**settings):
+        settings.setdefault("db", str(tmp_path / f"engine{len(made)}.db"))
+        settings.setdefault("timezone", "UTC")
+        engine = Engine(Config(**settings)).start()
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        with contextlib.suppress(Exception):
+            engine.shutdown(2)
+
+
+@pytest.fixture
+def api(engines):
+    engine = engines()
+    return WsgiClient(make_app(engine), engine)
+
+
+def names_of(listing):
+    return [job["name"] for job in listing["jobs"]]
+
+
+def test_api_job_crud_with_put_and_patch(api):
+    created = api.ok(
+        "POST",
+        "/api/jobs",
+        {
+            "name": "crud",
+            "command": "echo hi",
+            "schedule": "@hourly",
+            "tags": ["t1"],
+            "description": "The FIRST job",
+            "timeout": 5,
+        },
+        status=201,
+    )
+    assert created["name"] == "crud" and created["command"] == "echo hi"
+    assert created["source"] == "api" and created["paused"] is False
+    assert created["running"] == 0 and created["last_run"] is None
+    assert created["next_run_at"].endswith("Z")
+    api.post("/api/jobs", {"name": "crud", "command": "true"}).error(409, "name")
+    api.ok("POST", "/api/jobs", {"name": "other", "command": "true"}, status=201)
+
+    listing = api.ok("GET", "/api/jobs")
+    assert names_of(listing) == ["crud", "other"] and listing["total"] == 2
+    assert names_of(api.ok("GET", "/api/jobs?tag=t1")) == ["crud"]
+    assert names_of(api.ok("GET", "/api/jobs?q=first")) == ["crud"]
+    assert names_of(api.ok("GET", "/api/jobs?q=echo")) == ["crud"]
+    page = api.ok("GET", "/api/jobs?limit=1&offset=1")
+    assert names_of(page) == ["other"] and page["total"] == 2
+    api.get("/api/jobs?status=bogus").error(400, "status")
+    api.get("/api/jobs?limit=x").error(400, "limit")
+    api.get("/api/jobs?offset=-1").error(400, "offset")
+
+    got = api.ok("GET", "/api/jobs/crud")
+    assert got["timeout"] == 5 and got["tags"] == ["t1"]
+    assert got["schedule_description"]
+
+    # PUT replaces the whole definition.
+    replaced = api.ok("PUT", "/api/jobs/crud", {"command": "echo replaced"})
+    assert replaced["command"] == "echo replaced"
+    assert "timeout" not in replaced and replaced["next_run_at"] is None
+    api.put("/api/jobs/crud", {"name": "x", "command": "true"}).error(400, "name")
+    api.put("/api/jobs/crud", {"command": "true", "timeout": "x"}).error(400, "timeout")
+    api.put("/api/jobs/crud", [1]).error(400)
+
+    # PATCH changes some fields; null resets one to its default.
+    patched = api.ok("PATCH", "/api/jobs/crud", {"timeout": 7, "description": "d"})
+    assert patched["timeout"] == 7 and patched["command"] == "echo replaced"
+    reset = api.ok("PATCH", "/api/jobs/crud", {"timeout": None})
+    assert reset.get("timeout", 0) == 0 and reset["description"] == "d"
+    assert api.engine.scheduler.get_job("crud").timeout == 0
+    api.patch("/api/jobs/crud", {"name": "other"}).error(400, "name")
+    api.patch("/api/jobs/crud", {"retries": -1}).error(400, "retries")
+    api.patch("/api/jobs/crud", {"bogus_field": 1}).error(400, "bogus_field")
+    api.patch("/api/jobs/crud", "text").error(400)
+
+    assert api.ok("DELETE", "/api/jobs/crud") == {"deleted": "crud", "purged": False}
+    api.get("/api/jobs/crud").error(404, "name")
+    api.delete("/api/jobs/crud").error(404, "name")
+    assert names_of(api.ok("GET", "/api/jobs")) == ["other"]
+
+
+def test_api_every_invalid_field_is_a_400_naming_it(api):
+    for field, value in INVALID_FIELDS:
+        if isinstance(value, float) and math.isnan(value):
+            continue  # NaN is not JSON: see test_api_malformed_bodies
+        response = api.post(
+            "/api/jobs", {"name": "job1", "command": "true", field: value}
+        )
+        data = response.error(400, field)
+        assert data["error"].startswith(field + ":"), data
+    assert api.ok("GET", "/api/jobs")["total"] == 0
+
+
+def test_api_malformed_bodies_are_400(api):
+    api.post("/api/jobs", data=b'{"name": "x",').error(400)
+    assert "invalid JSON" in api.post("/api/jobs", data=b"{bad").json()["error"]
+    api.post(
+        "/api/jobs", data=b'{"name": "n", "command": "true", "timeout": NaN}'
+    ).error(400)
+    api.post(
+        "/api/jobs", data=b'{"name": "n", "command": "true", "timeout": 1e999}'
+    ).error(400, "timeout")
+    api.post("/api/jobs", data=b"").error(400)
+    api.post("/api/jobs", data=b"   ").error(400)
+    api.post("/api/jobs", [{"name": "n", "command": "true"}]).error(400)
+    api.post("/api/jobs", data=b'{"name": "caf\xc3", "command": "true"}').error(400)
+    api.post("/api/jobs", data=b"[" * 100000 + b"]" * 100000).error(400)
+    api.post("/api/jobs", data=b"1" * 5000).error(400)
+    assert api.ok("GET", "/api/jobs")["total"] == 0
+
+
+def fill_path(path, name="ghost", run_id="999999"):
+    return path.replace("{name}", name).replace("{id}", str(run_id))
+
+
+def test_api_unknown_jobs_runs_paths_and_methods(api):
+    for method, path, *_rest in API_ROUTES:
+        if "{name}" in path:
+            body = {"command": "true"} if method in ("PUT", "PATCH") else _NO_BODY
+            api(method, fill_path(path), body).error(404, "name")
+        if "{id}" in path:
+            for run_id in ("999999", "abc"):
+                api(method, fill_path(path, run_id=run_id)).error(404, "id")
+    for path in ("/api/nope", "/api/jobs/a/b/c", "/api/runs/1/nope"):
+        api.get(path).error(404)
+    methods = collections.defaultdict(set)
+    for method, path, *_rest in API_ROUTES:
+        methods[path].add(method)
+    for path, allowed in methods.items():
+        for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+            if method not in allowed:
+                api(method, fill_path(path, "x", 1)).error(405)
+
+
+def test_api_trigger_stop_pause_resume(api, tmp_path):
+    cmd = blocking_command(tmp_path)
+    api.ok("POST", "/api/jobs", {"name": "busy", "command": cmd, "kill_grace": 1}, 201)
+    run = api.ok("POST", "/api/jobs/busy/run", status=202)
+    assert run["job"] == "busy" and run["trigger"] == "manual"
+    assert run["status"] in ("queued", "running") and isinstance(run["id"], int)
+    api.wait_running(run["id"])
+    assert api.ok("GET", "/api/jobs/busy")["running"] == 1
+    assert names_of(api.ok("GET", "/api/jobs?status=running")) == ["busy"]
+    assert "force=1" in api.post("/api/jobs/busy/run").error(409)["error"]
+    forced = api.ok("POST", "/api/jobs/busy/run?force=1", status=202)
+    wait_for(lambda: api.ok("GET", "/api/jobs/busy")["running"] == 2)
+    assert api.ok("POST", "/api/jobs/busy/stop") == {"stopped": 2}
+    for run_id in (run["id"], forced["id"]):
+        assert api.wait_run(run_id)["status"] == "cancelled"
+    api.post(f"/api/runs/{run['id']}/stop").error(409, "id")
+    third = api.ok("POST", "/api/jobs/busy/run", status=202)
+    api.wait_running(third["id"])
+    assert api.ok("POST", f"/api/runs/{third['id']}/stop") == {"stopped": 1}
+    assert api.wait_run(third["id"])["status"] == "cancelled"
+    assert api.ok("POST", "/api/jobs/busy/stop") == {"stopped": 0}
+
+    api.ok(
+        "POST",
+        "/api/jobs",
+        {"name": "sched", "command": "true", "schedule": "@hourly"},
+        201,
+    )
+    paused = api.ok("POST", "/api/jobs/sched/pause")
+    assert paused["paused"] is True and paused["next_run_at"] is None
+    assert names_of(api.ok("GET", "/api/jobs?status=paused")) == ["sched"]
+    resumed = api.ok("POST", "/api/jobs/sched/resume")
+    assert resumed["paused"] is False and resumed["next_run_at"].endswith("Z")
+    assert api.ok("GET", "/api/jobs?status=paused")["total"] == 0
+
+
+ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def slow_disk(monkeypatch, engine, delay=0.05):
+    """Every database commit takes ``delay`` longer, as on a slow SD card."""
+    commit = engine.store._commit
+
+    def slow_commit(conn, batch):
+        time.sleep(delay)
+        commit(conn, batch)
+
+    monkeypatch.setattr(engine.store, "_commit", slow_commit)
+
+
+def test_api_a_triggered_run_is_visible_at_once(api, monkeypatch):
+    # The 202 answer names a run: reading it at once must not be a 404.
+    job = {"name": "quick", "command": "sleep 5", "concurrency": "allow"}
+    api.ok("POST", "/api/jobs", job, status=201)
+    slow_disk(monkeypatch, api.engine)
+    for _ in range(3):
+        run = api.ok("POST", "/api/jobs/quick/run", status=202)
+        assert api.ok("GET", f"/api/runs/{run['id']}")["job"] == "quick"
+        assert api.get(f"/api/runs/{run['id']}/log").status == 200
+        assert api.ok("POST", f"/api/runs/{run['id']}/stop") == {"stopped": 1}
+        assert api.wait_run(run["id"])["status"] == "cancelled"
+
+
+def test_api_runs_filters_pagination_and_totals(api):
+    api.ok("POST", "/api/jobs", {"name": "seq", "command": "echo run"}, status=201)
+    api.ok("POST", "/api/jobs", {"name": "bad", "command": "exit 3"}, status=201)
+    ids = []
+    for _ in range(5):
+        ids.append(api.ok("POST", "/api/jobs/seq/run", status=202)["id"])
+        api.wait_run(ids[-1])
+    failed = api.wait_run(api.ok("POST", "/api/jobs/bad/run", status=202)["id"])
+    assert failed["status"] == "failed" and failed["exit_code"] == 3
+
+    runs = api.ok("GET", "/api/jobs/seq/runs")
+    assert [r["id"] for r in runs["runs"]] == ids[::-1] and runs["total"] == 5
+    page = api.ok("GET", "/api/jobs/seq/runs?limit=2")
+    assert [r["id"] for r in page["runs"]] == ids[:2:-1] and page["total"] == 5
+    older = api.ok("GET", f"/api/jobs/seq/runs?limit=2&before={ids[3]}")
+    assert [r["id"] for r in older["runs"]] == [ids[2], ids[1]]
+    assert older["total"] == 5  # before= is a cursor: total counts every match
+    oldest = api.ok("GET", f"/api/jobs/seq/runs?limit=2&before={ids[1]}")
+    assert [r["id"] for r in oldest["runs"]] == [ids[0]]
+    assert api.ok("GET", "/api/jobs/seq/runs?status=failed") == {"runs": [], "total": 0}
+
+    everything = api.ok("GET", "/api/runs")
+    assert everything["total"] == 6 and everything["runs"][0]["id"] == failed["id"]
+    assert [r["id"] for r in api.ok("GET", "/api/runs?status=failed")["runs"]] == [
+        failed["id"]
+    ]
+    by_job = api.ok("GET", "/api/runs?job=seq&status=succeeded&limit=1")
+    assert by_job["total"] == 5 and by_job["runs"][0]["id"] == ids[-1]
+    assert api.ok("GET", "/api/runs?offset=5")["runs"][0]["id"] == ids[0]
+    api.get("/api/runs?status=nope").error(400, "status")
+    api.get("/api/runs?before=abc").error(400, "before")
+    api.get("/api/runs?limit=0").error(400, "limit")
+    api.get("/api/runs?limit=5000").error(400, "limit")
+    api.get("/api/jobs/seq/runs?limit=x").error(400, "limit")
+    api.get("/api/jobs/ghost/runs").error(404, "name")
+    assert names_of(api.ok("GET", "/api/jobs?status=failed")) == ["bad"]
+    assert names_of(api.ok("GET", "/api/jobs?status=succeeded")) == ["seq"]
+
+    # Deleting keeps the history unless ?purge=1.
+    api.ok("DELETE", "/api/jobs/seq")
+    assert api.ok("GET", "/api/jobs/seq/runs")["total"] == 5
+    assert api.ok("DELETE", "/api/jobs/bad?purge=1")["purged"] is True
+    assert api.ok("GET", "/api/runs?job=bad")["total"] == 0
+
+
+def parse_sse(text):
+    """``[(event, id, data)]`` of a whole SSE body."""
+    events = []
+    for block in text.split("\n\n"):
+        fields = {"event": None, "id": None, "data": []}
+        for line in block.split("\n"):
+            if not line or line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "data":
+                fields["data"].append(value)
+            elif name in ("event", "id"):
+                fields[name] = value
+        if fields["event"] or fields["data"]:
+            data = json.loads("\n".join(fields["data"])) if fields["data"] else None
+            events.append((fields["event"], fields["id"], data))
+    return events
+
+
+def test_api_run_log_and_replayed_stream(api):
+    command = "echo out1; sleep 0.1; echo err1 >&2; sleep 0.1; echo out2"
+    api.ok("POST", "/api/jobs", {"name": "talk", "command": command}, status=201)
+    run = api.wait_run(api.ok("POST", "/api/jobs/talk/run", status=202)["id"])
+    assert run["status"] == "succeeded" and run["exit_code"] == 0
+    assert run["job"] == "talk" and run["attempt"] == 1 and run["trigger"] == "manual"
+    for key in ("scheduled_at", "started_at", "finished_at"):
+        assert ISO_MS.match(run[key]), run[key]
+    assert run["duration"] >= 0.2 and run["output_bytes"] == 15
+    assert run["output_truncated"] is False and run["signal"] is None
+    assert api.ok("GET", f"/api/runs/{run['id']}") == run
+
+    log = api.get(f"/api/runs/{run['id']}/log")
+    assert log.status == 200
+    assert log.header("Content-Type").startswith("text/plain")
+    assert log.text == "out1\nerr1\nout2\n"
+    chunks = api.ok("GET", f"/api/runs/{run['id']}/log?format=json")["chunks"]
+    assert [(c["stream"], c["text"]) for c in chunks] == [
+        ("stdout", "out1\n"),
+        ("stderr", "err1\n"),
+        ("stdout", "out2\n"),
+    ]
+    assert all(set(c) == {"seq", "stream", "ts", "text"} for c in chunks)
+    assert [c["seq"] for c in chunks] == sorted({c["seq"] for c in chunks})
+    assert all(ISO_MS.match(c["ts"]) for c in chunks)
+    api.get(f"/api/runs/{run['id']}/log?format=xml").error(400, "format")
+
+    stream = api.get(f"/api/runs/{run['id']}/stream")
+    assert stream.status == 200
+    assert stream.header("Content-Type").startswith("text/event-stream")
+    events = parse_sse(stream.text)
+    assert [e[0] for e in events] == ["log", "log", "log", "status", "end"]
+    assert [int(e[1]) for e in events[:3]] == [c["seq"] for c in chunks]
+    assert events[-1][2] == run
+    resumed = parse_sse(
+        api.get(
+            f"/api/runs/{run['id']}/stream",
+            headers={"Last-Event-ID": str(chunks[0]["seq"])},
+        ).text
+    )
+    assert [e[2]["text"] for e in resumed if e[0] == "log"] == ["err1\n", "out2\n"]
+    api.get(f"/api/runs/{run['id']}/stream", headers={"Last-Event-ID": "x"}).error(
+        400, "Last-Event-ID"
+    )
+
+
+def test_api_batch(api):
+    for name in ("a1", "a2"):
+        api.ok("POST", "/api/jobs", {"name": name, "command": "true"}, status=201)
+    out = api.ok("POST", "/api/batch", {"action": "pause", "jobs": ["a1", "a2", "zz"]})
+    assert [(r["job"], r["ok"]) for r in out["results"]] == [
+        ("a1", True),
+        ("a2", True),
+        ("zz", False),
+    ]
+    assert "zz" in out["results"][2]["error"]
+    assert api.ok("GET", "/api/jobs?status=paused")["total"] == 2
+    out = api.ok("POST", "/api/batch", {"action": "resume", "jobs": ["a1", "a2"]})
+    assert all(r["ok"] for r in out["results"])
+    assert api.ok("GET", "/api/jobs?status=paused")["total"] == 0
+    out = api.ok("POST", "/api/batch", {"action": "run", "jobs": ["a1"]})
+    run = out["results"][0]["run"]
+    assert run["job"] == "a1" and api.wait_run(run["id"])["status"] == "succeeded"
+    out = api.ok("POST", "/api/batch", {"action": "stop", "jobs": ["a1"]})
+    assert out["results"] == [{"job": "a1", "ok": True}]
+    out = api.ok("POST", "/api/batch", {"action": "delete", "jobs": ["a2"]})
+    assert out["results"] == [{"job": "a2", "ok": True}]
+    assert names_of(api.ok("GET", "/api/jobs")) == ["a1"]
+    assert api.ok("POST", "/api/batch", {"action": "run", "jobs": []}) == {
+        "results": []
+    }
+    api.post("/api/batch", {"action": "explode", "jobs": ["a1"]}).error(400, "action")
+    api.post("/api/batch", {"action": "run", "jobs": "a1"}).error(400, "jobs")
+    api.post("/api/batch", {"action": "run", "jobs": [1]}).error(400, "jobs")
+    api.post("/api/batch", ["run"]).error(400)
+
+
+def test_api_validate_a_job_or_a_document(api):
+    good = {"name": "v", "command": "true", "schedule": "@daily"}
+    assert api.ok("POST", "/api/validate", good) == {"valid": True, "errors": []}
+    api.get("/api/jobs/v").error(404, "name")  # nothing was saved
+    out = api.ok("POST", "/api/validate", dict(good, timeout=-1, retries="x"))
+    assert out["valid"] is False
+    assert [e["field"] for e in out["errors"]][:1] == ["timeout"]
+    assert all(set(e) == {"field", "error"} for e in out["errors"])
+    doc = {"jobs": [good, {"name": "w", "command": "true", "schedule": "nope"}]}
+    out = api.ok("POST", "/api/validate", doc)
+    assert out["valid"] is False and out["errors"][0]["field"] == "jobs[1].schedule"
+    assert api.ok("POST", "/api/validate", [good])["valid"] is True
+    assert api.ok("POST", "/api/validate", {"defaults": {}, "jobs": [good]})["valid"]
+    assert api.ok("POST", "/api/validate", 42)["valid"] is False
+    api.post("/api/validate", data=b"{nope").error(400)
+    assert api.ok("GET", "/api/jobs")["total"] == 0
+
+
+def cron_next_path(**params):
+    return "/api/cron/next?" + urllib.parse.urlencode(params)
+
+
+def test_api_cron_next(api):
+    out = api.ok(
+        "GET",
+        cron_next_path(
+            expr="*/15 * * * *", n=3, timezone="UTC", after="2026-01-01T00:00:00Z"
+        ),
+    )
+    assert out["times"] == [
+        {"local": f"2026-01-01T00:{m}:00+00:00", "utc": f"2026-01-01T00:{m}:00.000Z"}
+        for m in ("15", "30", "45")
+    ]
+    assert isinstance(out["description"], str) and out["description"]
+    # The same code as the scheduler and ``next``: DST rules included.
+    out = api.ok(
+        "GET",
+        cron_next_path(
+            expr="30 2 * * *",
+            n=2,
+            timezone="America/New_York",
+            after="2026-03-07T12:00:00Z",
+        ),
+    )
+    assert [t["utc"] for t in out["times"]] == [
+        "2026-03-08T07:00:00.000Z",
+        "2026-03-09T06:30:00.000Z",
+    ]
+    assert len(api.ok("GET", cron_next_path(expr="@hourly"))["times"]) == 5
+    api.get("/api/cron/next").error(400, "expr")
+    api.get(cron_next_path(expr="61 * * * *")).error(400, "schedule")
+    api.get(cron_next_path(expr="@hourly", n=0)).error(400, "n")
+    api.get(cron_next_path(expr="@hourly", n="x")).error(400, "n")
+    api.get(cron_next_path(expr="@hourly", timezone="Mars/Base")).error(400, "timezone")
+    api.get(cron_next_path(expr="@hourly", after="soon")).error(400, "after")
+
+
+EXPORTED_JOBS = [
+    {
+        "name": "e1",
+        "command": "echo $SECRET",
+        "schedule": "@daily",
+        "env": {"SECRET": "s3cret value"},
+        "tags": ["a", "b,c"],
+        "timeout": 5,
+        "retries": 2,
+        "on_failure": [{"command": "true"}],
+    },
+    {"name": "e2", "command": ["echo", "a,b", 'say "hi"'], "description": 'x, "y"'},
+    {"name": "e4", "command": "[ -d /tmp ] && echo yes", "description": "[draft]"},
+    {
+        "name": "e3",
+        "kind": "http",
+        "url": "http://127.0.0.1:9/x",
+        "expect_status": [200],
+        "body": {"a": 1},
+        "enabled": False,
+    },
+]
+
+
+EXPORTED_NAMES = sorted(job["name"] for job in EXPORTED_JOBS)
+
+
+def by_name(jobs):
+    return {job["name"]: job for job in jobs}
+
+
+def test_api_export_and_import_json_and_csv(engines):
+    source = WsgiClient(make_app(engines()))
+    for job in EXPORTED_JOBS:
+        source.ok("POST", "/api/jobs", job, status=201)
+    exported = source.get("/api/export")
+    assert exported.status == 200
+    assert "attachment" in exported.header("Content-Disposition")
+    doc = exported.json()
+    assert by_name(doc["jobs"]) == by_name(EXPORTED_JOBS)  # env values whole
+    csv_export = source.get("/api/export?format=csv")
+    assert csv_export.status == 200
+    assert csv_export.header("Content-Type").startswith("text/csv")
+    assert csv_export.text.splitlines()[0].startswith("name,command,")
+    source.get("/api/export?format=xml").error(400, "format")
+
+    target = WsgiClient(make_app(engines()))
+    report = target.ok("POST", "/api/import?dry_run=1", doc)
+    assert sorted(report["created"]) == EXPORTED_NAMES and report["dry_run"]
+    assert target.ok("GET", "/api/jobs")["total"] == 0
+    report = target.ok("POST", "/api/import", doc)
+    assert sorted(report["created"]) == EXPORTED_NAMES
+    assert report["dry_run"] is False
+    assert by_name(target.ok("GET", "/api/export")["jobs"]) == by_name(EXPORTED_JOBS)
+    report = target.ok("POST", "/api/import", doc)
+    assert sorted(report["unchanged"]) == EXPORTED_NAMES
+    changed = {"jobs": [dict(EXPORTED_JOBS[1], description="new")]}
+    assert target.ok("POST", "/api/import", changed)["updated"] == ["e2"]
+    bad = {"jobs": [{"name": "ok", "command": "true"}, {"name": "x", "timeout": 1}]}
+    target.post("/api/import", bad).error(400, "jobs[1].command")
+    target.get("/api/jobs/ok").error(404, "name")
+
+    from_csv = WsgiClient(make_app(engines()))
+    csv_body = csv_export.body
+    report = from_csv.ok(
+        "POST",
+        "/api/import?dry_run=1",
+        data=csv_body,
+        headers={"Content-Type": "text/csv"},
+    )
+    assert sorted(report["created"]) == EXPORTED_NAMES
+    assert from_csv.ok("GET", "/api/jobs")["total"] == 0
+    report = from_csv.ok(
+        "POST", "/api/import", data=csv_body, headers={"Content-Type": "text/csv"}
+    )
+    assert sorted(report["created"]) == EXPORTED_NAMES
+    assert by_name(from_csv.ok("GET", "/api/export")["jobs"]) == by_name(EXPORTED_JOBS)
+
+
+def test_api_env_values_are_masked_in_the_list_only(api):
+    api.ok(
+        "POST",
+        "/api/jobs",
+        {"name": "envy", "command": "true", "env": {"API_KEY": "hunter2"}},
+        status=201,
+    )
+    listing = api.get("/api/jobs")
+    assert listing.json()["jobs"][0]["env"] == {"API_KEY": "***"}
+    assert b"hunter2" not in listing.body
+    assert api.ok("GET", "/api/jobs/envy")["env"] == {"API_KEY": "hunter2"}
+    assert api.ok("GET", "/api/export")["jobs"][0]["env"] == {"API_KEY": "hunter2"}
+    assert b"hunter2" in api.get("/api/export?format=csv").body
+
+
+def write_jobs_file(path, jobs):
+    path.write_text(json.dumps({"defaults": {"timezone": "UTC"}, "jobs": jobs}))
+    return str(path)
+
+
+def test_api_health_status_system(engines, tmp_path, monkeypatch):
+    path = write_jobs_file(
+        tmp_path / "jobs.json", [{"name": "f", "command": "true", "schedule": "@daily"}]
+    )
+    engine = engines(jobs=path)
+    api = WsgiClient(make_app(engine), engine)
+    health = api.ok("GET", "/api/health")
+    assert health["status"] == "ok" and all(health["checks"].values())
+    status = api.ok("GET", "/api/status")
+    assert status["version"] == minisched.__version__
+    assert status["uptime"] >= 0 and ISO_MS.match(status["started_at"])
+    assert status["counts"]["jobs"] == 1 and status["counts"]["running"] == 0
+    assert status["jobs_file"]["path"] == path
+    assert status["jobs_file"]["error"] is None
+    assert ISO_MS.match(status["jobs_file"]["loaded_at"])
+    assert isinstance(status["scheduler"]["lag"], (int, float))
+    assert {"cpu_percent", "memory_percent", "disk_percent"} <= set(status["system"])
+
+    write_jobs_file(
+        tmp_path / "jobs.json", [{"name": "f", "command": "true", "schedule": "soon"}]
+    )
+    assert not engine.jobs_file.load()
+    error = api.ok("GET", "/api/status")["jobs_file"]["error"]
+    assert "jobs[0].schedule: " in error
+    assert api.ok("GET", "/api/jobs/f")["schedule"] == "@daily"  # old one kept
+
+    system = api.ok("GET", "/api/system")
+    assert system["host"]["cpu_count"] >= 1
+    assert system["host"]["memory"]["total"] > 0
+    assert system["host"]["disk"]["total"] > 0
+    assert system["server"]["pid"] == os.getpid()
+    assert system["server"]["rss"] > 0 and system["server"]["threads"] >= 1
+
+    monkeypatch.setattr(engine.scheduler, "alive", lambda: False)
+    sick = api.get("/api/health")
+    assert sick.status == 503 and sick.json()["checks"]["scheduler"] is False
+
+
+def test_api_jobs_file_jobs_are_read_only(engines, tmp_path):
+    path = write_jobs_file(tmp_path / "jobs.json", [{"name": "f", "command": "true"}])
+    engine = engines(jobs=path)
+    api = WsgiClient(make_app(engine), engine)
+    assert api.ok("GET", "/api/jobs/f")["source"] == "file"
+    for response in (
+        api.put("/api/jobs/f", {"command": "false"}),
+        api.patch("/api/jobs/f", {"description": "x"}),
+        api.delete("/api/jobs/f"),
+        api.post("/api/import", {"jobs": [{"name": "f", "command": "false"}]}),
+    ):
+        assert "edit the file" in response.error(409, "name")["error"]
+    out = api.ok("POST", "/api/batch", {"action": "delete", "jobs": ["f"]})
+    assert out["results"][0]["ok"] is False
+    assert api.ok("POST", "/api/jobs/f/pause")["paused"] is True
+    assert api.ok("POST", "/api/jobs/f/resume")["paused"] is False
+    run = api.ok("POST", "/api/jobs/f/run", status=202)
+    assert api.wait_run(run["id"])["status"] == "succeeded"
+    assert api.ok("POST", "/api/jobs/f/stop") == {"stopped": 0}
+    assert api.ok("GET", "/api/jobs/f")["command"] == "true"
+
+
+def test_api_metrics(api):
+    api.ok("POST", "/api/jobs", {"name": "m.ok", "command": "true"}, status=201)
+    api.ok("POST", "/api/jobs", {"name": "m-bad", "command": "exit 1"}, status=201)
+    for name in ("m.ok", "m-bad"):
+        api.wait_run(api.ok("POST", f"/api/jobs/{name}/run", status=202)["id"])
+
+    def scrape():
+        response = api.get("/metrics")
+        assert response.status == 200
+        return response.text if 'job="m-bad"' in response.text else None
+
+    text = wait_for(scrape)
+    assert api.get("/metrics").header("Content-Type").startswith("text/plain")
+    lines = text.splitlines()
+    assert 'minisched_runs_total{job="m.ok",status="succeeded"} 1' in lines
+    assert 'minisched_runs_total{job="m-bad",status="failed"} 1' in lines
+    assert 'minisched_run_duration_seconds_count{job="m.ok"} 1' in lines
+    assert "minisched_running 0" in lines and "minisched_queued 0" in lines
+    assert "minisched_jobs 2" in lines and "minisched_up 1" in lines
+    helped, typed = set(), set()
+    sample = re.compile(r'^([a-z_]+)(\{([a-z_]+="(\\.|[^"\\])*",?)*\})? (\S+)$')
+    for line in lines:
+        if line.startswith("# HELP "):
+            helped.add(line.split()[2])
+        elif line.startswith("# TYPE "):
+            assert line.split()[3] in ("counter", "gauge", "summary", "histogram")
+            typed.add(line.split()[2])
+        else:
+            match = sample.match(line)
+            assert match, line
+            float(match.group(5))
+            base = re.sub(r"_(sum|count|bucket)$", "", match.group(1))
+            assert base in helped and base in typed, line
+
+
+def test_prom_label_escaping():
+    assert minisched._prom_label('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+    assert minisched._prom_label("plain.name-1") == "plain.name-1"
+
+
+def test_api_openapi_describes_exactly_the_served_routes(api):
+    doc = api.ok("GET", "/api/openapi.json")
+    assert doc["openapi"].startswith("3.")
+    documented = {
+        (method.upper(), path)
+        for path, operations in doc["paths"].items()
+        for method in operations
+    }
+    served = {
+        (route.method, re.sub(r"<(\w+)>", r"{\1}", route.rule))
+        for route in api.app.routes
+        if route.rule.startswith("/api/") or route.rule == "/metrics"
+    }
+    assert documented == served
+    ids = [op["operationId"] for ops in doc["paths"].values() for op in ops.values()]
+    assert len(ids) == len(set(ids))
+    assert set(doc["components"]["schemas"]["Error"]["required"]) == {"error", "field"}
+
+
+# -- security -------------------------------------------------------------------
+
+TOKEN = "s3cret-token-value"
+#: Open without the token (SPEC §9); the OpenAPI description is checked apart.
+OPEN_ROUTES = {("GET", "/api/health"), ("POST", "/api/login")}
+
+
+@pytest.fixture
+def secured(engines):
+    engine = engines(token=TOKEN)
+    return WsgiClient(make_app(engine), engine)
+
+
+def test_every_route_but_health_and_login_needs_the_token(secured):
+    bearer = {"Authorization": "Bearer " + TOKEN}
+    for method, path, *_rest in API_ROUTES:
+        if (method, path) in OPEN_ROUTES or path == "/api/openapi.json":
+            continue
+        target = fill_path(path, "x", 1)
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": "Bearer " + TOKEN[:-1]},
+            {"Authorization": "Basic " + TOKEN},
+            {"Cookie": minisched.SESSION_COOKIE + "=forged"},
+        ):
+            response = secured(method, target, headers=headers)
+            response.error(401)
+            assert response.header("WWW-Authenticate").startswith("Bearer")
+    assert secured.get("/api/health").status == 200
+    assert secured.ok("GET", "/api/jobs", headers=bearer)["total"] == 0
+    assert secured.get("/metrics", headers=bearer).status == 200
+    secured.ok(
+        "POST", "/api/jobs", {"name": "t", "command": "true"}, 201, headers=bearer
+    )
+    assert secured.ok("POST", "/api/jobs/t/run", status=202, headers=bearer)["id"]
+
+
+def test_openapi_description_needs_the_token_too(secured):
+    # SPEC §9 opens only /api/health, the page shell and POST /api/login.
+    secured.get("/api/openapi.json").error(401)
+    bearer = {"Authorization": "Bearer " + TOKEN}
+    assert secured.get("/api/openapi.json", headers=bearer).status == 200
+
+
+def test_login_sets_a_strict_httponly_session_cookie(secured):
+    secured.post("/api/login", {"token": "nope"}).error(401, "token")
+    secured.post("/api/login", {}).error(401, "token")
+    secured.post("/api/login", {"token": 12}).error(401, "token")
+    response = secured.post("/api/login", {"token": TOKEN})
+    assert response.status == 200 and response.json()["ok"] is True
+    [cookie] = response.header_list("Set-Cookie")
+    attributes = [part.strip().lower() for part in cookie.split(";")]
+    assert "httponly" in attributes and "samesite=strict" in attributes
+    assert "path=/" in attributes
+    assert TOKEN not in cookie and TOKEN.encode() not in response.body
+    pair = cookie.split(";")[0]
+    assert pair.startswith(minisched.SESSION_COOKIE + "=")
+    session = {"Cookie": pair}
+    assert secured.ok("GET", "/api/jobs", headers=session)["total"] == 0
+    secured.ok(
+        "POST", "/api/jobs", {"name": "c", "command": "true"}, 201, headers=session
+    )
+    logout = secured.post("/api/logout", headers=session)
+    assert logout.status == 200
+    assert any(
+        "max-age=0" in c.lower() or "expires=" in c.lower()
+        for c in logout.header_list("Set-Cookie")
+    )
+
+
+def test_login_is_rate_limited(secured):
+    for _ in range(minisched.LOGIN_ATTEMPTS):
+        secured.post("/api/login", {"token": "guess"}).error(401, "token")
+    assert secured.post("/api/login", {"token": TOKEN}).status == 429
+    # Another client is not locked out.
+    assert (
+        secured.post("/api/login", {"token": TOKEN}, remote="127.0.0.2").status == 200
+    )
+
+
+def test_login_without_a_token_configured(api):
+    assert api.ok("POST", "/api/login", {}) == {"ok": True, "token_required": False}
+
+
+def test_cross_origin_writes_are_refused(api):
+    evil = {"Origin": "http://evil.example"}
+    job = {"name": "x", "command": "true"}
+    for origin in (
+        "http://evil.example",
+        "null",
+        "http://127.0.0.1:8100.evil.example",
+        "http://127.0.0.1:8100@evil.example",
+        "http://127.0.0.1:9999",
+    ):
+        api.post("/api/jobs", job, headers={"Origin": origin}).error(403, "Origin")
+    assert api.ok("GET", "/api/jobs")["total"] == 0
+    created = api.post("/api/jobs", job, headers={"Origin": "http://127.0.0.1:8100"})
+    assert created.status == 201
+    api.post("/api/jobs/x/run", headers=evil).error(403, "Origin")
+    api.post("/api/batch", {"action": "run", "jobs": ["x"]}, headers=evil).error(
+        403, "Origin"
+    )
+    api.post("/api/import", {"jobs": [job]}, headers={"Origin": "null"}).error(
+        403, "Origin"
+    )
+    api.patch("/api/jobs/x", {"command": "false"}, headers=evil).error(403, "Origin")
+    api.put("/api/jobs/x", {"command": "false"}, headers=evil).error(403, "Origin")
+    api.delete("/api/jobs/x", headers=evil).error(403, "Origin")
+    api.post("/api/jobs/x/pause", headers=evil).error(403, "Origin")
+    assert api.ok("GET", "/api/runs")["total"] == 0
+    assert api.ok("GET", "/api/jobs/x")["command"] == "true"
+    assert api.ok("GET", "/api/jobs/x")["paused"] is False
+
+
+def test_forged_host_public_host_and_allow_ip(engines):
+    api = WsgiClient(make_app(engines()))
+    for host in ("evil.example", "evil.example:8100", "127.0.0.1.evil.example"):
+        api.get("/api/jobs", headers={"Host": host}).error(403, "Host")
+        api.post(
+            "/api/jobs", {"name": "h", "command": "true"}, headers={"Host": host}
+        ).error(403, "Host")
+    for host in ("localhost:8100", "[::1]:8100", "127.0.0.1", "LOCALHOST"):
+        assert api.get("/api/jobs", headers={"Host": host}).status == 200, host
+    assert api.ok("GET", "/api/jobs")["total"] == 0
+
+    public = WsgiClient(make_app(engines(public_host=["sched.example.com"])))
+    for host in ("sched.example.com", "SCHED.example.com:443"):
+        assert public.get("/api/jobs", headers={"Host": host}).status == 200
+    public.get("/api/jobs", headers={"Host": "other.example.com"}).error(403, "Host")
+    same_origin = {"Host": "sched.example.com", "Origin": "https://sched.example.com"}
+    created = public.post(
+        "/api/jobs", {"name": "p", "command": "true"}, headers=same_origin
+    )
+    assert created.status == 201
+
+    limited = WsgiClient(make_app(engines(allow_ip=["10.0.0.0/8", "::1/128"])))
+    for remote in ("127.0.0.1", "11.0.0.1", "192.168.1.10"):
+        limited.get("/api/jobs", remote=remote).error(403)
+        limited.get("/api/health", remote=remote).error(403)
+    for remote in ("10.1.2.3", "::1"):
+        assert limited.get("/api/jobs", remote=remote).status == 200
+
+
+def test_bodies_must_be_json_and_at_most_one_mib(api):
+    job = json.dumps({"name": "b", "command": "true"}).encode()
+    for ctype in (
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        None,
+    ):
+        api.post("/api/jobs", data=job, headers={"Content-Type": ctype}).error(
+            415, "Content-Type"
+        )
+    big = b'{"name": "b", "command": "true", "description": "' + b"x" * MAX_BODY + b'"}'
+    api.post("/api/jobs", data=big).error(413)
+    api.post("/api/validate", data=big).error(413)
+    api.put("/api/jobs/b", data=big).error(413)
+    assert api.ok("GET", "/api/jobs")["total"] == 0
+    # A chunked body has no Content-Length: the limits hold all the same.
+    chunked = {"Transfer-Encoding": "chunked", "Content-Length": None}
+    api.post("/api/jobs", data=chunk_encode(big), headers={**chunked}).error(413)
+    api.post(
+        "/api/jobs",
+        data=chunk_encode(job),
+        headers={**chunked, "Content-Type": "text/plain"},
+    ).error(415, "Content-Type")
+    assert api.ok("GET", "/api/jobs")["total"] == 0
+    # Exactly one MiB is fine, and so is a charset parameter.
+    exact = job[:-1] + b" " * (MAX_BODY - len(job)) + b"}"
+    assert len(exact) == MAX_BODY
+    assert api.post("/api/jobs", data=exact).status == 201
+    assert api.post(
+        "/api/validate",
+        data=job,
+        headers={"Content-Type": "application/json; charset=utf-8"},
+    ).json() == {"valid": True, "errors": []}
+
+
+def chunk_encode(data, size=65536):
+    parts = [
+        b"%x\r\n%s\r\n" % (len(data[i : i + size]), data[i : i + size])
+        for i in range(0, len(data), size)
+    ]
+    return b"".join(parts) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10"])
+def test_serve_refuses_a_public_bind_without_a_token(
+    tmp_path, capsys, monkeypatch, host
+):
+    monkeypatch.delenv("MINISCHED_TOKEN", raising=False)
+    code = minisched.main(["serve", "--host", host, "--db", str(tmp_path / "x.db")])
+    assert code == 2
+    assert "without a token" in capsys.readouterr().err
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_the_token_is_never_returned(secured, caplog):
+    caplog.set_level(logging.DEBUG)
+    bearer = {"Authorization": "Bearer " + TOKEN}
+    secured.ok(
+        "POST", "/api/jobs", {"name": "t", "command": "true"}, 201, headers=bearer
+    )
+    bodies = []
+    for path in (
+        "/api/status",
+        "/api/system",
+        "/api/health",
+        "/api/jobs",
+        "/api/jobs/t",
+        "/api/export",
+        "/api/export?format=csv",
+        "/api/openapi.json",
+        "/metrics",
+    ):
+        response = secured.get(path, headers=bearer)
+        assert response.status == 200, path
+        bodies.append(response.body)
+        bodies.extend(v.encode() for _k, v in response.headers)
+    login = secured.post("/api/login", {"token": TOKEN})
+    bodies += [login.body, *(v.encode() for _k, v in login.headers)]
+    secured.post("/api/login", {"token": TOKEN + "x"})
+    status = secured.ok("GET", "/api/status", headers=bearer)
+    assert TOKEN not in json.dumps(status)
+    assert not [b for b in bodies if TOKEN.encode() in b]
+    assert TOKEN not in caplog.text
+
+
+# -- live server on port 0 with real SSE ----------------------------------------
+
+SseEvent = collections.namedtuple("SseEvent", "event id data at")
+
+
+class SseClient:
+    """Reads server-sent events over ``http.client``; ``at`` is the arrival time."""
+
+    def __init__(self, port, path, headers=None, timeout=10):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        self.conn.request(
+            "GET", path, headers={"Accept": "text/event-stream", **(headers or {})}
+        )
+        self.response = self.conn.getresponse()
+        self.status = self.response.status
+
+    def next_event(self):
+        """The next event, or None once the server has closed the stream."""
+        name, event_id, data = None, None, []
+        while True:
+            raw = self.response.readline()
+            if not raw:
+                return None
+            line = raw.decode("utf-8").rstrip("\n")
+            if not line:
+                if name or data:
+                    payload = json.loads("\n".join(data)) if data else None
+                    return SseEvent(name or "message", event_id, payload, time.time())
+                continue
+            if line.startswith(":"):
+                continue
+            key, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if key == "event":
+                name = value
+            elif key == "data":
+                data.append(value)
+            elif key == "id":
+                event_id = value
+
+    def until(self, predicate):
+        """Events up to and including the first one ``predicate`` accepts."""
+        events = []
+        while True:
+            event = self.next_event()
+            assert event is not None, f"the stream ended early after {events}"
+            events.append(event)
+            if predicate(event):
+                return events
+
+    def rest(self):
+        """Every event until the server closes the stream."""
+        events = []
+        while (event := self.next_event()) is not None:
+            events.append(event)
+        return events
+
+    def close(self):
+        self.response.close()
+        self.conn.close()
+
+
+class LiveServer(RunWaiting):
+    """An engine served on 127.0.0.1, port 0: by :class:`HttpServer`, or with
+    ``heartbeat`` by ``make_app`` + ``make_server`` in a thread."""
+
+    def __init__(self, engine, heartbeat=None, headers=None):
+        self.engine = engine
+        if heartbeat is None:
+            self.http = HttpServer(engine, engine.config).start()
+            self.api, self.port, self.server = self.http.api, self.http.port, None
+        else:
+            app = make_app(engine, engine.config, heartbeat=heartbeat)
+            self.http, self.api = None, app.config["minisched.api"]
+            self.server = make_server(app, "127.0.0.1", 0)
+            self.port = self.server.server_port
+            threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.headers = headers or {}
+        self.clients = []
+        self.closed = False
+
+    def request(self, method, path, body=_NO_BODY, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
+        try:
+            data, all_headers = None, {**self.headers, **(headers or {})}
+            if body is not _NO_BODY:
+                data = json.dumps(body).encode()
+                all_headers["Content-Type"] = "application/json"
+            conn.request(method, path, data, all_headers)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def ok(self, method, path, body=_NO_BODY, status=200):
+        code, raw = self.request(method, path, body)
+        assert code == status, (code, raw[:500])
+        return json.loads(raw)
+
+    def find_run(self, run_id):
+        code, raw = self.request("GET", f"/api/runs/{run_id}")
+        return json.loads(raw) if code == 200 else None
+
+    def sse(self, path, headers=None, timeout=10):
+        client = SseClient(
+            self.port, path, {**self.headers, **(headers or {})}, timeout
+        )
+        self.clients.append(client)
+        return client
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        if self.http is not None:
+            self.http.close()
+        else:
+            self.api.closing.set()
+            self.engine.bus.publish("shutdown", None)
+            self.server.shutdown()
+            self.server.server_close()
+
+
+@pytest.fixture
+def live(engines):
+    servers = []
+
+    def start(heartbeat=None, **settings):
+        settings.setdefault("port", 0)
+        headers = {}
+        if settings.get("token"):
+            headers["Authorization"] = "Bearer " + settings["token"]
+        server = LiveServer(engines(**settings), heartbeat, headers)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        with contextlib.suppress(Exception):
+            server.close()
+        for client in server.clients:
+            client.close()
+
+
+TICKER = "for i in 1 2 3; do echo line $i; sleep 0.2; done"
+
+
+def test_sse_delivers_each_line_while_the_run_goes_on(live):
+    srv = live()
+    srv.ok("POST", "/api/jobs", {"name": "ticker", "command": TICKER}, status=201)
+    run = srv.ok("POST", "/api/jobs/ticker/run", status=202)
+    srv.wait_visible(run["id"])  # see test_api_a_triggered_run_is_visible_at_once
+    stream = srv.sse(f"/api/runs/{run['id']}/stream")
+    assert stream.status == 200
+    assert stream.response.getheader("Content-Type").startswith("text/event-stream")
+    lines, states = [], []
+    while True:
+        event = stream.next_event()
+        assert event is not None
+        if event.event == "log":
+            lines.append(event)
+            states.append(srv.ok("GET", f"/api/runs/{run['id']}")["status"])
+        elif event.event == "end":
+            break
+    assert [e.data["text"] for e in lines] == ["line 1\n", "line 2\n", "line 3\n"]
+    assert all(state in minisched.ACTIVE_STATUSES for state in states), states
+    assert event.data["status"] == "succeeded" and event.data["id"] == run["id"]
+    assert all(e.at < event.at - 0.1 for e in lines)  # each before the run ended
+    assert lines[2].at - lines[1].at > 0.1  # as written, not all at the end
+    assert stream.next_event() is None  # the stream closes after ``end``
+
+
+def test_sse_replays_a_finished_run_and_honours_last_event_id(live):
+    srv = live()
+    command = "echo one; sleep 0.1; echo two >&2; sleep 0.1; echo three"
+    srv.ok("POST", "/api/jobs", {"name": "done", "command": command}, status=201)
+    run = srv.wait_run(srv.ok("POST", "/api/jobs/done/run", status=202)["id"])
+    path = f"/api/runs/{run['id']}/stream"
+    started = time.monotonic()
+    events = srv.sse(path).rest()
+    assert time.monotonic() - started < 2
+    assert [e.event for e in events] == ["log", "log", "log", "status", "end"]
+    assert [(e.data["stream"], e.data["text"]) for e in events[:3]] == [
+        ("stdout", "one\n"),
+        ("stderr", "two\n"),
+        ("stdout", "three\n"),
+    ]
+    assert [int(e.id) for e in events[:3]] == [e.data["seq"] for e in events[:3]]
+    assert events[-1].data == run
+    resumed = srv.sse(path, headers={"Last-Event-ID": events[0].id}).rest()
+    assert [e.data["text"] for e in resumed if e.event == "log"] == ["two\n", "three\n"]
+    assert resumed[-1].event == "end"
+    after_all = srv.sse(path, headers={"Last-Event-ID": events[2].id}).rest()
+    assert [e.event for e in after_all] == ["status", "end"]
+
+
+def test_sse_resumes_a_live_run_after_a_reconnect(live):
+    srv = live()
+    command = "for i in 1 2 3 4; do echo l$i; sleep 0.2; done"
+    srv.ok("POST", "/api/jobs", {"name": "slow", "command": command}, status=201)
+    run = srv.ok("POST", "/api/jobs/slow/run", status=202)
+    srv.wait_visible(run["id"])  # see test_api_a_triggered_run_is_visible_at_once
+    path = f"/api/runs/{run['id']}/stream"
+    first = srv.sse(path)
+    seen = first.until(lambda e: e.event == "log")[-1]
+    first.close()
+    assert seen.data["text"] == "l1\n"
+    rest = srv.sse(path, headers={"Last-Event-ID": seen.id}).until(
+        lambda e: e.event == "end"
+    )
+    assert [e.data["text"] for e in rest if e.event == "log"] == [
+        "l2\n",
+        "l3\n",
+        "l4\n",
+    ]
+    assert rest[-1].data["status"] == "succeeded"
+
+
+def test_events_stream_reports_runs_and_jobs(live):
+    srv = live()
+    events = srv.sse("/api/events")
+    assert events.status == 200
+    srv.ok("POST", "/api/jobs", {"name": "ev", "command": "echo hi"}, status=201)
+    run = srv.ok("POST", "/api/jobs/ev/run", status=202)
+    seen = events.until(
+        lambda e: (
+            e.event == "run"
+            and e.data["id"] == run["id"]
+            and e.data["status"] == "succeeded"
+        )
+    )
+    assert ("job", {"action": "created", "name": "ev"}) in [
+        (e.event, e.data) for e in seen
+    ]
+    states = [e.data["status"] for e in seen if e.event == "run"]
+    assert "running" in states and states[-1] == "succeeded"
+    assert seen[-1].data["exit_code"] == 0 and seen[-1].data["job"] == "ev"
+    srv.ok("POST", "/api/jobs/ev/pause")
+    job_event = events.until(lambda e: e.event == "job")[-1]
+    assert job_event.data == {"action": "paused", "name": "ev"}
+
+
+def test_api_answers_200_requests_with_three_sse_clients_open(live, tmp_path):
+    srv = live()
+    job = {"name": "hold", "command": blocking_command(tmp_path)}
+    srv.ok("POST", "/api/jobs", job, status=201)
+    run = srv.ok("POST", "/api/jobs/hold/run", status=202)
+    srv.wait_running(run["id"])
+    stream_path = f"/api/runs/{run['id']}/stream"
+    clients = [srv.sse("/api/events"), srv.sse(stream_path), srv.sse(stream_path)]
+    assert [c.status for c in clients] == [200, 200, 200]
+    wait_for(lambda: srv.api._streams == 3)
+    paths = [
+        "/api/jobs",
+        "/api/runs",
+        "/api/status",
+        "/api/jobs/hold",
+        "/api/health",
+        "/metrics",
+        f"/api/runs/{run['id']}",
+        f"/api/runs/{run['id']}/log",
+        "/api/jobs/hold/runs",
+    ]
+    codes = []
+
+    def worker(k):
+        for i in range(50):
+            codes.append(srv.request("GET", paths[(k + i) % len(paths)])[0])
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(codes) == 200 and set(codes) == {200}
+    assert srv.api._streams == 3
+    open(release_file(tmp_path), "w").close()
+    for client in clients[1:]:
+        end = client.until(lambda e: e.event == "end")[-1]
+        assert end.data["status"] == "succeeded"
+    clients[0].until(lambda e: e.event == "run" and e.data["status"] == "succeeded")
+
+
+def test_a_disconnected_sse_client_is_released(live, tmp_path):
+    srv = live(heartbeat=0.2)
+    job = {"name": "hold", "command": blocking_command(tmp_path)}
+    srv.ok("POST", "/api/jobs", job, status=201)
+    run = srv.ok("POST", "/api/jobs/hold/run", status=202)
+    srv.wait_running(run["id"])
+    bus = srv.engine.bus
+    base = bus.count()
+    for path in ("/api/events", f"/api/runs/{run['id']}/stream"):
+        client = srv.sse(path)
+        assert client.status == 200
+        wait_for(lambda: srv.api._streams == 1 and bus.count() == base + 1)
+        client.close()
+        wait_for(lambda: srv.api._streams == 0 and bus.count() == base, timeout=10)
+    open(release_file(tmp_path), "w").close()
+
+
+def test_more_subscribers_than_max_streams_get_503(live):
+    srv = live(heartbeat=0.2, max_streams=2)
+    srv.ok("POST", "/api/jobs", {"name": "q", "command": "true"}, status=201)
+    run = srv.wait_run(srv.ok("POST", "/api/jobs/q/run", status=202)["id"])
+    first, second = srv.sse("/api/events"), srv.sse("/api/events")
+    assert (first.status, second.status) == (200, 200)
+    for path in ("/api/events", f"/api/runs/{run['id']}/stream"):
+        refused = srv.sse(path)
+        assert refused.status == 503
+        assert refused.response.getheader("Content-Type").startswith("application/json")
+        error = json.loads(refused.response.read())
+        assert set(error) == {"error", "field"} and "max-streams" in error["error"]
+    assert srv.ok("GET", "/api/jobs")["total"] == 1  # plain requests still work
+    first.close()
+    wait_for(lambda: srv.api._streams == 1, timeout=10)
+    assert srv.sse("/api/events").status == 200
+
+
+def test_closing_the_server_ends_open_streams_at_once(live, tmp_path):
+    srv = live()  # HttpServer: heartbeats every 15 s, so only close() ends them
+    job = {"name": "hold", "command": blocking_command(tmp_path)}
+    srv.ok("POST", "/api/jobs", job, status=201)
+    run = srv.ok("POST", "/api/jobs/hold/run", status=202)
+    srv.wait_running(run["id"])
+    events = srv.sse("/api/events")
+    stream = srv.sse(f"/api/runs/{run['id']}/stream")
+    stream.until(lambda e: e.event == "status")
+    wait_for(lambda: srv.api._streams == 2)
+    started = time.monotonic()
+    srv.close()
+    for client in (events, stream):
+        tail = client.rest()
+        assert tail and tail[-1].event == "end"
+        assert tail[-1].data == {"reason": "shutdown"}
+    assert time.monotonic() - started < 3
+    with pytest.raises(OSError):
+        srv.request("GET", "/api/health")
+
+
+def run_cli(capsys, *argv):
+    code = minisched.main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_client_commands_against_a_live_server(live, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MINISCHED_TOKEN", raising=False)
+    srv = live()
+    url = ("--url", srv.url)
+    one = tmp_path / "one.json"
+    one.write_text(
+        json.dumps({"name": "hello", "command": "echo hello-out; echo hello-err >&2"})
+    )
+    code, out, _err = run_cli(capsys, "add", one, *url)
+    assert code == 0 and json.loads(out)["name"] == "hello"
+    doc = tmp_path / "doc.json"
+    doc.write_text(
+        json.dumps(
+            {
+                "jobs": [
+                    {"name": "bad", "command": "echo about to fail; exit 4"},
+                    {
+                        "name": "sleeper",
+                        "command": "sleep 30",
+                        "schedule": "@hourly",
+                        "kill_grace": 1,
+                    },
+                ]
+            }
+        )
+    )
+    code, out, _err = run_cli(capsys, "add", doc, *url)
+    assert code == 0 and sorted(json.loads(out)["created"]) == ["bad", "sleeper"]
+
+    code, out, _err = run_cli(capsys, "list", *url)
+    table = out.splitlines()
+    assert code == 0 and table[0].split()[:2] == ["NAME", "SCHEDULE"]
+    assert [row.split()[0] for row in table[1:]] == ["bad", "hello", "sleeper"]
+    code, out, _err = run_cli(capsys, "list", "--json", *url)
+    assert code == 0 and json.loads(out)["total"] == 3
+    code, out, _err = run_cli(capsys, "show", "hello", *url)
+    assert code == 0 and json.loads(out)["command"].startswith("echo hello-out")
+    code, out, err = run_cli(capsys, "show", "ghost", *url)
+    assert code == 1 and "no job named 'ghost'" in err and "HTTP 404" in err
+
+    code, out, err = run_cli(capsys, "trigger", "hello", "--follow", *url)
+    assert code == 0 and out == "hello-out\n"
+    assert "hello-err" in err and "succeeded" in err
+    code, out, err = run_cli(capsys, "trigger", "bad", "--follow", *url)
+    assert code == 1 and out == "about to fail\n"
+    assert "failed" in err and "exit code 4" in err
+    code, out, _err = run_cli(capsys, "trigger", "hello", *url)
+    run = json.loads(out)
+    assert code == 0 and run["job"] == "hello"
+    srv.wait_run(run["id"])
+    code, out, _err = run_cli(capsys, "logs", run["id"], *url)
+    assert code == 0 and sorted(out.splitlines()) == ["hello-err", "hello-out"]
+    code, out, _err = run_cli(capsys, "logs", run["id"], "--follow", *url)
+    assert code == 0 and out == "hello-out\n"
+    code, out, err = run_cli(capsys, "logs", 99999, *url)
+    assert code == 1 and "HTTP 404" in err
+
+    code, out, _err = run_cli(capsys, "pause", "sleeper", *url)
+    assert code == 0 and json.loads(out)["paused"] is True
+    assert srv.ok("GET", "/api/jobs/sleeper")["paused"] is True
+    code, out, _err = run_cli(capsys, "list", *url)
+    assert "paused" in next(line for line in out.splitlines() if "sleeper" in line)
+    code, out, _err = run_cli(capsys, "resume", "sleeper", *url)
+    assert code == 0 and srv.ok("GET", "/api/jobs/sleeper")["paused"] is False
+    code, out, _err = run_cli(capsys, "trigger", "sleeper", *url)
+    run = json.loads(out)
+    srv.wait_running(run["id"])
+    code, out, _err = run_cli(capsys, "stop", "sleeper", *url)
+    assert code == 0 and json.loads(out) == {"stopped": 1}
+    assert srv.wait_run(run["id"])["status"] == "cancelled"
+
+    code, out, _err = run_cli(capsys, "status", *url)
+    status = json.loads(out)
+    assert code == 0 and status["version"] == minisched.__version__
+    assert status["counts"]["jobs"] == 3
+    code, out, _err = run_cli(capsys, "remove", "hello", *url)
+    assert code == 0 and json.loads(out)["deleted"] == "hello"
+    assert run_cli(capsys, "show", "hello", *url)[0] == 1
+
+    invalid = tmp_path / "invalid.json"
+    invalid.write_text(json.dumps({"name": "x", "command": "true", "timeout": "soon"}))
+    code, out, err = run_cli(capsys, "add", invalid, *url)
+    assert code == 1 and "timeout" in err and "HTTP 400" in err
+    assert run_cli(capsys, "add", tmp_path / "missing.json", *url)[0] == 2
+
+
+def test_client_commands_report_a_down_server_and_a_wrong_token(
+    live, capsys, monkeypatch, caplog
+):
+    monkeypatch.delenv("MINISCHED_TOKEN", raising=False)
+    caplog.set_level(logging.DEBUG)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        free_port = sock.getsockname()[1]
+    code, out, err = run_cli(capsys, "list", "--url", f"http://127.0.0.1:{free_port}")
+    assert code == 1 and not out
+    assert "cannot reach minisched" in err and str(free_port) in err
+
+    srv = live(token=TOKEN)
+    srv.ok("POST", "/api/jobs", {"name": "hi", "command": "echo hi"}, status=201)
+    code, out, err = run_cli(capsys, "status", "--url", srv.url)
+    assert code == 1 and "HTTP 401" in err and "--token" in err
+    code, out, err = run_cli(capsys, "list", "--url", srv.url, "--token", "wrong")
+    assert code == 1 and "wrong token" in err and "HTTP 401" in err
+    code, out, err = run_cli(capsys, "list", "--url", srv.url, "--token", TOKEN)
+    assert code == 0 and "hi" in out
+    monkeypatch.setenv("MINISCHED_TOKEN", TOKEN)
+    code, out, err = run_cli(capsys, "trigger", "hi", "--follow", "--url", srv.url)
+    assert code == 0 and out == "hi\n"
+    assert TOKEN not in caplog.text
+
+
+def test_trigger_follow_works_on_a_slow_disk(live, capsys, monkeypatch):
+    monkeypatch.delenv("MINISCHED_TOKEN", raising=False)
+    srv = live()
+    srv.ok("POST", "/api/jobs", {"name": "hi", "command": "echo hi"}, status=201)
+    slow_disk(monkeypatch, srv.engine, 0.2)
+    code, out, err = run_cli(capsys, "trigger", "hi", "--follow", "--url", srv.url)
+    assert (code, out) == (0, "hi\n"), err
+
+
+# -- fuzz -------------------------------------------------------------------------
+
+JSON = "application/json"
+#: Every route that takes a body, with the job ``fz`` and run 1 in the path.
+FUZZ_ROUTES = [
+    (method, fill_path(path, "fz", 1))
+    for method, path, *_rest in API_ROUTES
+    if method in ("POST", "PUT", "PATCH")
+]
+
+
+def nested(depth, open_=b"[", close=b"]", inner=b""):
+    return open_ * depth + inner + close * depth
+
+
+def fz_job(field, raw):
+    """A job document with ``field`` set to the raw JSON text ``raw``."""
+    return b'{"name": "fz", "command": "true", "%s": %s}' % (field.encode(), raw)
+
+
+#: Bodies known to be nasty for JSON and CSV parsers, as (bytes, Content-Type).
+NASTY_BODIES = [
+    *((nested(depth), "application/json") for depth in (500, 990, 1000, 100000)),
+    *(
+        (nested(depth, b'{"a":', b"}", b"1"), "application/json")
+        for depth in (990, 100000)
+    ),
+    *(
+        (
+            b'{"name": "fz", "kind": "http", "url": "http://127.0.0.1:9/", "body": '
+            + nested(depth)
+            + b"}",
+            "application/json",
+        )
+        for depth in (400, 900, 990)
+    ),
+    (fz_job("timeout", b"1e999"), "application/json"),
+    (fz_job("jitter", b"-Infinity"), "application/json"),
+    (fz_job("retries", b"9" * 400), "application/json"),
+    (fz_job("timeout", b"-" + b"9" * 400), "application/json"),
+    (fz_job("retries", b"9" * 5000), "application/json"),
+    (fz_job("schedule", b'"@every 3000000d"'), "application/json"),
+    (fz_job("schedule", b'"@every ' + b"9" * 40 + b'd"'), "application/json"),
+    (fz_job("schedule", b'"@at 9999-12-31T23:59:59-14:00"'), "application/json"),
+    (fz_job("after", b"5"), "application/json"),
+    (b"1" * 5000, "application/json"),
+    (b'{"a": 1}{"b": 2}', "application/json"),
+    (b"\xef\xbb\xbf{}", "application/json"),
+    (b"\xff\xfe{\x00}\x00", "application/json"),
+    (b'{"name": "\xed\xa0\x80", "command": "true"}', "application/json"),
+    (b'{"name": "fz", "command": "\\ud800"}', "application/json"),
+    (b'{"name": "fz", "command": "a\\u0000b"}', "application/json"),
+    (b'{"jobs": null}', "application/json"),
+    (b'{"jobs": [null, 1, "x", []]}', "application/json"),
+    (b'{"defaults": [], "jobs": []}', "application/json"),
+    (b'{"defaults": {"name": "x"}, "jobs": [{}]}', "application/json"),
+    (b'{"action": "run", "jobs": [null]}', "application/json"),
+    (b'{"action": ["run"], "jobs": ["fz"]}', "application/json"),
+    (b"name\r\nfz\x00x\r\n", "text/csv"),
+    (b'name,command\r\n"' + b"x" * 200000 + b'",true\r\n', "text/csv"),
+    (b'name,command\r\nfz,"unterminated\r\n', "text/csv"),
+    (b"name,timeout\r\nfz,{bad\r\n", "text/csv"),
+    (b"name,name\r\nfz,fz\r\n", "text/csv"),
+    (b"\xff\xfe\x00n", "text/csv"),
+    (b"command\r\ntrue\r\n", "text/csv"),
+    (b"name,env,tags\r\nfz,[1],{}\r\n", "text/csv"),
+]
+
+
+@pytest.fixture
+def fuzz_api(engines):
+    engine = engines()
+    client = WsgiClient(make_app(engine), engine)
+    client.ok("POST", "/api/jobs", {"name": "fz", "command": "true"}, status=201)
+    client.wait_run(client.ok("POST", "/api/jobs/fz/run", status=202)["id"])
+    return client
+
+
+def reset_fz(client):
+    """Put the job ``fz`` back as it was, if a junk request changed it."""
+    job = client.engine.scheduler.get_job("fz")
+    if job is None or job.definition != {"name": "fz", "command": "true"}:
+        client.put("/api/jobs/fz", {"command": "true"})
+        if job is None:
+            client.post("/api/jobs", {"name": "fz", "command": "true"})
+
+
+def fuzz_problems(
+    client, method, path, body=_NO_BODY, data=None, ctype=None, check_after=True
+):
+    """What is wrong with the answer to one junk request (empty if nothing):
+    a 5xx, an error that is not ``{"error", "field"}``, or (``check_after``)
+    an API left broken: health or the jobs list no longer 200."""
+    headers = {"Content-Type": ctype} if ctype else None
+    response = client(method, path, body, data=data, headers=headers)
+    problems = []
+    if response.status >= 500:
+        problems.append(f"{response.status} {response.body[:90]!r}")
+    elif response.status >= 400:
+        ctype_out = response.header("Content-Type") or ""
+        if not ctype_out.startswith("application/json") or set(
+            json.loads(response.body)
+        ) != {"error", "field"}:
+            problems.append(f"error body {response.body[:90]!r}")
+    for check in ("/api/health", "/api/jobs") if check_after else ():
+        after = client.get(check)
+        if after.status != 200:
+            problems.append(f"then GET {check}: {after.status} {after.body[:60]!r}")
+    return problems
+
+
+def test_fuzz_known_nasty_bodies_on_every_body_route(fuzz_api):
+    found = {}
+    for method, path in FUZZ_ROUTES:
+        for data, ctype in NASTY_BODIES:
+            for problem in fuzz_problems(
+                fuzz_api, method, path, data=data, ctype=ctype
+            ):
+                found.setdefault(problem, f"{method} {path} {ctype} {data[:70]!r}")
+            reset_fz(fuzz_api)
+    assert not found, "\n".join(f"{p}\n    e.g. {e}" for p, e in found.items())
+
+
+#: Wrong, extreme or surprising values for any job field.
+FIELD_JUNK = [
+    None,
+    True,
+    0,
+    -1,
+    1.5,
+    10**400,
+    -(10**400),
+    1e308,
+    "",
+    "x",
+    "fz",
+    "\x00",
+    [],
+    [1],
+    ["fz"],
+    [None],
+    [[]],
+    [10**400],
+    {},
+    {"a": 1},
+    {"A": 10**400},
+    [{}],
+    [{"url": 5}],
+    [{"command": 5}],
+    [{"url": "http://127.0.0.1:9/", "headers": [1]}],
+    "@every 3000000d",
+    "@every " + "9" * 40 + "d",
+    "@at 9999-12-31T23:59:59-14:00",
+]
+
+
+def test_fuzz_wrong_types_for_every_job_field(fuzz_api):
+    found = {}
+    bases = (
+        {"name": "fz", "command": "true"},
+        {"name": "fz", "kind": "http", "url": "http://127.0.0.1:9/"},
+    )
+    for field in ("name", *minisched.JOB_DEFAULTS, "bogus"):
+        for value in FIELD_JUNK:
+            if field == "command" and isinstance(value, (str, list)):
+                continue  # never run made-up commands
+            requests = [("PATCH", "/api/jobs/fz", {field: value})]
+            for base in bases:
+                job = {**base, field: value}
+                defaults = {"defaults": {field: value}, "jobs": [dict(base, name="d")]}
+                requests += [
+                    ("POST", "/api/validate", job),
+                    ("POST", "/api/import?dry_run=1", {"jobs": [job]}),
+                    ("POST", "/api/validate", defaults),
+                ]
+            for method, path, body in requests:
+                changes = method != "POST"  # validate and dry runs save nothing
+                for problem in fuzz_problems(
+                    fuzz_api, method, path, body, None, None, changes
+                ):
+                    found.setdefault(
+                        (field, problem), f"{method} {path} {field}={value!r:.50}"
+                    )
+            reset_fz(fuzz_api)
+    assert not found, "\n".join(
+        f"{p[0]}: {p[1]}\n    e.g. {e}" for p, e in found.items()
+    )
+
+
+def test_fuzz_huge_numbers_in_paths_queries_and_headers(fuzz_api):
+    huge = "9" * 30
+    found = []
+    for method, path in (
+        ("GET", f"/api/runs/{huge}"),
+        ("GET", f"/api/runs/{huge}/log"),
+        ("GET", f"/api/runs/{huge}/stream"),
+        ("POST", f"/api/runs/{huge}/stop"),
+        ("GET", f"/api/runs?before={huge}"),
+        ("GET", f"/api/runs?offset={huge}"),
+        ("GET", f"/api/jobs/fz/runs?before={huge}"),
+        ("GET", f"/api/jobs?offset={huge}"),
+        ("GET", cron_next_path(expr="@every 3000000d")),
+        ("GET", cron_next_path(expr="@hourly", after="9999-12-31T23:59:59Z")),
+        ("GET", cron_next_path(expr="@hourly", after="0001-01-01T00:00:00+14:00")),
+    ):
+        found += [
+            f"{method} {path}: {p}" for p in fuzz_problems(fuzz_api, method, path)
+        ]
+    try:
+        response = fuzz_api.get("/api/runs/1/stream", headers={"Last-Event-ID": huge})
+    except (OverflowError, ValueError, sqlite3.Error) as exc:
+        found.append(f"GET /api/runs/1/stream, Last-Event-ID {huge}: {exc!r}")
+    else:
+        events = parse_sse(response.text) if response.status == 200 else []
+        if response.status != 400 and (not events or events[-1][0] != "end"):
+            found.append(f"Last-Event-ID {huge}: {response.status} {response.body!r}")
+    assert not found, "\n".join(found)
+
+
+CSV_HEADER = list(minisched.CSV_FIELDS)
+_json_leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=10**300, max_value=10**4000),
+    st.integers(min_value=-(10**4000), max_value=-(10**300)),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=12),
+    st.sampled_from(
+        ["", "*/5 * * * *", "@every 1s", "@every 9000000d", "UTC", "queue", "\x00"]
+    ),
+)
+_json_values = st.recursive(
+    _json_leaves,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.dictionaries(st.text(max_size=8), children, max_size=4),
+    ),
+    max_leaves=12,
+)
+#: A job whose one field has a random value.  ``command`` never gets a random
+#: string: the fuzzer must not run made-up shell commands.
+_job_bodies = st.one_of(
+    st.builds(
+        lambda field, value: {"name": "fz", "command": "true", field: value},
+        st.sampled_from(["name", *minisched.JOB_DEFAULTS, "bogus"]).filter(
+            lambda field: field != "command"
+        ),
+        _json_leaves | _json_values,
+    ),
+    st.builds(
+        lambda value: {"name": "fz", "command": value},
+        _json_values.filter(lambda v: not isinstance(v, (str, list)))
+        | st.sampled_from(["", " ", [], [""], ["true", 1], [None]]),
+    ),
+)
+
+
+def _encode(value):
+    return json.dumps(value).encode()
+
+
+_json_bodies = st.one_of(
+    _json_values.map(_encode),
+    _job_bodies.map(_encode),
+    _job_bodies.map(lambda job: {"jobs": [job]}).map(_encode),
+    st.builds(
+        lambda action, jobs: _encode({"action": action, "jobs": jobs}),
+        _json_values | st.sampled_from(["run", "stop", "pause"]),
+        _json_values,
+    ),
+    st.binary(max_size=200),
+    st.binary(max_size=40).map(
+        lambda raw: b'{"name": "fz", "command": "true", "description": "' + raw + b'"}'
+    ),
+    st.sampled_from([data for data, ctype in NASTY_BODIES if ctype != "text/csv"]),
+)
+_csv_bodies = st.lists(
+    st.lists(st.text(alphabet='ab,"[]{}1 \n\x00', max_size=8), max_size=5),
+    max_size=4,
+).map(
+    lambda rows: (
+        ",".join(CSV_HEADER[:5])
+        + "\r\n"
+        + "".join(",".join(row) + "\r\n" for row in rows)
+    ).encode()
+)
+_fuzz_cases = st.one_of(
+    st.tuples(
+        st.sampled_from(FUZZ_ROUTES),
+        _json_bodies,
+        st.sampled_from(["application/json", "application/json; charset=utf-8"]),
+    ),
+    st.tuples(st.just(("POST", "/api/import")), _csv_bodies, st.just("text/csv")),
+)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],  # no shrinking: report it as found
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(case=_fuzz_cases)
+@example(case=(("POST", "/api/jobs"), fz_job("timeout", b"1" + b"0" * 400), JSON))
+def test_fuzz_junk_bodies_never_cause_a_500(fuzz_api, case):
+    (method, path), data, ctype = case
+    problems = fuzz_problems(fuzz_api, method, path, data=data, ctype=ctype)
+    reset_fz(fuzz_api)
+    assert not problems, (method, path, ctype, data[:120], problems)
+
+
+# -- the page in a real browser ---------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+SCREENSHOTS = os.path.join(os.environ.get("TMPDIR", "/tmp"), "minisched-screenshots")
+
+
+def _playwright():
+    """Playwright's sync API and Debian's Chromium; skipped locally when absent,
+    required in CI."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if sync_playwright is None or not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            raise AssertionError(
+                "CI needs playwright and /usr/bin/chromium for the page tests"
+            )
+        pytest.skip("playwright or /usr/bin/chromium not installed")
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_playwright = _playwright()
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+            ],
+        )
+        yield chromium
+        chromium.close()
+
+
+@contextlib.contextmanager
+def live_site(tmp_path, **config):
+    engine = Engine(Config(db=str(tmp_path / "page.db"), port=0, **config)).start()
+    server = minisched.HttpServer(engine, engine.config).start()
+    try:
+        yield engine, f"http://127.0.0.1:{server.port}/"
+    finally:
+        server.close()
+        engine.shutdown(3)
+
+
+@pytest.fixture
+def site(tmp_path):
+    with live_site(tmp_path) as value:
+        yield value
+
+
+def open_page(browser, url, width=1280, height=900):
+    page = browser.new_page(viewport={"width": width, "height": height})
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+
+    def on_dialog(dialog):
+        # Confirmations of a delete are accepted; any other dialog is a bug.
+        if dialog.type == "confirm" and dialog.message.startswith("Delete"):
+            dialog.accept()
+        else:
+            errors.append("dialog: " + dialog.message)
+            dialog.dismiss()
+
+    page.on("dialog", on_dialog)
+    page.goto(url)
+    return page, errors
+
+
+def shot(page, name):
+    os.makedirs(SCREENSHOTS, exist_ok=True)
+    path = os.path.join(SCREENSHOTS, name + ".png")
+    page.screenshot(path=path, full_page=True)
+    print("screenshot:", path)
+    return path
+
+
+def test_page_create_trigger_watch_live_log(browser, site):
+    engine, url = site
+    page, errors = open_page(browser, url + "#/new")
+    page.fill("#f-name", "page-job")
+    page.fill("#f-command", "for i in 1 2 3 4 5 6; do echo step $i; sleep 0.4; done")
+    page.fill("#f-schedule", "every day at noon")
+    page.wait_for_selector("#f-schedule-err:has-text('schedule')")
+    page.click("button[type=submit]")
+    page.wait_for_selector(".field.invalid #f-schedule")
+    assert engine.scheduler.get_job("page-job") is None
+    page.fill("#f-schedule", "*/10 * * * *")
+    page.wait_for_selector(
+        ".preview li:has-text(':')"
+    )  # the live preview of fire times
+    page.click("button[type=submit]")
+    page.wait_for_selector("h1:has-text('page-job')")
+    assert engine.scheduler.get_job("page-job").schedule == "*/10 * * * *"
+    page.click("button[aria-label='Run page-job now']")
+    page.wait_for_selector("a[href^='#/run/']")
+    page.click("td[data-label=Run] a")
+    page.wait_for_selector("#log span:has-text('step 2')")
+    run_id = int(page.url.rsplit("/", 1)[1])
+    # The line arrived while the run was still going.
+    assert engine.store.get_run(run_id)["status"] == "running"
+    assert page.locator("h1 .badge").inner_text() == "running"
+    shot(page, "live-log-desktop")
+    page.wait_for_selector("h1 .badge.s-succeeded", timeout=15000)
+    assert page.locator("#log span").all_inner_texts() == [
+        f"step {i}\n" for i in range(1, 7)
+    ]
+    page.set_viewport_size({"width": 375, "height": 800})
+    shot(page, "live-log-phone")
+    page.goto(url + "#/job/page-job")
+    page.wait_for_selector(".chart rect.s-succeeded")
+    shot(page, "job-desktop")
+    assert not errors
+
+
+def test_page_pause_resume_stop_delete(browser, site):
+    engine, url = site
+    engine.scheduler.put_job(
+        validate_job(
+            {
+                "name": "sleeper",
+                "command": "sleep 60",
+                "schedule": "@hourly",
+                "kill_grace": 1,
+            }
+        )
+    )
+    page, errors = open_page(browser, url)
+    page.click("button[aria-label='Pause sleeper']")
+    page.wait_for_selector("tr[data-job=sleeper] .badge:has-text('paused')")
+    assert engine.scheduler.state("sleeper")["paused"]
+    page.click("button[aria-label='Resume sleeper']")
+    page.wait_for_selector("button[aria-label='Pause sleeper']")
+    assert not engine.scheduler.state("sleeper")["paused"]
+    page.click("button[aria-label='Run sleeper now']")
+    page.wait_for_selector("tr[data-job=sleeper] .s-running")  # live, from /api/events
+    page.click("button[aria-label='Stop sleeper']")
+    page.wait_for_selector("tr[data-job=sleeper] .badge.s-cancelled", timeout=15000)
+    page.click("button[aria-label='Delete sleeper']")
+    page.wait_for_selector("tr[data-job=sleeper]", state="detached")
+    assert engine.scheduler.get_job("sleeper") is None
+
+
+def test_page_shows_markup_as_text(browser, site):
+    engine, url = site
+    engine.scheduler.put_job(
+        validate_job(
+            {
+                "name": "xss",
+                "description": "<img src=x onerror=alert(2)>",
+                "command": "echo '<script>alert(1)</script>'; echo '<b>bold</b>' >&2",
+            }
+        )
+    )
+    run = engine.scheduler.trigger("xss")
+    wait_for(
+        lambda: (engine.store.get_run(run["id"]) or {}).get("status") == "succeeded"
+    )
+    page, errors = open_page(browser, url)
+    page.wait_for_selector("tr[data-job=xss]")
+    assert (
+        "<img src=x onerror=alert(2)>" in page.locator("tr[data-job=xss]").inner_text()
+    )
+    page.goto(url + f"#/run/{run['id']}")
+    page.wait_for_selector("#log span.stderr")
+    assert "<script>alert(1)</script>" in page.locator("#log").inner_text()
+    assert page.locator("#log script, #log b, img").count() == 0
+    assert not [e for e in errors if e.startswith("dialog")]
+
+
+def test_page_login_with_token(browser, tmp_path):
+    with live_site(tmp_path, token="s3cret-token") as (engine, url):
+        engine.scheduler.put_job(validate_job({"name": "guarded", "command": "true"}))
+        page, _errors = open_page(browser, url)
+        page.wait_for_selector("#login:not(.hidden)")
+        page.fill("#token", "wrong")
+        page.click("#login button[type=submit]")
+        page.wait_for_selector("#login-error:has-text('wrong token')")
+        page.fill("#token", "s3cret-token")
+        page.click("#login button[type=submit]")
+        page.wait_for_selector("tr[data-job=guarded]")
+        cookie = [
+            c for c in page.context.cookies() if c["name"] == "minisched_session"
+        ][0]
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        assert "s3cret-token" not in cookie["value"]
+
+
+def test_page_on_a_phone_has_no_horizontal_scroll(browser, site):
+    engine, url = site
+    for i in range(3):
+        engine.scheduler.put_job(
+            validate_job(
+                {
+                    "name": f"a-rather-long-job-name-number-{i}-for-phones",
+                    "command": "true",
+                    "schedule": "30 2 * * mon-fri",
+                    "tags": ["nightly", "backup"],
+                    "description": "x" * 120,
+                }
+            )
+        )
+    page, errors = open_page(browser, url, 375, 800)
+    page.wait_for_selector("tr[data-job]")
+    for fragment in ("#/", "#/job/a-rather-long-job-name-number-0-for-phones", "#/new"):
+        page.goto(url + fragment)
+        page.wait_for_timeout(300)
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375, fragment
+    page.goto(url)
+    page.wait_for_selector("tr[data-job]")
+    shot(page, "dashboard-phone")
+    page.set_viewport_size({"width": 1280, "height": 900})
+    shot(page, "dashboard-desktop")
+    assert not errors
