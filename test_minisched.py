@@ -3039,6 +3039,7 @@ def test_page_pause_resume_stop_delete(browser, site):
     page.click("button[aria-label='Delete sleeper']")
     page.wait_for_selector("tr[data-job=sleeper]", state="detached")
     assert engine.scheduler.get_job("sleeper") is None
+    assert not errors
 
 
 def test_page_shows_markup_as_text(browser, site):
@@ -3079,9 +3080,9 @@ def test_page_login_with_token(browser, tmp_path):
         page.fill("#token", "s3cret-token")
         page.click("#login button[type=submit]")
         page.wait_for_selector("tr[data-job=guarded]")
-        cookie = [
+        cookie = next(
             c for c in page.context.cookies() if c["name"] == "minisched_session"
-        ][0]
+        )
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
         assert "s3cret-token" not in cookie["value"]
 
