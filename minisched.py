@@ -1090,6 +1090,7 @@ class Store:
     def __init__(self, path: str):
         self.path = path
         self._pool = []  # idle reader connections
+        self._prunes = {}  # job -> keep_runs, prunes queued but not yet run
         #: Marks this database's processes (``MINISCHED_SERVER``), set by open().
         self.server_id = None
         self._queue = queue.Queue()
@@ -1368,9 +1369,17 @@ class Store:
 
     def prune(self, job: str, keep_runs: int):
         """Retention: keep the newest ``keep_runs`` real runs and the newest
-        ``KEEP_NOISE_RUNS`` skipped/missed records of ``job``."""
+        ``KEEP_NOISE_RUNS`` skipped/missed records of ``job``.  Requests for a
+        job already waiting to be pruned are merged (a burst prunes once)."""
+        with self._lock:
+            if job in self._prunes:
+                self._prunes[job] = keep_runs
+                return None
+            self._prunes[job] = keep_runs
 
         def op(conn):
+            with self._lock:
+                keep_runs = self._prunes.pop(job)
             for where, keep in (
                 ("status NOT IN ('skipped', 'missed', 'queued', 'running')", keep_runs),
                 ("status IN ('skipped', 'missed')", KEEP_NOISE_RUNS),
@@ -3560,17 +3569,23 @@ class Engine:
         with self._last_lock:
             current = self._last_runs.get(data["job"])
             if current is None or data["id"] >= current[0]:
-                self._last_runs[data["job"]] = (data["id"], data, json.dumps(data))
+                self._last_runs[data["job"]] = (data["id"], data)
 
     def last_run(self, name):
-        """``(run id, public run, JSON)`` of a job's last run, or None."""
-        return self._last_runs.get(name)
+        """``(run id, public run, its JSON)`` of a job's last run, or None.  The
+        JSON is made on first use (runs change far more often than lists are read)."""
+        entry = self._last_runs.get(name)
+        if entry is not None and len(entry) == 2:
+            entry = (*entry, json.dumps(entry[1]))
+            with self._last_lock:
+                if self._last_runs.get(name, (None, None))[1] is entry[1]:
+                    self._last_runs[name] = entry
+        return entry
 
     def start(self) -> Engine:
         self.store.open()
         for name, row in self.store.last_runs().items():
-            public = run_public(row)
-            self._last_runs[name] = (row["id"], public, json.dumps(public))
+            self._last_runs[name] = (row["id"], run_public(row))
         self.hooks = Hooks(self.store)
         self.runner.on_hook = self.hooks.fire
         self.scheduler.load()
@@ -5960,5 +5975,25 @@ def main(argv=None) -> int:
         return 1
 
 
+def _reexec_serve(argv) -> None:
+    """For ``serve`` only: CPython keeps the whole parse tree of the script it
+    runs (about 10 MB for this file) until the script ends.  A long-running
+    server therefore replaces itself (same pid) with an interpreter that loads
+    the file through ``runpy``, which frees the tree after compiling."""
+    if os.environ.pop("MINISCHED_REEXEC", None) is not None or argv[:1] != ["serve"]:
+        return
+    path = os.path.abspath(__file__)
+    code = (
+        f"import runpy, sys; sys.argv[0] = {path!r}; "
+        f"runpy.run_path({path!r}, run_name='__main__')"
+    )
+    env = dict(os.environ, MINISCHED_REEXEC="1")
+    try:
+        os.execve(sys.executable, [sys.executable, "-c", code, *argv], env)
+    except OSError:
+        pass  # run as we are
+
+
 if __name__ == "__main__":
+    _reexec_serve(sys.argv[1:])
     sys.exit(main())
