@@ -4996,15 +4996,18 @@ class Api:
             try:
                 yield f"retry: 2000\n: stream of run {run_id}\n\n"
                 while True:
-                    # Replay what is stored (after a flush, so nothing published
-                    # before we subscribed is missing), then follow live.
-                    store.flush()
+                    # Replay what is stored, then follow live.  For an active run,
+                    # flush first so nothing published before we subscribed is
+                    # missing; a finished run's output is all committed already.
+                    current = store.get_run(run_id)
+                    if current is not None and current["status"] in ACTIVE_STATUSES:
+                        store.flush()
+                        current = store.get_run(run_id)
                     for chunk in store.get_chunks(run_id, last_seq):
                         last_seq = chunk["seq"]
                         yield _sse(
                             "log", dict(chunk, ts=iso_utc(chunk["ts"])), last_seq
                         )
-                    current = store.get_run(run_id)
                     if current is None:
                         yield _sse("end", None)
                         return
