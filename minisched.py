@@ -2478,16 +2478,28 @@ class Runner:
         fd = (
             run.proc.stdout.fileno() if stream == "stdout" else run.proc.stderr.fileno()
         )
+        self._read_once(run, stream, fd)
+
+    def _read_once(self, run, stream, fd) -> bool:
+        """One read of a pipe; False when there is nothing to read right now."""
         try:
             data = os.read(fd, READ_SIZE)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data = b""
         if data:
             self._on_output(run, stream, data)
         else:
             self._close_fd(run, fd)
+        return True
+
+    def _drain(self, run) -> None:
+        """Read every pipe of an exited run until it is empty or at EOF."""
+        for fd in list(run.fds):
+            stream = "stdout" if fd == run.proc.stdout.fileno() else "stderr"
+            while fd in run.fds and self._read_once(run, stream, fd):
+                pass
 
     def _close_fd(self, run, fd) -> None:
         pipe = run.fds.pop(fd, None)
@@ -2500,15 +2512,20 @@ class Runner:
 
     def _on_exit(self, run) -> None:
         run.exited = True
+        self._drain(run)  # usually reaches EOF on both pipes
         if not run.fds:
             self._finish(run)
-            return
-        # Pipes still open: wait a moment for the last output, then whatever
-        # still holds them is a leftover of this run.
-        self._add_timer(DRAIN_SECONDS, lambda: self._reap_leftovers(run))
+        else:
+            # Pipes still open: wait a moment for the last output, then
+            # whatever still holds them is a leftover of this run.
+            self._add_timer(DRAIN_SECONDS, lambda: self._reap_leftovers(run))
 
     def _reap_leftovers(self, run) -> None:
-        if not run.fds or run.finished_at is not None:
+        if run.finished_at is not None:
+            return
+        self._drain(run)
+        if not run.fds:
+            self._finish(run)
             return
         if run.kill_reason is None:
             self._system_line(
