@@ -252,6 +252,12 @@ class UsageError(MinischedError):
     status = 400
 
 
+class UnavailableError(MinischedError):
+    """Not now: the server is shutting down or overloaded."""
+
+    status = 503
+
+
 class DatabaseError(MinischedError):
     """The database cannot be used (newer schema, locked by another server)."""
 
@@ -665,8 +671,8 @@ def next_fire_times(
 # Job definitions #############################################################
 ###############################################################################
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD")
 #: Environment variables minisched sets itself; a job may not override them.
 RESERVED_ENV = ("MINISCHED_RUN_ID", "MINISCHED_JOB", "MINISCHED_SERVER")
@@ -838,7 +844,7 @@ def _field_problem(name, value):
         if problem:
             return problem
         for key in value:
-            if not _ENV_KEY_RE.match(key):
+            if not _ENV_KEY_RE.fullmatch(key):
                 return f"has an invalid variable name {key!r}"
             if key in RESERVED_ENV:
                 return f"must not set {key} (minisched sets it)"
@@ -866,7 +872,7 @@ def _field_problem(name, value):
         return _check_hooks(value)
     if name == "after":
         if not isinstance(value, list) or not all(
-            isinstance(n, str) and _NAME_RE.match(n) for n in value
+            isinstance(n, str) and _NAME_RE.fullmatch(n) for n in value
         ):
             return "must be a list of job names"
         return None
@@ -893,7 +899,7 @@ def validate_job(data, server_tz: datetime.tzinfo | None = None) -> dict:
                 ),
             )
     name = data.get("name")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         bad(
             "name",
             "required: 1-64 characters, letters, digits, '_', '.', '-', "
@@ -1379,9 +1385,10 @@ class Store:
 
         def op(conn):
             with self._lock:
-                keep_runs = self._prunes.pop(job)
+                # A replay after a failed batch finds it popped already.
+                keep_real = self._prunes.pop(job, keep_runs)
             for where, keep in (
-                ("status NOT IN ('skipped', 'missed', 'queued', 'running')", keep_runs),
+                ("status NOT IN ('skipped', 'missed', 'queued', 'running')", keep_real),
                 ("status IN ('skipped', 'missed')", KEEP_NOISE_RUNS),
             ):
                 row = conn.execute(
@@ -1999,7 +2006,7 @@ class Runner:
         now = self.clock()
         with self._lock:
             if self._closing:
-                raise MinischedError("the server is shutting down")
+                raise UnavailableError("the server is shutting down")
             active = list(self._by_job.get(job.name, {}).values())
             reason = None
             to_stop = []
@@ -2146,10 +2153,8 @@ class Runner:
             status = run.status if run else None
         if status is None:
             return False
-        if status == "queued":
-            self._cancel_queued(run, message)
-        else:
-            self._kill(run, "cancelled", message)
+        if status != "queued" or not self._cancel_queued(run, message):
+            self._kill(run, "cancelled", message)  # started meanwhile: kill it
         return True
 
     def stop_job(self, name: str, message="stopped by request") -> int:
@@ -2157,10 +2162,11 @@ class Runner:
         ids = [r.id for r in self.active_runs(name)]
         return sum(self.stop_run(run_id, message) for run_id in ids)
 
-    def _cancel_queued(self, run, message) -> None:
+    def _cancel_queued(self, run, message) -> bool:
+        """Cancel a run that has not started; False if it started meanwhile."""
         with self._lock:
             if run.status != "queued" or run.id not in self._runs:
-                return
+                return False
             self._forget(run)
             if run in self._waiting:
                 self._waiting.remove(run)
@@ -2230,7 +2236,7 @@ class Runner:
         """Spawn one run (after its insert committed).  False if it must not
         run (its slot already had a run, or it could not be recorded)."""
         try:
-            inserted = run.persisted.result(timeout=120)
+            inserted = run.persisted.result()
         except Exception as exc:  # noqa: BLE001 - reported below
             inserted = exc
         if inserted is not True:
@@ -2557,9 +2563,9 @@ class Runner:
         if run.finished_at is not None or run.kill_reason is not None:
             return
         run.kill_reason = (status, message)
-        if run.proc is None:  # not spawned yet: _io_add kills it on arrival
-            if run.job.kind == "http":  # the request cannot be aborted: stop waiting
-                self._finish(run)
+        if run.proc is None:
+            # Not spawned yet (_io_add kills it on arrival), or an http run:
+            # its request cannot be aborted; it ends as cancelled when done.
             return
         self._system_line(run, message)
         self._signal_escalate(
@@ -2996,9 +3002,11 @@ class Scheduler:
                 state = self._states[job.name] = _JobState(job, now)
             else:
                 state = old
+                same_times = (old.job.schedule, old.job.tz) == (job.schedule, job.tz)
                 state.job = job
                 state.scheduled_runs = 0
-                state.last_slot = max(state.last_slot or now, now)
+                if not same_times:  # a new schedule starts now, never in the past
+                    state.last_slot = max(state.last_slot or now, now)
             self._reschedule(state)
             fields = {
                 "definition": definition,
@@ -3227,6 +3235,11 @@ class Scheduler:
                         dependents[name].append(state.job)
                 self._dependents = dependents
         for dependent in dependents.get(job.name, ()):
+            with self._lock:
+                state = self._states.get(dependent.name)
+                if state is None or state.paused:
+                    continue  # deleted or paused since
+                dependent = state.job
             try:
                 self.runner.submit(dependent, "dependency")
             except MinischedError as exc:
@@ -3332,6 +3345,29 @@ def parse_jobs_document(doc, server_tz) -> list:
     return out
 
 
+def dependency_order(definitions: list) -> list:
+    """The definitions reordered so that each comes after the jobs of the same
+    list it names in ``after`` (so saving them in order always works)."""
+    names = {d["name"] for d in definitions}
+    done, ordered, pending = set(), [], list(definitions)
+    while pending:
+        ready = [
+            d
+            for d in pending
+            if all(a in done or a not in names for a in d.get("after", []))
+        ]
+        if not ready:
+            cycle = ", ".join(d["name"] for d in pending)
+            raise InvalidError(
+                f"after: these jobs depend on each other in a cycle: {cycle}", "after"
+            )
+        for definition in ready:
+            ordered.append(definition)
+            done.add(definition["name"])
+            pending.remove(definition)
+    return ordered
+
+
 def load_jobs_file(path, server_tz) -> list:
     """Read and validate a jobs file; InvalidError says where it is wrong."""
     try:
@@ -3384,6 +3420,7 @@ class JobsFile:
         sched = self.scheduler
         try:
             definitions = load_jobs_file(self.path, sched.server_tz)
+            ordered = dependency_order(definitions)
             for definition in definitions:
                 current = sched.get_job(definition["name"])
                 if current is not None and current.source != "file":
@@ -3411,26 +3448,10 @@ class JobsFile:
         for name in stored:
             if name not in wanted and sched.get_job(name) is not None:
                 sched.remove_job(name)
-        # Dependencies first, so ``after`` always names a known job.
-        pending = list(definitions)
-        while pending:
-            progress = False
-            for definition in list(pending):
-                if all(
-                    sched.get_job(d) or d == definition["name"]
-                    for d in definition.get("after", [])
-                ):
-                    row = stored.get(definition["name"])
-                    if row is None or row["file_definition"] != definition:
-                        sched.put_job(definition, "file", file_definition=definition)
-                    pending.remove(definition)
-                    progress = True
-            if not progress:
-                self.error = (
-                    f"{self.path}: jobs in the file depend on each other in a cycle"
-                )
-                log.error(self.error)
-                return False
+        for definition in ordered:
+            row = stored.get(definition["name"])
+            if row is None or row["file_definition"] != definition:
+                sched.put_job(definition, "file", file_definition=definition)
         if self.error:
             log.info("jobs file %s loaded again", self.path)
         self.error = None
@@ -4640,7 +4661,10 @@ class Api:
                 {"WWW-Authenticate": 'Bearer realm="minisched"'},
             )
         if request.method in _STATE_CHANGING:
-            length = request.content_length
+            try:
+                length = request.content_length
+            except ValueError:
+                raise _error(400, "invalid Content-Length", "Content-Length") from None
             if length > MAX_BODY:
                 raise _error(413, f"request body larger than {MAX_BODY} bytes")
             ctype = (request.content_type or "").split(";")[0].strip().lower()
@@ -5228,7 +5252,7 @@ class Api:
             )
             report[key].append(definition["name"])
         if not report["dry_run"]:
-            for definition in definitions:
+            for definition in dependency_order(definitions):
                 if definition["name"] not in report["unchanged"]:
                     sched.put_job(definition, "api")
         return report
@@ -5908,6 +5932,8 @@ def _release_startup_memory() -> None:
 
 def _cmd_serve(ns) -> int:
     config = Config.from_args(ns, os.environ)
+    # Jobs and hooks inherit this environment: the token must not reach them.
+    os.environ.pop("MINISCHED_TOKEN", None)
     logging.getLogger().setLevel(config.log_level.upper())
     if (
         not _is_loopback(config.host)

@@ -933,6 +933,34 @@ def test_http_jobs(harness):
     assert row["status"] == "failed" and row["error"] == "HTTP status 503 not expected"
 
 
+def test_stopping_an_http_run_records_it_cancelled(harness):
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            time.sleep(0.5)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    h = harness()
+    h.add(
+        name="slow",
+        kind="http",
+        command=None,
+        url=f"http://127.0.0.1:{server.server_address[1]}/",
+    )
+    run = h.sched.trigger("slow")
+    assert h.runner.stop_run(run["id"])  # at once, while it is being started
+    h.wait_idle()
+    server.shutdown()
+    row = h.store.get_run(run["id"])
+    assert row["status"] == "cancelled"
+    assert not h.runner.active_runs()
+
+
 def test_cpu_time_and_peak_rss_cover_the_tree(harness):
     h = harness()
     burn = (
@@ -1045,6 +1073,28 @@ def test_serve_killed_with_sigkill_then_restarted(tmp_path, kill_guard_too):
         server.stdout.close()
     assert "marked lost" in output
     assert len(read_runs(tmp_path)) == 1  # the @reboot run did not run again
+
+
+def test_jobs_never_see_the_token(tmp_path):
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(
+        json.dumps([{"name": "peek", "command": "env", "schedule": "@reboot"}])
+    )
+    server = start_serve(
+        tmp_path, "--jobs", str(jobs), env={"MINISCHED_TOKEN": "s3cret-token-value"}
+    )
+    try:
+        wait_for(lambda: [r for r in read_runs(tmp_path) if r["status"] == "succeeded"])
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(10) == 0
+    finally:
+        server.kill()
+        server.stdout.close()
+    conn = sqlite3.connect(str(tmp_path / "m.db"))
+    output = "".join(row[0] for row in conn.execute("SELECT text FROM chunks"))
+    conn.close()
+    assert "MINISCHED_RUN_ID=" in output
+    assert "s3cret-token-value" not in output
 
 
 def test_sigterm_exits_zero_within_the_grace(tmp_path):
@@ -2111,6 +2161,37 @@ def test_the_token_is_never_returned(secured, caplog):
     assert TOKEN not in json.dumps(status)
     assert not [b for b in bodies if TOKEN.encode() in b]
     assert TOKEN not in caplog.text
+
+
+def test_api_review_regressions(engines):
+    """Export/import keeps ``after`` working, a bad Content-Length is a 400, a
+    name ending in a newline is refused, a trigger during shutdown is a 503."""
+    source = WsgiClient(make_app(engines()))
+    source.ok("POST", "/api/jobs", {"name": "a1", "command": "true"}, status=201)
+    source.ok(
+        "POST",
+        "/api/jobs",
+        {"name": "a0", "command": "true", "after": ["a1"]},
+        status=201,
+    )
+    doc = source.ok("GET", "/api/export")
+    assert [j["name"] for j in doc["jobs"]] == ["a0", "a1"]  # a0 first, depends on a1
+    target = WsgiClient(make_app(engines()))
+    assert sorted(target.ok("POST", "/api/import", doc)["created"]) == ["a0", "a1"]
+    bad_length = source(
+        "POST",
+        "/api/jobs",
+        data=b"{}",
+        headers={"Content-Type": "application/json", "Content-Length": "abc"},
+    )
+    bad_length.error(400, "Content-Length")
+    source.post("/api/jobs", {"name": "a2\n", "command": "true"}).error(400, "name")
+    engine = engines()
+    engine.scheduler.put_job(validate_job({"name": "late", "command": "true"}))
+    client = WsgiClient(make_app(engine))
+    engine.runner._closing = True
+    client.post("/api/jobs/late/run").error(503)
+    engine.runner._closing = False
 
 
 # -- live server on port 0 with real SSE ----------------------------------------
