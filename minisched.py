@@ -12,7 +12,9 @@ in one SQLite file.  ``python minisched.py --help`` lists the commands.
 
 Threads
 -------
-All threads are daemons with a name, and all loops end on one ``stopping`` event.
+All threads are daemons with a name; each loop ends on its owner's ``stopping``
+event (``Engine.shutdown`` stops them in order: jobs file, scheduler, runner,
+store).
 
 ``minisched-scheduler``  owns the job registry and the heap of due slots; sleeps
                          until the next slot or a change; hands runs to the Runner.
@@ -24,14 +26,21 @@ All threads are daemons with a name, and all loops end on one ``stopping`` event
                          and a wake pipe.
 ``minisched-writer``     the only SQLite writer; batches queued operations into one
                          ``BEGIN IMMEDIATE`` transaction and resolves their futures.
-``minisched-sampler``    samples CPU and RSS of running process trees (psutil),
-                         once a second and only while runs are active.
+``minisched-sampler``    samples CPU and RSS of running process trees (``/proc``,
+                         else psutil), once a second and only while runs are active.
 ``minisched-jobsfile``   re-reads the jobs file when it changes (or on SIGHUP).
 ``minisched-hooks``      delivers ``on_start``/``on_success``/``on_failure`` hooks.
 ``minisched-http-run``   one short-lived thread per running ``http`` job.
+``minisched-http``       the API server's accept loop (wsgiref + ThreadingMixIn).
+``minisched-http-request`` one daemon thread per connection; an SSE stream holds
+                         its thread and reads a bounded EventBus queue.
 
-Readers (the CLI, the API) open their own SQLite connections and never wait for
-the writer: WAL gives them a consistent snapshot.
+Readers (API requests) borrow pooled SQLite connections and never wait for the
+writer: WAL gives them a consistent snapshot.
+
+Besides threads, ``serve`` starts one *guard* process (see ``ProcessGuard``): it
+holds a pipe from the server and kills every running job's process tree when the
+server dies, however it dies.
 """
 
 # ruff: noqa: UP017 (datetime.UTC needs Python 3.11; minisched supports 3.9+)
@@ -77,6 +86,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import weakref
 import wsgiref.simple_server
 import zoneinfo
 
@@ -1427,14 +1437,6 @@ class Store:
 
         return self._submit(op)
 
-    def set_setting(self, key: str, value):
-        return self._submit(
-            lambda conn: conn.execute(
-                "INSERT OR REPLACE INTO settings VALUES (?, ?)",
-                (key, json.dumps(value)),
-            )
-        )
-
     # -- reads (any thread, pooled connections) ------------------------------
 
     def _query(self, sql: str, args=(), one=False):
@@ -1514,10 +1516,6 @@ class Store:
             (since,),
             one=True,
         )["n"]
-
-    def get_setting(self, key: str, default=None):
-        row = self._query("SELECT value FROM settings WHERE key = ?", (key,), one=True)
-        return json.loads(row["value"]) if row else default
 
 
 def _where(clauses) -> str:
@@ -1962,7 +1960,9 @@ class Runner:
         with self._lock:
             while self._active_processes() and time.monotonic() < soft:
                 self._changed.wait(min(0.5, max(0.01, soft - time.monotonic())))
-            left = [r for r in self._runs.values() if r.status == "running"]
+            left = [
+                r for r in self._runs.values() if r.status in ("running", "starting")
+            ]
         for run in left:
             self._kill(
                 run,
@@ -2446,7 +2446,10 @@ class Runner:
         except (AttributeError, OSError):
             self._poll_exit(run)  # no pidfd (macOS, old kernels): poll
         if run.job.timeout:
-            self._add_timer(run.job.timeout, lambda: self._on_timeout(run))
+            # A weak reference: a run that ends early must not stay in memory
+            # until its (possibly hours-long) timeout comes due.
+            ref = weakref.ref(run)
+            self._add_timer(run.job.timeout, lambda: self._on_timeout(ref()))
         if run.kill_reason is not None:  # stopped while it was being spawned
             self._system_line(run, run.kill_reason[1])
             self._signal_escalate(run, run.job.kill_grace)
@@ -2573,7 +2576,7 @@ class Runner:
         )
 
     def _on_timeout(self, run) -> None:
-        if run.finished_at is None and not run.exited:
+        if run is not None and run.finished_at is None and not run.exited:
             self._io_kill(
                 run, "timed_out", f"killed after timeout of {_num(run.job.timeout)}s"
             )
@@ -5316,6 +5319,10 @@ class Api:
         client = bottle.request.remote_addr or ""
         now = time.monotonic()
         with self._lock:
+            if len(self._logins) > 1000:  # forget addresses quiet for a minute
+                self._logins = {
+                    k: v for k, v in self._logins.items() if v and now - v[-1] < 60
+                }
             recent = [t for t in self._logins.get(client, []) if now - t < 60]
             self._logins[client] = recent
             if len(recent) >= LOGIN_ATTEMPTS:
@@ -5560,6 +5567,16 @@ class _ThreadingWSGIServer(
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128  # the default 5 drops bursts (pages reconnecting)
+
+    def process_request(self, request, client_address):
+        """As ThreadingMixIn's, with a named thread per connection."""
+        thread = threading.Thread(
+            target=self.process_request_thread,
+            args=(request, client_address),
+            name="minisched-http-request",
+            daemon=True,
+        )
+        thread.start()
 
     def handle_error(self, request, client_address):
         if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
