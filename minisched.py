@@ -3880,6 +3880,7 @@ async function act(fn, ok) {
 function rel(iso) {
   if (!iso) return "—";
   const s = Math.round((new Date(iso) - Date.now()) / 1000), a = Math.abs(s);
+  if (a < 2) return "just now";
   const t = a < 60 ? a + " s" : a < 3600 ? Math.round(a / 60) + " min"
     : a < 86400 ? Math.round(a / 360) / 10 + " h" : Math.round(a / 8640) / 10 + " d";
   return s >= 0 ? "in " + t : t + " ago";
@@ -4251,8 +4252,8 @@ async function editor(name) {
     else if (type === "checkbox") input = h("input", { id, name: key, type: "checkbox" });
     else input = h("input", { id, name: key, type: type === "number" ? "text" : "text", inputmode: type === "number" ? "decimal" : null, autocomplete: "off" });
     const t = Array.isArray(type) ? "select" : type;
-    if (t === "checkbox") input.checked = fieldValue(t, job[key]) === true || job[key] === undefined ? job[key] !== false : false;
-    else input.value = fieldValue(t, job[key]);
+    if (t === "checkbox") input.checked = job[key] !== false;
+    else input.value = fieldValue(t, job[key] ?? (t === "select" ? type[0] : undefined));
     if (key === "name" && name) input.readOnly = true;
     if (readOnly) input.disabled = true;
     inputs[key] = [t, input];

@@ -3065,6 +3065,7 @@ def test_page_create_trigger_watch_live_log(browser, site):
     page.wait_for_selector("#f-schedule-err:has-text('schedule')")
     page.click("button[type=submit]")
     page.wait_for_selector(".field.invalid #f-schedule")
+    shot(page, "editor-validation-desktop")
     assert engine.scheduler.get_job("page-job") is None
     page.fill("#f-schedule", "*/10 * * * *")
     page.wait_for_selector(
@@ -3073,6 +3074,7 @@ def test_page_create_trigger_watch_live_log(browser, site):
     page.click("button[type=submit]")
     page.wait_for_selector("h1:has-text('page-job')")
     assert engine.scheduler.get_job("page-job").schedule == "*/10 * * * *"
+    assert engine.scheduler.get_job("page-job").enabled is True
     page.click("button[aria-label='Run page-job now']")
     page.wait_for_selector("a[href^='#/run/']")
     page.click("td[data-label=Run] a")
@@ -3193,4 +3195,42 @@ def test_page_on_a_phone_has_no_horizontal_scroll(browser, site):
     shot(page, "dashboard-phone")
     page.set_viewport_size({"width": 1280, "height": 900})
     shot(page, "dashboard-desktop")
+    assert not errors
+
+
+def test_page_edits_a_job_and_shows_file_jobs_read_only(browser, site):
+    engine, url = site
+    engine.scheduler.put_job(
+        validate_job(
+            {
+                "name": "editable",
+                "command": "true",
+                "schedule": "@daily",
+                "env": {"TOKEN": "abc"},
+                "retries": 2,
+                "tags": ["x"],
+            }
+        )
+    )
+    engine.scheduler.put_job(
+        validate_job({"name": "from-file", "command": "true"}), source="file"
+    )
+    page, errors = open_page(browser, url + "#/edit/editable")
+    page.wait_for_selector("#f-description")
+    page.fill("#f-description", "edited in the browser")
+    page.click("button[type=submit]")
+    page.wait_for_selector("h2:has-text('Run history')")  # the job's page
+    job = engine.scheduler.get_job("editable")
+    assert job.description == "edited in the browser"
+    assert (job.env, job.retries, job.tags, job.enabled) == (
+        {"TOKEN": "abc"},
+        2,
+        ["x"],
+        True,
+    )
+    assert "abc" not in page.locator("main").inner_text()  # env values masked
+    page.goto(url + "#/edit/from-file")
+    page.wait_for_selector(".note:has-text('jobs file')")
+    assert page.locator("#f-command").is_disabled()
+    assert page.locator("main button[type=submit]").count() == 0
     assert not errors
