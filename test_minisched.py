@@ -3092,6 +3092,8 @@ def test_page_create_trigger_watch_live_log(browser, site):
     shot(page, "live-log-phone")
     page.goto(url + "#/job/page-job")
     page.wait_for_selector(".chart rect.s-succeeded")
+    shot(page, "job-phone")
+    page.set_viewport_size({"width": 1280, "height": 900})
     shot(page, "job-desktop")
     assert not errors
 
