@@ -150,6 +150,9 @@ READ_SIZE = 65536
 DRAIN_SECONDS = 0.1
 #: How often the jobs file is checked for changes.
 JOBS_FILE_POLL = 2.0
+#: How long before its time a slot is handled: its run is recorded and queued
+#: early, so at the slot's time only the spawn itself is left to do.
+LOOKAHEAD = 0.05
 #: Longest single sleep of the scheduler, so wall-clock jumps are noticed.
 MAX_SLEEP = 60.0
 
@@ -3109,7 +3112,7 @@ class Scheduler:
         self.last_tick = now
         due = []
         with self._lock:
-            while self._heap and self._heap[0][0] <= now:
+            while self._heap and self._heap[0][0] <= now + LOOKAHEAD:
                 slot, name, version = heapq.heappop(self._heap)
                 state = self._states.get(name)
                 if state is None or state.version != version:
@@ -3121,7 +3124,10 @@ class Scheduler:
                 self._handle_due(state, slot, now)
             self.lag = lag
             # Measured after the work: the next sleep must not be late by it.
-            delay = (self._heap[0][0] - self.clock()) if self._heap else MAX_SLEEP
+            if self._heap:
+                delay = self._heap[0][0] - LOOKAHEAD - self.clock()
+            else:
+                delay = MAX_SLEEP
         return max(0.0, delay)
 
     def _handle_due(self, state, first, now) -> None:
@@ -3138,7 +3144,7 @@ class Scheduler:
         slots, count, slot, jumped = [first], 1, first, False
         while True:
             nxt = sched.next_after(slot, anchor=job.created_at)
-            if nxt is None or nxt > now:
+            if nxt is None or nxt > now + LOOKAHEAD:
                 break
             count += 1
             slots = slots[-(CATCH_UP_CAP - 1) :] + [nxt]
@@ -3209,7 +3215,8 @@ class Scheduler:
                     job.name,
                     job.max_runs,
                 )
-        not_before = None
+        # A slot handled a little ahead (LOOKAHEAD) starts at its time, not before.
+        not_before = slot if slot is not None and slot > self.clock() else None
         if job.jitter and slot is not None:
             not_before = scheduled_at + self.rand() * job.jitter
             scheduled_at = not_before
