@@ -57,6 +57,7 @@ import csv
 import ctypes
 import datetime
 import fcntl
+import functools
 import gc
 import hashlib
 import heapq
@@ -1781,6 +1782,11 @@ def kill_leftover(
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+@functools.lru_cache(maxsize=1)
+def _boot_time() -> float:
+    return psutil.boot_time()  # reads /proc/stat: once is enough
+
+
 def _create_time(pid: int) -> float | None:
     """A process's start time as psutil computes it (boot time + field 22 of
     ``/proc/PID/stat``), read directly: this is on the spawn path."""
@@ -1788,7 +1794,7 @@ def _create_time(pid: int) -> float | None:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
         ticks = int(data[data.rfind(b")") + 2 :].split()[19])
-        return psutil.boot_time() + ticks / _CLOCK_TICKS
+        return _boot_time() + ticks / _CLOCK_TICKS
     except (OSError, ValueError, IndexError):
         try:
             return psutil.Process(pid).create_time()
@@ -1871,6 +1877,7 @@ class Run:
         self.counted = False  # counted in the Runner's live/busy totals
         self.persisted = None  # Future of the insert; launch waits on it
         self.not_before = None
+        self.due = 0.0  # monotonic time the launcher may spawn it
         self.kill_reason = None  # ("cancelled" | "timed_out", message)
         # -- io thread only --
         self.proc = None
@@ -2054,9 +2061,12 @@ class Runner:
         for old in to_stop:
             self.stop_run(old.id, f"replaced by run {run.id} (concurrency replace)")
         self.bus.publish("run", run.public())
-        if not_before is not None and not_before > now:
-            self._io_command(("timer", not_before - now, lambda: self._enqueue(run)))
+        delay = (not_before - now) if not_before is not None else 0.0
+        if delay > 2 * LOOKAHEAD:  # a retry or jitter: wait without a slot
+            self._io_command(("timer", delay, lambda: self._enqueue(run)))
         else:
+            # Due now or in a moment: queue it; the launcher holds it until then.
+            run.due = time.monotonic() + max(0.0, delay)
             self._enqueue(run)
         return run.public()
 
@@ -2209,13 +2219,31 @@ class Runner:
         """``minisched-launcher``: spawn runs, in batches.  Every run queued at
         once is spawned back to back (each only after its insert committed);
         the bookkeeping follows, so a burst starts as fast as a bare loop."""
+        held = []  # runs queued ahead of their time, by due time
         while True:
-            batch = [self._launch_q.get()]
-            while batch[-1] is not None and not callable(batch[-1]):
-                try:
-                    batch.append(self._launch_q.get_nowait())
-                except queue.Empty:
-                    break
+            timeout = max(0.0, held[0][0] - time.monotonic()) if held else None
+            items = []
+            try:
+                items.append(self._launch_q.get(timeout=timeout))
+                while items[-1] is not None and not callable(items[-1]):
+                    items.append(self._launch_q.get_nowait())
+            except queue.Empty:
+                pass
+            now = time.monotonic()
+            batch = []
+            for item in items:
+                if item is not None and not callable(item) and item.due > now:
+                    heapq.heappush(held, (item.due, item.id, item))
+                else:
+                    batch.append(item)
+            # Runs of one slot are due within microseconds of each other: take
+            # them as one batch, and wait (at most 1 ms) until the last is due.
+            latest = 0.0
+            while held and held[0][0] <= now + 0.001:
+                latest, _, run = heapq.heappop(held)
+                batch.append(run)
+            if latest > now:
+                time.sleep(latest - now)
             started = []
             for item in batch:
                 if item is None:
@@ -2249,6 +2277,9 @@ class Runner:
                 log.error("run %d not started: cannot record it: %s", run.id, inserted)
             return False
         run.started_at = self.clock()
+        if run.kill_reason is not None:  # stopped while it waited to start
+            run.error = run.kill_reason[1]
+            return True
         if run.job.kind == "http":
             return True
         try:
@@ -2257,7 +2288,6 @@ class Runner:
             run.error = str(exc)
             return True
         run.pid = run.proc.pid
-        run.pid_create_time = _create_time(run.pid)
         return True
 
     def _after_launch(self, runs) -> None:
@@ -2267,6 +2297,9 @@ class Runner:
             return
         for run in runs:
             if run.pid:
+                # Read after the whole batch: /proc of a process in mid-exec is
+                # slow to read.  Not reaped yet (the io thread has not seen it).
+                run.pid_create_time = _create_time(run.pid)
                 self.guard.register(run.id, run.pid)
         with self._lock:
             for run in runs:
