@@ -153,7 +153,7 @@ DRAIN_SECONDS = 0.1
 JOBS_FILE_POLL = 2.0
 #: How long before its time a slot is handled: its run is recorded and queued
 #: early, so at the slot's time only the spawn itself is left to do.
-LOOKAHEAD = 0.05
+LOOKAHEAD = 0.25
 #: Longest single sleep of the scheduler, so wall-clock jumps are noticed.
 MAX_SLEEP = 60.0
 
@@ -1935,6 +1935,7 @@ class Runner:
         self._launch_q = queue.SimpleQueue()
         self._io_q = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
+        self._devnull = os.open(os.devnull, os.O_RDONLY)  # every job's stdin
         os.set_blocking(self._wake_w, False)
         self._threads = []
         self.stopping = threading.Event()
@@ -2362,7 +2363,7 @@ class Runner:
         try:
             return subprocess.Popen(
                 argv,
-                stdin=subprocess.DEVNULL,
+                stdin=self._devnull,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=job.cwd or None,
