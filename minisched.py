@@ -968,6 +968,7 @@ class Job:
         self.tz = get_zone(self.timezone) if self.timezone else server_tz
         self.schedule_obj = Schedule(self.schedule, self.tz)
         self._static = None
+        self._static_json = None
         self._masked_json = None
 
     def __getattr__(self, key):
@@ -998,6 +999,12 @@ class Job:
                 "created_at": iso_utc(self.created_at),
             }
         return self._static
+
+    def static_json(self) -> str:
+        """``static_state()`` as JSON members (no braces), computed once."""
+        if self._static_json is None:
+            self._static_json = json.dumps(self.static_state())[1:-1]
+        return self._static_json
 
     def masked_json(self) -> str:
         """``public(mask_env=True)`` as JSON without its closing brace, computed
@@ -2887,7 +2894,15 @@ def _num(value) -> str:
 class _JobState:
     """Scheduling state of one job, persisted in the ``jobs`` table."""
 
-    __slots__ = ("job", "last_slot", "next_at", "paused", "scheduled_runs", "version")
+    __slots__ = (
+        "job",
+        "last_slot",
+        "next_at",
+        "next_iso",
+        "paused",
+        "scheduled_runs",
+        "version",
+    )
 
     def __init__(self, job, last_slot, paused=False, scheduled_runs=0):
         self.job = job
@@ -2895,6 +2910,7 @@ class _JobState:
         self.paused = paused
         self.scheduled_runs = scheduled_runs
         self.next_at = None
+        self.next_iso = None  # next_at formatted once, for the API
         self.version = 0
 
 
@@ -3026,7 +3042,11 @@ class Scheduler:
             state = self._states.get(name)
             if state is None:
                 raise NotFoundError(f"no job named {name!r}", "name")
-            return {"paused": state.paused, "next_run_at": state.next_at}
+            return {
+                "paused": state.paused,
+                "next_run_at": state.next_at,
+                "next_run_iso": state.next_iso,
+            }
 
     def put_job(
         self, definition: dict, source="api", file_definition=None, create_only=False
@@ -3142,6 +3162,7 @@ class Scheduler:
         ):
             base = state.last_slot if state.last_slot is not None else job.created_at
             state.next_at = job.schedule_obj.next_after(base, anchor=job.created_at)
+        state.next_iso = iso_utc(state.next_at)
         if state.next_at is not None:
             heapq.heappush(self._heap, (state.next_at, job.name, state.version))
 
@@ -4799,7 +4820,7 @@ class Api:
         out = dict(job.static_state())
         out.update(
             paused=state["paused"],
-            next_run_at=iso_utc(state["next_run_at"]),
+            next_run_at=state["next_run_iso"],
             running=running.get(job.name, 0),
         )
         return out
@@ -4903,8 +4924,13 @@ class Api:
                 not last or last[1]["status"] != status
             ):
                 continue
+            # ISO times need no JSON escaping.
+            next_run = f'"{state["next_run_at"]}"' if state["next_run_at"] else "null"
+            paused = "true" if state["paused"] else "false"
             items.append(
-                f"{job.masked_json()}, {json.dumps(state)[1:-1]}, "
+                f"{job.masked_json()}, {job.static_json()}, "
+                f'"paused": {paused}, "next_run_at": {next_run}, '
+                f'"running": {state["running"]}, '
                 f'"last_run": {last[2] if last else "null"}}}'
             )
         page = ",".join(items[offset : offset + limit])

@@ -655,7 +655,8 @@ def test_pause_survives_restart_and_resume_skips_the_pause(harness):
     h.close()
     clock.t += 3600
     h2 = harness(clock=clock)
-    assert h2.sched.state("p") == {"paused": True, "next_run_at": None}
+    state = h2.sched.state("p")
+    assert state["paused"] and state["next_run_at"] is None
     h2.sched.tick()
     h2.sched.set_paused("p", False)
     clock.t += 60
