@@ -1948,6 +1948,7 @@ class Runner:
         self._io_q = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         self._devnull = os.open(os.devnull, os.O_RDONLY)  # every job's stdin
+        self._base_env = dict(os.environb)  # what every job's environment starts from
         os.set_blocking(self._wake_w, False)
         self._threads = []
         self.stopping = threading.Event()
@@ -2341,12 +2342,14 @@ class Runner:
     def _spawn(self, run) -> subprocess.Popen:
         """Start the job's process in its own session.  Launcher thread only."""
         job = run.job
-        env = dict(os.environ)
-        env.update(job.env)
-        env["MINISCHED_RUN_ID"] = str(run.id)
-        env["MINISCHED_SERVER"] = self.store.server_id or ""
-        env["MINISCHED_JOB"] = job.name
-        env["PYTHONUNBUFFERED"] = "1"
+        # Bytes, from a snapshot taken once: Popen then has nothing to encode.
+        env = dict(self._base_env)
+        enc = os.fsencode
+        env.update((enc(k), enc(v)) for k, v in job.env.items())
+        env[b"MINISCHED_RUN_ID"] = b"%d" % run.id
+        env[b"MINISCHED_SERVER"] = enc(self.store.server_id or "")
+        env[b"MINISCHED_JOB"] = enc(job.name)
+        env[b"PYTHONUNBUFFERED"] = b"1"
         argv = (
             ["/bin/sh", "-c", job.command]
             if isinstance(job.command, str)
@@ -2369,7 +2372,13 @@ class Runner:
                 group=pw.pw_gid,
                 extra_groups=os.getgrouplist(pw.pw_name, pw.pw_gid),
             )
-            env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
+            env.update(
+                {
+                    b"HOME": enc(pw.pw_dir),
+                    b"USER": enc(pw.pw_name),
+                    b"LOGNAME": enc(pw.pw_name),
+                }
+            )
         if job.cwd and not os.path.isdir(job.cwd):
             raise _SpawnError(f"cannot start: cwd {job.cwd!r} is not a directory")
         try:
