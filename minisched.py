@@ -5797,7 +5797,7 @@ class Client:
 
 def _print_table(rows, columns) -> None:
     widths = [
-        max(len(c), *(len(str(r.get(c, "") or "")) for r in rows)) for c in columns
+        max([len(c)] + [len(str(r.get(c, "") or "")) for r in rows]) for c in columns
     ]
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)))
     for row in rows:
@@ -6128,13 +6128,12 @@ def _reexec_serve(argv) -> None:
     if os.environ.pop("MINISCHED_REEXEC", None) is not None or argv[:1] != ["serve"]:
         return
     path = os.path.abspath(__file__)
-    code = (
-        f"import runpy, sys; sys.argv[0] = {path!r}; "
-        f"runpy.run_path({path!r}, run_name='__main__')"
-    )
+    # The path stays a plain argument, so `ps` and `pkill -f "minisched.py serve"`
+    # still see the usual command line.
+    code = "import runpy, sys; sys.argv.pop(0); runpy.run_path(sys.argv[0], run_name='__main__')"
     env = dict(os.environ, MINISCHED_REEXEC="1")
     try:
-        os.execve(sys.executable, [sys.executable, "-c", code, *argv], env)
+        os.execve(sys.executable, [sys.executable, "-c", code, path, *argv], env)
     except OSError:
         pass  # run as we are
 

@@ -1127,6 +1127,26 @@ def test_sigterm_exits_zero_within_the_grace(tmp_path):
     assert "shutting down" in run["error"]
 
 
+def test_serve_keeps_its_command_line_visible(tmp_path):
+    """serve re-executes itself once (to free the script's parse tree); ps and
+    pkill -f "minisched.py serve" must still find it, under the same pid."""
+    server = start_serve(tmp_path)
+    try:
+        wait_for(lambda: os.path.exists(tmp_path / "m.db"))
+        cmdline = wait_for(
+            lambda: (
+                "minisched.py serve" in " ".join(psutil.Process(server.pid).cmdline())
+                and psutil.Process(server.pid).cmdline()
+            )
+        )
+        assert os.path.join(HERE, "minisched.py") in cmdline
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(10) == 0
+    finally:
+        server.kill()
+        server.stdout.close()
+
+
 def test_serve_refuses_public_bind_without_token(tmp_path, capsys):
     assert (
         minisched.main(["serve", "--host", "0.0.0.0", "--db", str(tmp_path / "x.db")])
@@ -2546,6 +2566,8 @@ def test_client_commands_against_a_live_server(live, tmp_path, capsys, monkeypat
     monkeypatch.delenv("MINISCHED_TOKEN", raising=False)
     srv = live()
     url = ("--url", srv.url)
+    code, out, _err = run_cli(capsys, "list", *url)  # no jobs yet: a bare header
+    assert code == 0 and out.split() == ["NAME", "SCHEDULE", "NEXT", "LAST", "STATE"]
     one = tmp_path / "one.json"
     one.write_text(
         json.dumps({"name": "hello", "command": "echo hello-out; echo hello-err >&2"})
