@@ -1709,8 +1709,7 @@ class ProcessGuard:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 start_new_session=True,
-                text=True,
-                bufsize=1,
+                bufsize=0,
             )
         except OSError as exc:
             log.warning(
@@ -1722,14 +1721,19 @@ class ProcessGuard:
         return self._proc.pid if self._proc else None
 
     def _send(self, line: str) -> None:
+        # One os.write of a short line is atomic on a pipe: no lock is held
+        # across the write, and lines from two threads never interleave.
         with self._lock:
-            if self._proc is None:
-                return
-            try:
-                self._proc.stdin.write(line)
-            except (OSError, ValueError):
-                log.warning("the guard process is gone: jobs may outlive a crash")
-                self._proc = None
+            proc = self._proc
+        if proc is None:
+            return
+        try:
+            os.write(proc.stdin.fileno(), line.encode())
+        except (OSError, ValueError):
+            log.warning("the guard process is gone: jobs may outlive a crash")
+            with self._lock:
+                if self._proc is proc:
+                    self._proc = None
 
     def register(self, run_id: int, pgid: int) -> None:
         self._send(f"+ {run_id} {pgid}\n")
