@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.parse
 import wsgiref.util
 import zoneinfo
@@ -842,6 +843,17 @@ def test_stop_cancels_and_leaves_no_zombie(harness):
             "user 'no-such-user-x' does not exist",
         ),
         ({"command": "no-such-command-x"}, "exit code 127 (command not found)"),
+        (
+            {"command": ["no-such-binary-x"]},
+            "cannot start: 'no-such-binary-x' not found",
+        ),
+        ({"command": ["/etc/passwd"]}, "cannot start: permission denied"),
+        # cwd or an own PATH take Popen instead of posix_spawn: same messages
+        (
+            {"command": ["no-such-binary-x"], "env": {"PATH": "/nonexistent"}},
+            "cannot start: 'no-such-binary-x' not found",
+        ),
+        ({"command": ["/etc/passwd"], "cwd": "/"}, "cannot start: permission denied"),
     ],
 )
 def test_a_command_that_cannot_start_fails_with_a_reason(harness, definition, message):
@@ -852,6 +864,104 @@ def test_a_command_that_cannot_start_fails_with_a_reason(harness, definition, me
     row = h.store.get_run(run["id"])
     assert row["status"] == "failed"
     assert message in row["error"]
+
+
+@pytest.mark.parametrize(
+    "extra,popen",
+    [
+        ({}, False),
+        ({"cwd": "/"}, True),
+        ({"env": {"PATH": "/bin:/usr/bin:/nonexistent-minisched"}}, True),
+    ],
+    ids=["posix_spawn", "popen-for-cwd", "popen-for-own-path"],
+)
+def test_jobs_start_the_same_whichever_way_they_are_spawned(
+    harness, tmp_path, monkeypatch, extra, popen
+):
+    """posix_spawn (the fast path) and Popen (cwd, user, an own PATH) give a
+    job the same start: stdin from /dev/null, its own session, SIGPIPE and
+    SIGXFSZ at their defaults, and no descriptor beyond 0-2, not even one the
+    server inherited."""
+    inherited = os.open(tmp_path / "inherited", os.O_CREAT | os.O_RDONLY)
+    os.set_inheritable(inherited, True)
+    try:
+        h = harness()
+        popens = []
+        real_popen = subprocess.Popen
+
+        def counting_popen(*args, **kwargs):
+            popens.append(args[0])
+            return real_popen(*args, **kwargs)
+
+        monkeypatch.setattr(minisched.subprocess, "Popen", counting_popen)
+        probe = (
+            # No pipe or $(...) before ls: the shell would hold that pipe
+            "ls /proc/$$/fd; echo --; readlink /proc/$$/fd/0;"
+            " echo $$ $(cut -d' ' -f6 /proc/$$/stat);"
+            " grep SigIgn /proc/$$/status | cut -f2; yes | head -n 1"
+        )
+        h.add(name="probe", command=["sh", "-c", probe], **extra)
+        run = h.sched.trigger("probe")
+        h.wait_idle()
+    finally:
+        os.close(inherited)
+    row = h.store.get_run(run["id"])
+    assert row["status"] == "succeeded", row
+    lines = "".join(c["text"] for c in h.store.get_chunks(run["id"])).splitlines()
+    fds, rest = lines[: lines.index("--")], lines[lines.index("--") + 1 :]
+    assert fds == ["0", "1", "2"]
+    assert rest[0] == "/dev/null"
+    pid, sid = rest[1].split()
+    assert pid == sid  # a session leader
+    ignored = int(rest[2], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1))
+    assert not ignored & (1 << (signal.SIGXFSZ - 1))
+    assert rest[3:] == ["y"]  # yes died of SIGPIPE quietly: no "Broken pipe"
+    assert (["sh", "-c", probe] in popens) is popen
+
+
+def test_the_launcher_takes_the_runs_of_one_instant_together():
+    runner = Runner(None, None)  # not started: its queue is driven by hand
+    now = time.monotonic()
+    runs = [
+        types.SimpleNamespace(id=i, due=now + offset)
+        for i, offset in enumerate([-0.5, 0.0, 0.0005, 30.0])
+    ]
+    for run in runs:
+        runner._launch_q.put(run)
+    held = []
+    batch = runner._take_due(held, 0)
+    assert batch == runs[:3]  # due now or within a millisecond...
+    assert time.monotonic() >= runs[2].due  # ...after waiting for the last one
+    assert [entry[2] for entry in held] == [runs[3]]
+    assert runner._take_due(held, 0) == []
+    runner._launch_q.put(None)
+    assert runner._take_due(held, 0) == [None]
+    assert held  # the later run still waits
+
+
+def test_a_run_due_while_a_batch_spawns_joins_the_batch(harness):
+    h = harness()
+    h.add(name="first")
+    h.add(name="second")
+    batches = []
+    real_after, real_launch = h.runner._after_launch, h.runner._launch
+
+    def after_launch(runs):
+        batches.append(sorted(r.job.name for r in runs))
+        real_after(runs)
+
+    def launch(run):
+        if run.job.name == "first":
+            h.sched.trigger("second")  # queued in the middle of the batch
+        return real_launch(run)
+
+    h.runner._after_launch = after_launch
+    h.runner._launch = launch
+    h.sched.trigger("first")
+    h.wait_idle()
+    assert ["first", "second"] in batches
+    assert [r["status"] for r in h.runs()] == ["succeeded", "succeeded"]
 
 
 def test_output_invalid_utf8_and_no_newlines_stream_live(harness, monkeypatch):
