@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import pwd
 import re
 import signal
 import socket
@@ -918,6 +919,22 @@ def test_jobs_start_the_same_whichever_way_they_are_spawned(
     assert not ignored & (1 << (signal.SIGXFSZ - 1))
     assert rest[3:] == ["y"]  # yes died of SIGPIPE quietly: no "Broken pipe"
     assert (["sh", "-c", probe] in popens) is popen
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching user needs root")
+def test_a_job_runs_as_its_user(harness):
+    nobody = pwd.getpwnam("nobody")
+    h = harness()
+    h.add(name="as-nobody", command="id -u; id -g; echo $USER $HOME", user="nobody")
+    run = h.sched.trigger("as-nobody")
+    h.wait_idle()
+    assert h.store.get_run(run["id"])["status"] == "succeeded"
+    text = "".join(c["text"] for c in h.store.get_chunks(run["id"]))
+    assert text.split("\n")[:3] == [
+        str(nobody.pw_uid),
+        str(nobody.pw_gid),
+        f"nobody {nobody.pw_dir}",
+    ]
 
 
 def test_the_launcher_takes_the_runs_of_one_instant_together():
