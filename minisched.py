@@ -154,8 +154,9 @@ JOBS_FILE_POLL = 2.0
 #: How long before its time a slot is handled: its run is recorded and queued
 #: early, so at the slot's time only the spawn itself is left to do.
 LOOKAHEAD = 0.25
-#: Most runs the launcher spawns back to back before it records them.
-LAUNCH_BATCH = 1000
+#: How long runs that come due while the launcher spawns a batch may join it
+#: (their output, timeouts and records wait until the batch ends).
+LAUNCH_JOIN_SECONDS = 0.5
 #: Longest single sleep of the scheduler, so wall-clock jumps are noticed.
 MAX_SLEEP = 60.0
 
@@ -1839,8 +1840,10 @@ def spawn_session(argv, env, stdin, stdout, stderr, cwd=None, ids=None) -> tuple
     is most of a burst's spawning; it has no ``cwd`` or user switch, and looks
     a bare program name up in the server's PATH, so those cases use ``Popen``.
     Every descriptor the server opens is close-on-exec (PEP 446, SQLite,
-    sockets), and ``close_inherited_fds`` covers those it inherited.  Raises
-    ``OSError`` (``FileNotFoundError``, ``PermissionError``, ...)."""
+    sockets), and ``close_inherited_fds`` covers those it inherited; before
+    Python 3.13 (no ``POSIX_SPAWN_CLOSEFROM``) a descriptor that code embedding
+    the engine makes inheritable later would reach jobs.  Raises ``OSError``
+    (``FileNotFoundError``, ``PermissionError``, ...)."""
     path_differs = b"PATH" in env and env[b"PATH"] != os.environb.get(b"PATH")
     if cwd or ids or (path_differs and b"/" not in os.fsencode(argv[0])):
         extra = {}
@@ -1877,7 +1880,8 @@ def spawn_session(argv, env, stdin, stdout, stderr, cwd=None, ids=None) -> tuple
 
 def close_inherited_fds() -> None:
     """Mark every descriptor above 2 close-on-exec, so that none the server
-    inherited from whoever started it reaches a job."""
+    inherited from whoever started it reaches a job.  This changes the flags
+    of the whole process's descriptors: ``Runner.start`` calls it."""
     try:
         fds = [int(name) for name in os.listdir("/proc/self/fd")]
     except OSError:
@@ -1970,6 +1974,7 @@ class Run:
         self.proc = None  # a Popen to keep until reaped (see spawn_session)
         self.pipes = ()  # read ends of stdout and stderr, from the launcher
         # -- io thread only --
+        self.watched = False  # handed over to the io thread
         self.pidfd = None
         self.fds = {}  # open pipe -> "stdout" | "stderr"
         self.decoders = {}
@@ -2316,6 +2321,7 @@ class Runner:
         while True:
             timeout = max(0.0, held[0][0] - time.monotonic()) if held else None
             batch = self._take_due(held, timeout)
+            join_until = time.monotonic() + LAUNCH_JOIN_SECONDS
             started = []
             while batch:
                 for item in batch:
@@ -2334,9 +2340,9 @@ class Runner:
                         log.exception("launching run %d failed", item.id)
                         item.error = f"cannot start: {exc}"
                         started.append(item)
-                # Runs that came due while this batch spawned join it, up to a
-                # bound (their bookkeeping waits until the batch ends).
-                batch = self._take_due(held, 0) if len(started) < LAUNCH_BATCH else []
+                # Runs that came due while this batch spawned join it, for a while.
+                joining = time.monotonic() < join_until
+                batch = self._take_due(held, 0) if joining else []
             self._after_launch(started)
 
     def _take_due(self, held, timeout) -> list:
@@ -2467,29 +2473,26 @@ class Runner:
             )
         if job.cwd and not os.path.isdir(job.cwd):
             raise _SpawnError(f"cannot start: cwd {job.cwd!r} is not a directory")
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
+        opened = []
         try:
+            opened.extend(os.pipe())
+            opened.extend(os.pipe())
+            out_r, out_w, err_r, err_w = opened
             run.pid, run.proc = spawn_session(
                 argv, env, self._devnull, out_w, err_w, job.cwd or None, ids
             )
+            run.pipes = (out_r, err_r)
         except FileNotFoundError as exc:
             what = exc.filename if exc.filename is not None else argv[0]
-            error = f"cannot start: {what!r} not found"
+            raise _SpawnError(f"cannot start: {what!r} not found") from None
         except PermissionError as exc:
-            error = f"cannot start: permission denied: {exc}"
+            raise _SpawnError(f"cannot start: permission denied: {exc}") from None
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
-            error = f"cannot start: {exc}"
-        else:
-            error = None
-            run.pipes = (out_r, err_r)
+            raise _SpawnError(f"cannot start: {exc}") from None
         finally:
-            os.close(out_w)
-            os.close(err_w)
-        if error is not None:
-            os.close(out_r)
-            os.close(err_r)
-            raise _SpawnError(error)
+            for fd in opened:  # the write ends; everything if it failed
+                if fd not in run.pipes:
+                    os.close(fd)
 
     def _http_run(self, run) -> None:
         """``minisched-http-run``: one request; the result goes to the io thread."""
@@ -2547,11 +2550,13 @@ class Runner:
             if self._timers:
                 timeout = max(0.0, self._timers[0][0] - time.monotonic())
             for key, _mask in self._sel.select(timeout):
+                if self._sel.get_map().get(key.fd) is not key:
+                    continue  # closed by an earlier event of this round
                 if key.data is None:
                     os.read(self._wake_r, 4096)
                 else:
                     try:
-                        self._on_ready(*key.data)
+                        self._on_ready(*key.data, key.fd)
                     except Exception:
                         log.exception("error handling a run's pipe")
             while True:
@@ -2582,6 +2587,7 @@ class Runner:
         )
 
     def _io_add(self, run) -> None:
+        run.watched = True
         for stream, fd in zip(("stdout", "stderr"), run.pipes):
             os.set_blocking(fd, False)
             run.fds[fd] = stream
@@ -2623,7 +2629,7 @@ class Runner:
             run.proc.returncode = os.waitstatus_to_exitcode(status)
         return True
 
-    def _on_ready(self, run, stream) -> None:
+    def _on_ready(self, run, stream, fd) -> None:
         if stream == "exit":
             self._sel.unregister(run.pidfd)
             os.close(run.pidfd)
@@ -2631,7 +2637,7 @@ class Runner:
             self._reap(run)
             self._on_exit(run)
             return
-        self._read_once(run, stream, run.pipes[stream == "stderr"])
+        self._read_once(run, stream, fd)
 
     def _read_once(self, run, stream, fd) -> bool:
         """One read of a pipe; False when there is nothing to read right now."""
@@ -2708,9 +2714,10 @@ class Runner:
         if run.finished_at is not None or run.kill_reason is not None:
             return
         run.kill_reason = (status, message)
-        if run.pid is None:
-            # Not spawned yet (_io_add kills it on arrival), or an http run:
-            # its request cannot be aborted; it ends as cancelled when done.
+        if not run.watched:
+            # Not spawned or not handed over yet (_io_add kills it on arrival),
+            # or an http run: its request cannot be aborted; it ends as
+            # cancelled when done.
             return
         self._system_line(run, message)
         self._signal_escalate(

@@ -7,6 +7,7 @@ wait on conditions with deadlines; the scheduler is driven by a fake clock.
 import collections
 import contextlib
 import datetime
+import errno
 import http.client
 import http.server
 import io
@@ -935,6 +936,73 @@ def test_a_job_runs_as_its_user(harness):
         str(nobody.pw_gid),
         f"nobody {nobody.pw_dir}",
     ]
+
+
+def test_no_read_of_a_pipe_the_run_already_closed(harness, monkeypatch):
+    """One select() can report a run's exit before its pipes; handling the
+    exit closes them, and their numbers may be reused at once by another
+    thread: the later events of that round must be dropped, not read."""
+    stale = []
+    real_read_once = Runner._read_once
+
+    def read_once(self, run, stream, fd):
+        if fd not in run.fds:
+            stale.append(fd)
+        return real_read_once(self, run, stream, fd)
+
+    monkeypatch.setattr(Runner, "_read_once", read_once)
+    h = harness()
+    h.add(name="pair", command="sleep 30 & sleep 30 & wait", concurrency="allow")
+    ids = [h.sched.trigger("pair")["id"] for _ in range(20)]
+    wait_for(lambda: all(status_of(h, i) == "running" for i in ids))
+    for run_id in ids:
+        h.runner.stop_run(run_id)
+    h.wait_idle()
+    assert {status_of(h, i) for i in ids} == {"cancelled"}
+    assert stale == []
+
+
+def test_a_spawn_that_runs_out_of_descriptors_fails_and_leaks_none(
+    harness, monkeypatch
+):
+    h = harness()
+    h.add(name="starved", concurrency="allow")
+    real_pipe, calls = os.pipe, []
+
+    def second_pipe_fails():
+        calls.append(1)
+        if len(calls) % 2 == 0:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_pipe()
+
+    before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(minisched.os, "pipe", second_pipe_fails)
+    runs = [h.sched.trigger("starved") for _ in range(5)]
+    h.wait_idle()
+    monkeypatch.undo()
+    for run in runs:
+        row = h.store.get_run(run["id"])
+        assert row["status"] == "failed"
+        assert "cannot start: [Errno 24] Too many open files" in row["error"]
+    assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_a_run_stopped_before_the_io_thread_has_it_says_so_once(harness):
+    h = harness()
+    h.add(name="slow", command="sleep 30")
+    real_after = h.runner._after_launch
+
+    def after_launch(runs):
+        for run in runs:  # the stop reaches the io thread before the run does
+            h.runner.stop_run(run.id)
+        real_after(runs)
+
+    h.runner._after_launch = after_launch
+    run = h.sched.trigger("slow")
+    h.wait_idle()
+    assert status_of(h, run["id"]) == "cancelled"
+    lines = [c["text"] for c in h.store.get_chunks(run["id"])]
+    assert lines == ["stopped by request\n"]
 
 
 def test_the_launcher_takes_the_runs_of_one_instant_together():
