@@ -2606,6 +2606,18 @@ def test_sse_replays_a_finished_run_and_honours_last_event_id(live):
     assert resumed[-1].event == "end"
     after_all = srv.sse(path, headers={"Last-Event-ID": events[2].id}).rest()
     assert [e.event for e in after_all] == ["status", "end"]
+    # A replay larger than one write (they are joined up to 64 KiB) is whole.
+    command = "seq 1 60000"
+    srv.ok("POST", "/api/jobs", {"name": "long", "command": command}, status=201)
+    run = srv.wait_run(srv.ok("POST", "/api/jobs/long/run", status=202)["id"])
+    logs = [
+        e for e in srv.sse(f"/api/runs/{run['id']}/stream").rest() if e.event == "log"
+    ]
+    assert "".join(e.data["text"] for e in logs) == "".join(
+        f"{i}\n" for i in range(1, 60001)
+    )
+    ids = [int(e.id) for e in logs]
+    assert ids == sorted(set(ids)) and len(logs) > 2
 
 
 def test_sse_resumes_a_live_run_after_a_reconnect(live):
