@@ -53,6 +53,7 @@ import base64
 import codecs
 import collections
 import concurrent.futures
+import contextlib
 import csv
 import ctypes
 import datetime
@@ -62,6 +63,7 @@ import gc
 import hashlib
 import heapq
 import hmac
+import http.client
 import inspect
 import io
 import ipaddress
@@ -138,6 +140,8 @@ RUN_STATUSES = (
     "missed",
     "lost",
 )
+#: Statuses that mean something went wrong (alerts, WARNING log lines).
+FAILURE_STATUSES = ("failed", "timed_out", "missed", "lost")
 #: What started a run.
 TRIGGERS = ("schedule", "manual", "retry", "catch_up", "reboot", "dependency")
 #: Slots beyond this many missed while down are summarised, never run.
@@ -149,6 +153,9 @@ READ_SIZE = 65536
 #: After the main process exits, how long its pipes may stay open before the
 #: leftovers holding them are killed.
 DRAIN_SECONDS = 0.1
+#: Shortest time between two scans of ``/proc`` for a finished run's
+#: leftover processes: runs that end together share one scan.
+LEFTOVER_SCAN_INTERVAL = 0.05
 #: How often the jobs file is checked for changes.
 JOBS_FILE_POLL = 2.0
 #: How long before its time a slot is handled: its run is recorded and queued
@@ -159,6 +166,13 @@ LOOKAHEAD = 0.25
 LAUNCH_JOIN_SECONDS = 0.5
 #: Longest single sleep of the scheduler, so wall-clock jumps are noticed.
 MAX_SLEEP = 60.0
+#: Seconds a client has to send a request's headers and body (and longest
+#: wait on one socket operation): a slow or silent client cannot hold a
+#: thread for longer.
+REQUEST_TIMEOUT = 20.0
+#: Connections served at once; beyond them a client gets 503 and is closed,
+#: so a host with the common limit of 1024 descriptors stays up.
+MAX_CONNECTIONS = 200
 
 
 class Config:
@@ -184,6 +198,9 @@ class Config:
         ("shutdown_grace", 30.0, float),
         ("insecure_no_auth", False, bool),
         ("log_level", "info", str),
+        ("token_file", None, str),
+        ("request_timeout", REQUEST_TIMEOUT, float),
+        ("max_connections", MAX_CONNECTIONS, int),
     )
 
     def __init__(self, **values):
@@ -209,6 +226,51 @@ class Config:
     def zone(self) -> datetime.tzinfo:
         """The server's default zone for jobs without ``timezone``."""
         return get_zone(self.timezone) if self.timezone else local_zone()
+
+    def networks(self, name: str) -> list:
+        """The CIDRs of ``allow_ip`` (or another list setting) as networks;
+        :class:`UsageError` naming the flag for a bad one."""
+        out = []
+        for cidr in getattr(self, name):
+            try:
+                out.append(ipaddress.ip_network(cidr, strict=False))
+            except ValueError:
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(
+                    f"{flag}: {cidr!r} is not an address or CIDR "
+                    "(such as 10.0.0.0/8 or ::1)"
+                ) from None
+        return out
+
+    def check(self) -> None:
+        """Every setting usable, else :class:`UsageError` naming its flag.
+        Reads ``token_file`` into ``token``."""
+        try:
+            self.zone()
+        except InvalidError as exc:
+            raise UsageError("--timezone: " + exc.message) from None
+        self.networks("allow_ip")
+        for name, low in (
+            ("port", 0),
+            ("max_concurrent", 0),
+            ("max_streams", 1),
+            ("max_connections", 1),
+            ("shutdown_grace", 0),
+            ("request_timeout", 0.1),
+        ):
+            if getattr(self, name) < low:
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(f"{flag}: must be at least {low}")
+        if self.token_file:
+            if self.token:
+                raise UsageError("--token-file: give either a token or a token file")
+            try:
+                with open(self.token_file, encoding="utf-8") as f:
+                    self.token = f.read().strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UsageError(f"--token-file: cannot read it: {exc}") from None
+            if not self.token:
+                raise UsageError(f"--token-file: {self.token_file} is empty")
 
 
 def _parse_setting(name, raw, kind):
@@ -729,6 +791,7 @@ JOB_DEFAULTS = {
     "on_failure": [],
     "on_start": [],
     "after": [],
+    "leftovers": "kill",
 }
 #: Fields only meaningful for ``kind: http``.
 HTTP_FIELDS = ("url", "method", "headers", "body", "expect_status")
@@ -770,7 +833,37 @@ _CHOICES = {
     "kind": ("command", "http"),
     "concurrency": ("forbid", "allow", "replace", "queue"),
     "catch_up": ("none", "latest", "all"),
+    "leftovers": ("kill", "keep"),
 }
+
+
+#: Header names HTTP allows (RFC 9110 tokens).
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: What a header value may not hold: control characters (tab aside) and line breaks.
+_HEADER_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _text_problem(value, nul_ok=False):
+    """None if every string in ``value`` (nested lists and objects, keys too)
+    is valid Unicode and, unless ``nul_ok``, holds no NUL; else what is wrong.
+    JSON escapes can carry lone surrogates (``"\\ud800"``) that no file,
+    environment, URL or database encoding accepts."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "must be valid Unicode text (it holds a lone surrogate such as \\ud800)"
+            if not nul_ok and "\0" in item:
+                return "must not contain NUL characters"
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
 
 
 def _check_str_map(value):
@@ -779,6 +872,48 @@ def _check_str_map(value):
     for key, item in value.items():
         if not isinstance(item, str):
             return f"value of {key!r} must be a string"
+    return None
+
+
+def _headers_problem(value):
+    """None if ``value`` is an object of HTTP header names to values that
+    ``http.client`` can send; else what is wrong."""
+    if not isinstance(value, dict):
+        return "must be an object of header names to strings"
+    for key, item in value.items():
+        if not _HEADER_NAME_RE.fullmatch(key):
+            return (
+                f"has an invalid header name {key!r} "
+                "(letters, digits and !#$%&'*+.^_`|~- only)"
+            )
+        if not isinstance(item, str):
+            return f"value of {key!r} must be a string"
+        if _HEADER_VALUE_BAD.search(item):
+            return (
+                f"value of {key!r} must not contain control characters or line breaks"
+            )
+        if any(ord(c) > 255 for c in item):
+            return f"value of {key!r} must be Latin-1 text (HTTP headers cannot carry other characters)"
+    return None
+
+
+def _url_problem(value):
+    """None if ``value`` is an http(s) URL that a request can be made to;
+    else what is wrong.  Parsed, not pattern-matched: ``http.client`` refuses
+    spaces, control characters and non-ASCII text anywhere in it."""
+    if not isinstance(value, str):
+        return "must be a string"
+    if re.search(r"[\x00-\x20\x7f]", value):
+        return "must be an http:// or https:// URL without spaces or control characters (percent-encode them)"
+    if not value.isascii():
+        return "must be an ASCII URL (percent-encode other characters; punycode for host names)"
+    try:
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        return f"must be an http:// or https:// URL ({exc})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
     return None
 
 
@@ -794,28 +929,26 @@ def _check_hooks(value):
             return where + f" has unknown field {min(unknown)!r}"
         if ("url" in hook) == ("command" in hook):
             return where + " needs exactly one of url or command"
-        if "url" in hook and not _valid_url(hook["url"]):
-            return where + ".url must be an http:// or https:// URL"
+        problem = _url_problem(hook["url"]) if "url" in hook else None
+        if problem:
+            return where + ".url " + problem
         if "command" in hook and not _valid_command(hook["command"]):
             return where + ".command must be a string or a list of strings"
         if hook.get("method", "POST") not in _HTTP_METHODS:
             return where + ".method must be one of " + ", ".join(_HTTP_METHODS)
-        if "headers" in hook and _check_str_map(hook["headers"]):
-            return where + ".headers " + _check_str_map(hook["headers"])
+        problem = _headers_problem(hook["headers"]) if "headers" in hook else None
+        if problem:
+            return where + ".headers " + problem
     return None
-
-
-def _valid_url(value) -> bool:
-    return isinstance(value, str) and re.match(r"^https?://[^\s/]+", value) is not None
 
 
 def _valid_command(value) -> bool:
     if isinstance(value, str):
-        return bool(value.strip()) and "\0" not in value
+        return bool(value.strip())
     return (
         isinstance(value, list)
         and bool(value)
-        and all(isinstance(a, str) and "\0" not in a for a in value)
+        and all(isinstance(a, str) for a in value)
         and bool(value[0])
     )
 
@@ -834,13 +967,11 @@ def _field_problem(name, value):
     if name == "command":
         ok = value is None or _valid_command(value)
         return None if ok else "must be a non-empty string or list of strings"
-    if name in ("schedule", "timezone", "cwd", "user", "url"):
+    if name == "url":
+        return None if value is None else _url_problem(value)
+    if name in ("schedule", "timezone", "cwd", "user"):
         if value is not None and not isinstance(value, str):
             return "must be a string"
-        if name == "url" and value is not None and not _valid_url(value):
-            return "must be an http:// or https:// URL"
-        if name == "cwd" and value is not None and "\0" in value:
-            return "must not contain NUL"
         return None
     if name == "description":
         if not isinstance(value, str) or len(value) > 2000:
@@ -855,7 +986,7 @@ def _field_problem(name, value):
             else "must be one of " + ", ".join(_HTTP_METHODS)
         )
     if name == "headers":
-        return _check_str_map(value)
+        return _headers_problem(value)
     if name == "env":
         problem = _check_str_map(value)
         if problem:
@@ -865,8 +996,6 @@ def _field_problem(name, value):
                 return f"has an invalid variable name {key!r}"
             if key in RESERVED_ENV:
                 return f"must not set {key} (minisched sets it)"
-            if "\0" in value[key]:
-                return f"value of {key!r} must not contain NUL"
         return None
     if name == "body":
         return None  # a string, or any JSON value sent as JSON
@@ -924,7 +1053,9 @@ def validate_job(data, server_tz: datetime.tzinfo | None = None) -> dict:
         )
     for key, value in data.items():
         if key in JOB_DEFAULTS:
-            problem = _field_problem(key, value)
+            # Text first: every other check may assume encodable strings.
+            problem = _text_problem(value, nul_ok=key == "body")
+            problem = problem or _field_problem(key, value)
             if problem:
                 bad(key, problem)
     kind = data.get("kind", "command")
@@ -955,6 +1086,36 @@ def validate_job(data, server_tz: datetime.tzinfo | None = None) -> dict:
     if errors:
         raise InvalidError(errors[0]["error"], errors[0]["field"], errors)
     return dict(data)
+
+
+def find_cycle(deps: dict) -> list | None:
+    """A dependency cycle in ``deps`` (job name -> the names in its ``after``),
+    as ``[a, b, ..., a]``, or None.  Names that are not keys are leaves.  The
+    one cycle check: the jobs file, import, validation and the API use it."""
+    done, on_path = set(), {}
+    for root, after in deps.items():
+        if root in done:
+            continue
+        path, stack = [root], [iter(after)]
+        on_path[root] = 0
+        while stack:
+            for name in stack[-1]:
+                if name in on_path:
+                    return path[on_path[name] :] + [name]
+                if name in deps and name not in done:
+                    on_path[name] = len(path)
+                    path.append(name)
+                    stack.append(iter(deps[name]))
+                    break
+            else:
+                stack.pop()
+                done.add(path[-1])
+                del on_path[path.pop()]
+    return None
+
+
+def _cycle_message(cycle: list) -> str:
+    return "depends on itself through a cycle: " + " -> ".join(cycle)
 
 
 class Job:
@@ -1070,6 +1231,18 @@ MIGRATIONS = (
     ) WITHOUT ROWID;
     CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT);
     """,
+    """
+    ALTER TABLE runs ADD COLUMN leftovers_stopped INTEGER;
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        token_name TEXT NOT NULL,
+        token_check TEXT NOT NULL,
+        address TEXT,
+        created_at REAL NOT NULL,
+        last_seen REAL NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    """,
 )
 #: Columns of ``runs`` in API order.
 RUN_COLUMNS = (
@@ -1092,8 +1265,35 @@ RUN_COLUMNS = (
     "peak_rss",
     "output_bytes",
     "output_truncated",
+    "leftovers_stopped",
 )
 _WRITE_BATCH = 2000
+#: sqlite3 messages of failures that pass (a full disk, an I/O error, a lock
+#: held too long): the writer keeps what it could not write and tries again.
+_TRANSIENT_DB_ERRORS = (
+    "disk is full",
+    "disk i/o error",
+    "database is locked",
+    "unable to open",
+    "out of memory",
+)
+#: While the database cannot be written: seconds between attempts, and how
+#: much output the writer keeps in memory (beyond it the oldest output is
+#: dropped; run and job records are always kept).
+_RETRY_SECONDS = 1.0
+_HELD_OUTPUT_BYTES = 32 << 20
+#: How long ``close()`` keeps trying to write what is held.
+_CLOSE_RETRY_SECONDS = 10.0
+#: How long a request waits for its write before answering 503.
+WRITE_WAIT = 10.0
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and any(
+        text in str(exc).lower() for text in _TRANSIENT_DB_ERRORS
+    )
+
+
 #: Idle reader connections kept open.
 _READ_POOL = 8
 
@@ -1134,6 +1334,9 @@ class Store:
         self._thread = None
         self._lock_fd = None
         self.healthy = True
+        #: Why writes cannot be committed now (None when they can).
+        self.outage = None
+        self._outage_logged = 0.0
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -1216,30 +1419,43 @@ class Store:
     # -- the writer thread -------------------------------------------------
 
     def _write_loop(self) -> None:
-        """Runs in ``minisched-writer``: batch, commit, resolve futures."""
+        """Runs in ``minisched-writer``: batch, commit, resolve futures.
+
+        When the database cannot be written (a full disk, an I/O error), the
+        operations stay in ``held``, in order, and are retried every
+        ``_RETRY_SECONDS`` until they commit: nothing acknowledged is lost.
+        Meanwhile ``outage`` says why and the API answers new writes with 503.
+        """
         conn = self._writer_conn
+        held = []  # (fn, future, kind, size), oldest first, not yet done
+        stop_by = None  # set by close(): give up on ``held`` after this
         last_checkpoint = time.monotonic()
         while True:
-            try:
-                item = self._queue.get(timeout=60)
-            except queue.Empty:
-                item = ()
-            batch, done = ([item] if item else []), item is None
-            while not done and len(batch) < _WRITE_BATCH:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    done = True
-                else:
-                    batch.append(item)
-            batch = [b for b in batch if b]
-            if batch:
-                self._commit(conn, batch)
-            if done:
+            items, stopping = self._take(_RETRY_SECONDS if held else 60.0)
+            if stopping and stop_by is None:
+                stop_by = time.monotonic() + _CLOSE_RETRY_SECONDS
+            held.extend(items)
+            while held:
+                batch = held[:_WRITE_BATCH]
+                done = self._commit(conn, batch)
+                del held[:done]
+                if done < len(batch):
+                    break  # cannot write now; keep the rest
+            if held:
+                self._limit_held(held)
+            if stop_by is not None and (not held or time.monotonic() > stop_by):
+                if held:
+                    log.error(
+                        "%d database writes were never committed (%s): the next "
+                        "start marks their runs lost",
+                        len(held),
+                        self.outage,
+                    )
+                    for _fn, future, _kind, _size in held:
+                        future.set_exception(UnavailableError(str(self.outage)))
                 return
-            if time.monotonic() - last_checkpoint > 300 or (not batch and item == ()):
+            quiet = not items and not held
+            if time.monotonic() - last_checkpoint > 300 or quiet:
                 # Keep the WAL small even if readers held it open during bursts.
                 try:
                     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -1247,44 +1463,140 @@ class Store:
                     pass
                 last_checkpoint = time.monotonic()
 
-    def _commit(self, conn, batch) -> None:
-        results = []
+    def _take(self, timeout) -> tuple:
+        """Wait up to ``timeout`` for queued operations and take all of them
+        (at most ``_WRITE_BATCH``); returns ``(items, close requested)``."""
+        items = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for fn, _future in batch:
-                results.append(fn(conn))
-            conn.execute("COMMIT")
-        except Exception:  # noqa: BLE001 - replayed one by one below
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            item = self._queue.get(timeout=timeout)
+            while item is not None:
+                items.append(item)
+                if len(items) >= _WRITE_BATCH:
+                    return items, False
+                item = self._queue.get_nowait()
+            return items, True
+        except queue.Empty:
+            return items, False
+
+    def _commit(self, conn, batch) -> int:
+        """Commit ``batch`` in one transaction and resolve its futures.
+        Returns how many of its operations are done (committed, or failed for
+        good), counted from the first: fewer than all means the database
+        cannot be written now and the rest must be tried again."""
+        try:
+            results = self._transaction(conn, batch)
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if _transient(exc):
+                self._set_outage(exc)
+                return 0
             # Replay one by one so one bad operation fails alone.
-            for fn, future in batch:
+            for i, item in enumerate(batch):
                 try:
-                    conn.execute("BEGIN IMMEDIATE")
-                    result = fn(conn)
-                    conn.execute("COMMIT")
+                    (result,) = self._transaction(conn, [item])
                 except Exception as exc:  # noqa: BLE001 - goes to the future
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
+                    if _transient(exc):
+                        self._set_outage(exc)
+                        return i
                     log.error("database write failed: %s", exc)
                     if not isinstance(exc, sqlite3.IntegrityError):
                         self.healthy = False
-                    future.set_exception(exc)
+                    item[1].set_exception(exc)
                 else:
-                    future.set_result(result)
-            return
+                    item[1].set_result(result)
+            self._set_outage(None)
+            return len(batch)
+        self._set_outage(None)
         self.healthy = True
-        for (_fn, future), result in zip(batch, results):
-            future.set_result(result)
+        for item, result in zip(batch, results):
+            item[1].set_result(result)
+        return len(batch)
 
-    def _submit(self, fn) -> concurrent.futures.Future:
+    @staticmethod
+    def _transaction(conn, batch) -> list:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            results = [item[0](conn) for item in batch]
+            conn.execute("COMMIT")
+            return results
+        except BaseException:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # SQLite rolled back itself
+            raise
+
+    def _set_outage(self, exc) -> None:
+        """Writer thread: note that writing fails (``exc``) or works again (None)."""
+        now = time.monotonic()
+        if exc is None:
+            if self.outage is not None:
+                log.warning("the database can be written again: held writes committed")
+                self.outage = None
+                self.healthy = True
+            return
+        if self.outage is None or now - self._outage_logged > 60:
+            log.warning(
+                "the database cannot be written (%s): keeping writes in memory "
+                "and retrying every %gs",
+                exc,
+                _RETRY_SECONDS,
+            )
+            self._outage_logged = now
+        self.outage = str(exc)
+        self.healthy = False
+
+    def _limit_held(self, held) -> None:
+        """Bound what an outage keeps: beyond the limit, drop the oldest output
+        (run and job records are small and always kept)."""
+        output = sum(item[3] for item in held)
+        if output <= _HELD_OUTPUT_BYTES:
+            return
+        dropped = 0
+        for i, item in enumerate(held):
+            if output <= _HELD_OUTPUT_BYTES // 2:
+                break
+            if item[2] != "output":
+                continue
+            output -= item[3]
+            item[1].set_exception(UnavailableError("dropped: " + str(self.outage)))
+            held[i] = None
+            dropped += 1
+        held[:] = [item for item in held if item is not None]
+        log.warning(
+            "database still cannot be written: dropped %d held output writes "
+            "to stay within %d MiB",
+            dropped,
+            _HELD_OUTPUT_BYTES >> 20,
+        )
+
+    def _submit(self, fn, kind="state", size=0) -> concurrent.futures.Future:
         future = concurrent.futures.Future()
-        self._queue.put((fn, future))
+        self._queue.put((fn, future, kind, size))
         return future
+
+    def result(self, future, timeout=WRITE_WAIT):
+        """A write's result, or :class:`UnavailableError` if it is not
+        committed within ``timeout`` (the database cannot be written)."""
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise UnavailableError(
+                "the database cannot be written now ({}); try again later".format(
+                    self.outage or "it is too slow"
+                )
+            ) from None
+
+    def check_writable(self) -> None:
+        """:class:`UnavailableError` (503) while writes cannot be committed."""
+        if self.outage is not None:
+            raise UnavailableError(
+                f"the database cannot be written now ({self.outage}); try again later"
+            )
 
     def flush(self, timeout=30) -> None:
         """Wait until every write queued before this call is committed."""
-        self._submit(lambda conn: None).result(timeout)
+        self.result(self._submit(lambda conn: None), timeout)
 
     # -- writes (any thread; each returns a Future) -------------------------
 
@@ -1350,7 +1662,9 @@ class Store:
         return self._submit(
             lambda conn: conn.executemany(
                 "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?)", rows
-            )
+            ),
+            "output",
+            sum(len(row[4]) for row in rows),
         )
 
     def save_job(self, name: str, fields: dict):
@@ -1401,6 +1715,39 @@ class Store:
                 conn.execute("DELETE FROM runs WHERE job = ?", (name,))
 
         return self._submit(op)
+
+    def add_session(self, row: dict):
+        """Record a page session: ``id`` (a hash of the cookie), ``token_name``,
+        ``token_check`` (a hash of the token it was opened with), ``address``,
+        ``created_at``, ``last_seen``, ``expires_at``.  Expired ones go."""
+        cols = list(row)
+        sql = "INSERT INTO sessions ({}) VALUES ({})".format(
+            ", ".join(cols), ", ".join("?" * len(cols))
+        )
+
+        def op(conn):
+            conn.execute(
+                "DELETE FROM sessions WHERE expires_at < ?", (row["created_at"],)
+            )
+            conn.execute(sql, [row[c] for c in cols])
+
+        return self._submit(op)
+
+    def touch_session(self, session_id: str, now: float):
+        return self._submit(
+            lambda conn: conn.execute(
+                "UPDATE sessions SET last_seen = ? WHERE id = ?", (now, session_id)
+            )
+        )
+
+    def delete_sessions(self, session_id=None, token_name=None):
+        """End one session, or every session of a token."""
+        column, value = ("id", session_id) if session_id else ("token_name", token_name)
+        return self._submit(
+            lambda conn: conn.execute(
+                f"DELETE FROM sessions WHERE {column} = ?", (value,)
+            )
+        )
 
     def prune(self, job: str, keep_runs: int):
         """Retention: keep the newest ``keep_runs`` real runs and the newest
@@ -1486,6 +1833,11 @@ class Store:
             if item["file_definition"]:
                 item["file_definition"] = json.loads(item["file_definition"])
         return out
+
+    def get_session(self, session_id: str) -> dict | None:
+        return self._query(
+            "SELECT * FROM sessions WHERE id = ?", (session_id,), one=True
+        )
 
     def get_run(self, run_id: int) -> dict | None:
         return self._query("SELECT * FROM runs WHERE id = ?", (run_id,), one=True)
@@ -1615,13 +1967,14 @@ class EventBus:
 ###############################################################################
 
 
-def find_marked_pids(run_ids, exclude=(), server=None):
+def find_marked_pids(run_ids, exclude=(), server=None, by_run=False):
     """Pids of processes whose environment has ``MINISCHED_RUN_ID`` in ``run_ids``
     (a set of str) and, when ``server`` is given, ``MINISCHED_SERVER == server``
     (run ids restart at 1 in every database; this keeps two servers on one
     host apart).  This finds descendants that left the process group with
-    ``setsid``.  Reads ``/proc`` directly; also runs inside the guard process."""
-    found = []
+    ``setsid``.  With ``by_run``: a dict run id (str) -> pids.  Reads ``/proc``
+    directly; also runs inside the guard process."""
+    found = {} if by_run else []
     try:
         names = os.listdir("/proc")
     except OSError:
@@ -1641,10 +1994,14 @@ def find_marked_pids(run_ids, exclude=(), server=None):
             if item.startswith((b"MINISCHED_RUN_ID=", b"MINISCHED_SERVER=")):
                 key, _, value = item.partition(b"=")
                 marks[key] = value.decode("ascii", "replace")
-        if marks.get(b"MINISCHED_RUN_ID") in run_ids and (
+        run_id = marks.get(b"MINISCHED_RUN_ID")
+        if run_id in run_ids and (
             server is None or marks.get(b"MINISCHED_SERVER") == server
         ):
-            found.append(int(name))
+            if by_run:
+                found.setdefault(run_id, []).append(int(name))
+            else:
+                found.append(int(name))
     return found
 
 
@@ -1965,6 +2322,7 @@ class Run:
         self.cpu_time = self.peak_rss = None
         self.output_bytes = 0
         self.output_truncated = False
+        self.leftovers_stopped = None
         self.force = False  # a forced manual trigger ignores the job's concurrency
         self.counted = False  # counted in the Runner's live/busy totals
         self.persisted = None  # Future of the insert; launch waits on it
@@ -1983,7 +2341,9 @@ class Run:
         self.tail = collections.deque()
         self.tail_bytes = 0
         self.marker_seq = None
+        self.head_newline = True  # the stored head ends a line
         self.exited = False
+        self.guard_held = False  # leftovers being killed: stay registered
         self.rusage = None
         self.timers = []
 
@@ -2040,6 +2400,10 @@ class Runner:
 
     # -- lifecycle ---------------------------------------------------------
 
+    def threads_alive(self) -> dict:
+        """``{"launcher": bool, "io": bool, "sampler": bool}``: alive or not."""
+        return {t.name.split("-", 1)[1]: t.is_alive() for t in self._threads}
+
     def start(self) -> None:
         close_inherited_fds()  # jobs get only stdin, stdout and stderr
         for name, target in (
@@ -2062,7 +2426,7 @@ class Runner:
             self._closing = True
             pending = [r for r in self._runs.values() if r.status == "queued"]
         for run in pending:
-            self._cancel_queued(run, "the server is shutting down")
+            self._end_unstarted(run, "cancelled", "the server is shutting down")
         soft = deadline - min(2.0, grace / 2)
         with self._lock:
             while self._active_processes() and time.monotonic() < soft:
@@ -2166,7 +2530,41 @@ class Runner:
             # Due now or in a moment: queue it; the launcher holds it until then.
             run.due = time.monotonic() + max(0.0, delay)
             self._enqueue(run)
+        deadline = self._deadline(run)
+        if deadline is not None:
+            # Held back (--max-concurrent, a queue) past its deadline: missed.
+            ref = weakref.ref(run)
+            left = max(0.0, deadline - self.clock())
+            self._io_command(("timer", left, lambda: self._expire(ref())))
         return run.public()
+
+    @staticmethod
+    def _deadline(run):
+        """The latest start of a scheduled run (``starting_deadline``), or None."""
+        limit = run.job.starting_deadline
+        if limit is None or run.slot is None or run.scheduled_at is None:
+            return None
+        return run.scheduled_at + limit
+
+    def _expire(self, run) -> None:
+        """Io thread, at a run's deadline: if it is still waiting, it is missed."""
+        if run is None:
+            return
+        with self._lock:
+            if run.status != "queued" or run.id not in self._runs:
+                return
+            full = 0 < self.max_concurrent <= self._live
+        why = (
+            f"every one of --max-concurrent {self.max_concurrent} was busy"
+            if full
+            else "an earlier run of this job was still active"
+        )
+        self._end_unstarted(
+            run,
+            "missed",
+            f"not started within starting_deadline {_num(run.job.starting_deadline)}s: "
+            f"{why}",
+        )
 
     def record(
         self,
@@ -2203,7 +2601,8 @@ class Runner:
         self._count(run)
         public = run.public()
         self.bus.publish("run", public)
-        log.info(
+        log.log(
+            logging.WARNING if run.status in FAILURE_STATUSES else logging.INFO,
             "run %d of %s %s%s",
             run.id,
             job.name,
@@ -2219,12 +2618,23 @@ class Runner:
             if run.status != "queued" or run.id not in self._runs:
                 return
             self._waiting.append(run)
-            self._pump()
+            late = self._pump()
+        for stale in late:
+            self._expire(stale)
 
-    def _pump(self) -> None:
-        """Start every waiting run that may start now.  Caller holds the lock."""
-        keep = []
+    def _pump(self) -> list:
+        """Start every waiting run that may start now; returns the waiting
+        runs past their deadline, for the caller to record once it has
+        released the lock.  Caller holds the lock."""
+        keep, late, now = [], [], None
         for run in self._waiting:
+            deadline = self._deadline(run)
+            if deadline is not None:
+                now = self.clock() if now is None else now
+                if now > deadline:
+                    keep.append(run)
+                    late.append(run)
+                    continue
             name, exclusive = run.job.name, run.job.concurrency != "allow"
             ok = self.max_concurrent <= 0 or self._live < self.max_concurrent
             if ok and exclusive and not run.force:
@@ -2239,6 +2649,7 @@ class Runner:
                 self._busy[name] += 1
             self._launch_q.put(run)
         self._waiting = keep
+        return late
 
     def _forget(self, run) -> None:
         """Drop a run from the active indexes.  Caller holds the lock."""
@@ -2264,7 +2675,7 @@ class Runner:
             status = run.status if run else None
         if status is None:
             return False
-        if status != "queued" or not self._cancel_queued(run, message):
+        if status != "queued" or not self._end_unstarted(run, "cancelled", message):
             self._kill(run, "cancelled", message)  # started meanwhile: kill it
         return True
 
@@ -2273,23 +2684,27 @@ class Runner:
         ids = [r.id for r in self.active_runs(name)]
         return sum(self.stop_run(run_id, message) for run_id in ids)
 
-    def _cancel_queued(self, run, message) -> bool:
-        """Cancel a run that has not started; False if it started meanwhile."""
+    def _end_unstarted(self, run, status, message, starting=False) -> bool:
+        """End a run that never started (``cancelled``, ``missed``, ``failed``):
+        False if it started meanwhile.  ``starting``: the launcher ends a run
+        it had taken."""
         with self._lock:
-            if run.status != "queued" or run.id not in self._runs:
+            wanted = "starting" if starting else "queued"
+            if run.status != wanted or run.id not in self._runs:
                 return False
             self._forget(run)
             if run in self._waiting:
                 self._waiting.remove(run)
-            run.status = "cancelled"
+            run.status = status
         run.error = message
         run.finished_at = self.clock()
         self.store.update_run(
             run.id,
-            {"status": "cancelled", "error": message, "finished_at": run.finished_at},
+            {"status": status, "error": message, "finished_at": run.finished_at},
             job=run.job.name,
         )
         self._published(run, run.job)
+        return True
 
     def _kill(self, run, status, message, grace=None) -> None:
         """Ask the io thread to stop a started run: SIGTERM, then SIGKILL."""
@@ -2319,31 +2734,41 @@ class Runner:
         the bookkeeping follows, so a burst starts as fast as a bare loop."""
         held = []  # runs queued ahead of their time, by due time
         while True:
-            timeout = max(0.0, held[0][0] - time.monotonic()) if held else None
-            batch = self._take_due(held, timeout)
-            join_until = time.monotonic() + LAUNCH_JOIN_SECONDS
-            started = []
-            while batch:
-                for item in batch:
-                    if item is None:
-                        self._after_launch(started)
-                        return
-                    if callable(item):
-                        self.guard.server = self.store.server_id
-                        self.guard.start()
-                        item()
-                        continue
-                    try:
-                        if self._launch(item):
-                            started.append(item)
-                    except Exception as exc:
-                        log.exception("launching run %d failed", item.id)
-                        item.error = f"cannot start: {exc}"
+            try:
+                if not self._launch_round(held):
+                    return
+            except Exception:
+                log.exception("the launcher failed in a batch; it goes on")
+
+    def _launch_round(self, held) -> bool:
+        """Wait for due runs and spawn them as one batch; False at the stop
+        sentinel.  Launcher thread."""
+        timeout = max(0.0, held[0][0] - time.monotonic()) if held else None
+        batch = self._take_due(held, timeout)
+        join_until = time.monotonic() + LAUNCH_JOIN_SECONDS
+        started = []
+        while batch:
+            for item in batch:
+                if item is None:
+                    self._after_launch(started)
+                    return False
+                if callable(item):
+                    self.guard.server = self.store.server_id
+                    self.guard.start()
+                    item()
+                    continue
+                try:
+                    if self._launch(item):
                         started.append(item)
-                # Runs that came due while this batch spawned join it, for a while.
-                joining = time.monotonic() < join_until
-                batch = self._take_due(held, 0) if joining else []
-            self._after_launch(started)
+                except Exception as exc:
+                    log.exception("launching run %d failed", item.id)
+                    item.error = f"cannot start: {exc}"
+                    started.append(item)
+            # Runs that came due while this batch spawned join it, for a while.
+            joining = time.monotonic() < join_until
+            batch = self._take_due(held, 0) if joining else []
+        self._after_launch(started)
+        return True
 
     def _take_due(self, held, timeout) -> list:
         """Wait up to ``timeout`` (None: forever) for the launch queue; file
@@ -2376,10 +2801,17 @@ class Runner:
     def _launch(self, run) -> bool:
         """Spawn one run (after its insert committed).  False if it must not
         run (its slot already had a run, or it could not be recorded)."""
-        try:
-            inserted = run.persisted.result()
-        except Exception as exc:  # noqa: BLE001 - reported below
-            inserted = exc
+        inserted = self._committed(run)
+        if isinstance(inserted, UnavailableError):
+            # Its insert is held until the database can be written again, and
+            # so is this record of why it never ran: the slot is accounted for.
+            self._end_unstarted(
+                run,
+                "missed" if run.slot is not None else "failed",
+                f"not started: the database cannot record it ({inserted.message})",
+                starting=True,
+            )
+            return False
         if inserted is not True:
             with self._lock:
                 self._forget(run)
@@ -2397,6 +2829,19 @@ class Runner:
         except _SpawnError as exc:
             run.error = str(exc)
         return True
+
+    def _committed(self, run):
+        """The result of a run's insert: True, False (its slot had a run),
+        the exception, or an :class:`UnavailableError` while the database
+        cannot be written (then it is not waited for)."""
+        while True:
+            try:
+                return run.persisted.result(timeout=0.5)
+            except concurrent.futures.TimeoutError:
+                if self.store.outage is not None:
+                    return UnavailableError(self.store.outage)
+            except Exception as exc:  # noqa: BLE001 - the caller reports it
+                return exc
 
     def _after_launch(self, runs) -> None:
         """Record and announce a batch of started runs; hand them to the io
@@ -2417,21 +2862,36 @@ class Runner:
             [(r.started_at, r.pid, r.pid_create_time, r.id, r.job.name) for r in runs]
         )
         for run in runs:
-            public = run.public()
-            self.bus.publish("run", public)
-            log.info("run %d of %s started (%s)", run.id, run.job.name, run.trigger)
-            self.on_hook("on_start", public, run.job)
-            if run.job.kind == "http" and run.error is None:
-                threading.Thread(
-                    target=self._http_run,
-                    args=(run,),
-                    name="minisched-http-run",
-                    daemon=True,
-                ).start()
-            elif run.pid is None:
-                self._io_command(("failed", run, run.error))
-            else:
-                self._io_command(("add", run))
+            # Each run on its own: one failure here must neither end this
+            # thread nor leave a started run unwatched.
+            try:
+                public = run.public()
+                self.bus.publish("run", public)
+                log.info("run %d of %s started (%s)", run.id, run.job.name, run.trigger)
+                self.on_hook("on_start", public, run.job)
+            except Exception:
+                log.exception("announcing the start of run %d failed", run.id)
+            try:
+                self._hand_over(run)
+            except Exception as exc:
+                log.exception("handing run %d over failed", run.id)
+                self._io_command(("fail", run, f"internal error: {exc!r}"))
+
+    def _hand_over(self, run) -> None:
+        """Give a started run to the io thread, which owns it from now on (an
+        http run's request goes to a thread of its own).  Launcher thread."""
+        if run.job.kind == "http" and run.error is None:
+            self._io_command(("add", run))
+            threading.Thread(
+                target=self._http_run,
+                args=(run,),
+                name="minisched-http-run",
+                daemon=True,
+            ).start()
+        elif run.pid is None:
+            self._io_command(("fail", run, run.error))
+        else:
+            self._io_command(("add", run))
 
     def _spawn(self, run) -> None:
         """Start the job's process in its own session; sets ``run.pid``,
@@ -2495,30 +2955,36 @@ class Runner:
                     os.close(fd)
 
     def _http_run(self, run) -> None:
-        """``minisched-http-run``: one request; the result goes to the io thread."""
+        """``minisched-http-run``: one request; the result goes to the io
+        thread, whatever happens (a run must never stay ``running``)."""
         job = run.job
-        body = job.body
-        headers = dict(job.headers)
-        if body is not None and not isinstance(body, str):
-            body = json.dumps(body)
-            headers.setdefault("Content-Type", "application/json")
-        request = urllib.request.Request(
-            job.url,
-            data=body.encode() if body is not None else None,
-            method=job.method,
-            headers=headers,
-        )
         status, text, error = None, "", None
         try:
-            with urllib.request.urlopen(request, timeout=job.timeout or 30) as response:
+            body = job.body
+            headers = dict(job.headers)
+            if body is not None and not isinstance(body, str):
+                body = json.dumps(body)
+                headers.setdefault("Content-Type", "application/json")
+            request = urllib.request.Request(
+                job.url,
+                data=body.encode() if body is not None else None,
+                method=job.method,
+                headers=headers,
+            )
+            timeout = job.timeout + 1 if job.timeout else 30
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 status = response.status
                 text = response.read(job.max_output).decode("utf-8", "replace")
         except urllib.error.HTTPError as exc:
             status = exc.code
-            text = exc.read(job.max_output).decode("utf-8", "replace")
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            error = f"request failed: {reason}"
+            try:
+                text = exc.read(job.max_output).decode("utf-8", "replace")
+            except (OSError, ValueError):
+                text = ""
+        except (urllib.error.URLError, OSError) as exc:
+            error = f"request failed: {getattr(exc, 'reason', exc)}"
+        except Exception as exc:  # noqa: BLE001 - any failure ends the run
+            error = f"request failed: {type(exc).__name__}: {exc}"
         if status is not None:
             ok = (
                 status in job.expect_status
@@ -2540,43 +3006,60 @@ class Runner:
 
     def _io_loop(self) -> None:
         """``minisched-io``: pipes, exits, timers.  Owns every started run's
-        process and output state."""
+        process and output state.  Each event, command and timer is handled
+        on its own: one that fails is logged and the loop goes on."""
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._timers = []
         self._timer_seq = itertools.count()
+        self._leftover_checks = []  # exited runs waiting for the next scan
+        self._last_scan = 0.0
         while True:
-            timeout = None
-            if self._timers:
-                timeout = max(0.0, self._timers[0][0] - time.monotonic())
-            for key, _mask in self._sel.select(timeout):
-                if self._sel.get_map().get(key.fd) is not key:
-                    continue  # closed by an earlier event of this round
-                if key.data is None:
-                    os.read(self._wake_r, 4096)
-                else:
-                    try:
-                        self._on_ready(*key.data, key.fd)
-                    except Exception:
-                        log.exception("error handling a run's pipe")
-            while True:
-                try:
-                    command = self._io_q.get_nowait()
-                except queue.Empty:
-                    break
-                if command[0] == "stop":
+            try:
+                if not self._io_round():
                     return
+            except Exception:
+                log.exception("the io thread failed in a round; it goes on")
+
+    def _io_round(self) -> bool:
+        """One wait for pipes, exits, commands and timers; False on stop."""
+        timeout = None
+        if self._timers:
+            timeout = max(0.0, self._timers[0][0] - time.monotonic())
+        if self._leftover_checks:
+            scan_in = self._last_scan + LEFTOVER_SCAN_INTERVAL - time.monotonic()
+            timeout = max(0.0, min(scan_in, LEFTOVER_SCAN_INTERVAL))
+        for key, _mask in self._sel.select(timeout):
+            if self._sel.get_map().get(key.fd) is not key:
+                continue  # closed by an earlier event of this round
+            if key.data is None:
+                os.read(self._wake_r, 4096)
+            else:
                 try:
-                    getattr(self, "_io_" + command[0])(*command[1:])
+                    self._on_ready(*key.data, key.fd)
                 except Exception:
-                    log.exception("error handling %s", command[0])
-            now = time.monotonic()
-            while self._timers and self._timers[0][0] <= now:
-                _when, _seq, fn = heapq.heappop(self._timers)
-                try:
-                    fn()
-                except Exception:
-                    log.exception("error in a runner timer")
+                    log.exception("error handling a run's pipe")
+        while True:
+            try:
+                command = self._io_q.get_nowait()
+            except queue.Empty:
+                break
+            if command[0] == "stop":
+                return False
+            try:
+                getattr(self, "_io_" + command[0])(*command[1:])
+            except Exception:
+                log.exception("error handling %s", command[0])
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _when, _seq, fn = heapq.heappop(self._timers)
+            try:
+                fn()
+            except Exception:
+                log.exception("error in a runner timer")
+        if self._leftover_checks and now - self._last_scan >= LEFTOVER_SCAN_INTERVAL:
+            self._check_leftovers()
+        return True
 
     def _io_timer(self, delay, fn) -> None:
         self._add_timer(delay, fn)
@@ -2587,7 +3070,18 @@ class Runner:
         )
 
     def _io_add(self, run) -> None:
+        """Take over a started run: its pipes and exit (an http run: its
+        timeout only; the request thread reports the result)."""
         run.watched = True
+        if run.job.timeout:
+            # A weak reference: a run that ends early must not stay in memory
+            # until its (possibly hours-long) timeout comes due.
+            ref = weakref.ref(run)
+            self._add_timer(run.job.timeout, lambda: self._on_timeout(ref()))
+        if run.job.kind == "http":
+            if run.kill_reason is not None:
+                self._end_http(run, run.kill_reason[1])
+            return
         for stream, fd in zip(("stdout", "stderr"), run.pipes):
             os.set_blocking(fd, False)
             run.fds[fd] = stream
@@ -2598,11 +3092,6 @@ class Runner:
             self._sel.register(run.pidfd, selectors.EVENT_READ, (run, "exit"))
         except (AttributeError, OSError):
             self._poll_exit(run)  # no pidfd (macOS, old kernels): poll
-        if run.job.timeout:
-            # A weak reference: a run that ends early must not stay in memory
-            # until its (possibly hours-long) timeout comes due.
-            ref = weakref.ref(run)
-            self._add_timer(run.job.timeout, lambda: self._on_timeout(ref()))
         if run.kill_reason is not None:  # stopped while it was being spawned
             self._system_line(run, run.kill_reason[1])
             self._signal_escalate(run, run.job.kill_grace)
@@ -2665,35 +3154,112 @@ class Runner:
         self._sel.unregister(fd)
         os.close(fd)
         if run.exited and not run.fds:
-            self._finish(run)
+            self._exited(run)
 
     def _on_exit(self, run) -> None:
         run.exited = True
         self._drain(run)  # usually reaches EOF on both pipes
         if not run.fds:
-            self._finish(run)
+            self._exited(run)
         else:
             # Pipes still open: wait a moment for the last output, then
             # whatever still holds them is a leftover of this run.
             self._add_timer(DRAIN_SECONDS, lambda: self._reap_leftovers(run))
 
     def _reap_leftovers(self, run) -> None:
+        """The job exited ``DRAIN_SECONDS`` ago and something still holds its
+        output: stop it (``leftovers: kill``), or let it be (``keep``)."""
         if run.finished_at is not None:
             return
         self._drain(run)
         if not run.fds:
-            self._finish(run)
+            self._exited(run)
+            return
+        if run.job.leftovers == "keep":
+            self._system_line(
+                run,
+                "the job exited; processes still holding its output keep running "
+                "(leftovers: keep) and its output is no longer read",
+            )
+            for fd in list(run.fds):
+                self._close_fd(run, fd)
             return
         if run.kill_reason is None:
             self._system_line(
                 run,
                 "the job exited but left processes holding its output; stopping them",
             )
-        self._signal_escalate(run, run.job.kill_grace)
+        hits = self._signal_escalate(run, run.job.kill_grace)
+        run.leftovers_stopped = max(hits, run.leftovers_stopped or 0) or None
 
-    def _signal_escalate(self, run, grace) -> None:
+    def _exited(self, run) -> None:
+        """The main process has exited and its output is closed.  With
+        ``leftovers: kill`` whatever of the run is still alive is stopped
+        first (one ``/proc`` scan serves every run that ended meanwhile)."""
+        if (
+            run.job.leftovers == "keep"
+            or run.leftovers_stopped is not None
+            or run.pid is None
+        ):
+            self._finish(run)
+        else:
+            self._leftover_checks.append(run)
+
+    def _check_leftovers(self) -> None:
+        """Find the processes left by runs that just exited (in their group or
+        carrying their marker), SIGTERM them and SIGKILL them after
+        ``kill_grace``, as systemd does with a service's cgroup; then finish
+        the runs.  Io thread."""
+        runs, self._leftover_checks = self._leftover_checks, []
+        self._last_scan = time.monotonic()
+        exclude = (os.getpid(), self.guard.pid or 0)
+        found = find_marked_pids(
+            {str(run.id) for run in runs}, exclude, self.store.server_id, by_run=True
+        )
+        for run in runs:
+            if run.finished_at is not None:
+                continue
+            pids = found.get(str(run.id), [])
+            try:
+                os.killpg(run.pid, signal.SIGTERM)
+                group = True
+            except OSError:
+                group = False
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)
+            if (pids or group) and run.kill_reason is None:
+                count = len(pids) or 1
+                run.leftovers_stopped = count
+                self._system_line(
+                    run,
+                    f"the job exited and left {count} process"
+                    f"{'' if count == 1 else 'es'} running: stopped "
+                    "(leftovers: kill)",
+                )
+            if pids or group:
+                run.guard_held = True
+                self._add_timer(run.job.kill_grace, lambda r=run: self._kill_hard(r))
+            self._finish(run)
+
+    def _kill_hard(self, run) -> None:
+        """SIGKILL whatever of a finished run is left; release the guard."""
+        signal_run(
+            run.pid,
+            [run.id],
+            signal.SIGKILL,
+            (self.guard.pid or 0,),
+            self.store.server_id,
+        )
+        self.guard.unregister(run.id)
+
+    def _signal_escalate(self, run, grace) -> int:
+        """SIGTERM the run's group and marked processes, SIGKILL them after
+        ``grace``; returns how many marked processes the SIGTERM reached."""
         server = self.store.server_id
-        signal_run(run.pid, [run.id], signal.SIGTERM, (self.guard.pid or 0,), server)
+        hits = signal_run(
+            run.pid, [run.id], signal.SIGTERM, (self.guard.pid or 0,), server
+        )
 
         def hard_kill():
             if run.finished_at is None:
@@ -2709,20 +3275,28 @@ class Runner:
                 self._finish(run)
 
         self._add_timer(grace, hard_kill)
+        return hits
 
     def _io_kill(self, run, status, message, grace=None) -> None:
         if run.finished_at is not None or run.kill_reason is not None:
             return
         run.kill_reason = (status, message)
         if not run.watched:
-            # Not spawned or not handed over yet (_io_add kills it on arrival),
-            # or an http run: its request cannot be aborted; it ends as
-            # cancelled when done.
+            return  # not spawned or not handed over yet: _io_add kills it
+        if run.job.kind == "http":
+            self._end_http(run, message)
             return
         self._system_line(run, message)
         self._signal_escalate(
             run, run.job.kill_grace if grace is None else min(grace, run.job.kill_grace)
         )
+
+    def _end_http(self, run, message) -> None:
+        """Stop an http run now: its request cannot be aborted, but its
+        thread's late answer is ignored (``http_done`` finds it finished)."""
+        self._system_line(run, message)
+        run.exited = True
+        self._finish(run)
 
     def _on_timeout(self, run) -> None:
         if run is not None and run.finished_at is None and not run.exited:
@@ -2730,7 +3304,16 @@ class Runner:
                 run, "timed_out", f"killed after timeout of {_num(run.job.timeout)}s"
             )
 
-    def _io_failed(self, run, message) -> None:
+    def _io_fail(self, run, message) -> None:
+        """End a run as ``failed``: it could not start, or the launcher could
+        not hand it over (then its process, if any, is watched and stopped)."""
+        if run.finished_at is not None:
+            return
+        if run.pid is not None and not run.exited:
+            if not run.watched:
+                self._io_add(run)
+            self._io_kill(run, "failed", message)
+            return
         run.error = message
         self._system_line(run, message)
         run.exited = True
@@ -2762,7 +3345,10 @@ class Runner:
         if run.head_left > 0:
             head, data = data[: run.head_left], data[run.head_left :]
             run.head_left -= len(head)
-            self._emit(run, stream, decoder.decode(head), store=True)
+            text = decoder.decode(head)
+            if text:
+                run.head_newline = text.endswith("\n")
+            self._emit(run, stream, text, store=True)
         if data:
             if run.marker_seq is None:
                 run.output_truncated = True
@@ -2843,7 +3429,8 @@ class Runner:
                     "system",
                     run.finished_at,
                     (
-                        f"[minisched: {dropped} bytes of output dropped here "
+                        ("" if run.head_newline else "\n")
+                        + f"[minisched: {dropped} bytes of output dropped here "
                         f"(max_output {run.job.max_output})]\n"
                     ),
                 ),
@@ -2863,7 +3450,7 @@ class Runner:
             run.error = _exit_description(run.exit_code, run.signal)
             status = "failed" if run.error else "succeeded"
         run.status = status
-        if run.pid:
+        if run.pid and not run.guard_held:
             self.guard.unregister(run.id)
         self.store.update_run(
             run.id,
@@ -2880,6 +3467,7 @@ class Runner:
                     "peak_rss",
                     "output_bytes",
                     "output_truncated",
+                    "leftovers_stopped",
                 )
             },
             job=run.job.name,
@@ -2892,13 +3480,14 @@ class Runner:
             self._pump()
         public = run.public()
         self.bus.publish("run", public)
-        log.info(
-            "run %d of %s %s in %.3fs (exit code %s)%s",
+        log.log(
+            logging.WARNING if status in FAILURE_STATUSES else logging.INFO,
+            "run %d of %s %s in %.3fs (%s)%s",
             run.id,
             job.name,
             status,
             run.duration,
-            run.exit_code,
+            _outcome(run),
             (": " + run.error) if run.error else "",
         )
         retry = status in ("failed", "timed_out") and run.attempt <= job.retries
@@ -2952,8 +3541,7 @@ class Runner:
                     if usage:
                         cpu += usage[0]
                         rss += usage[1]
-                run.peak_rss = int(max(run.peak_rss or 0, rss))
-                run.cpu_time = round(max(run.cpu_time or 0, cpu), 3)
+                _note_usage(run, cpu, rss)
             return
         children = collections.defaultdict(list)
         info = {}
@@ -2974,12 +3562,31 @@ class Runner:
                     rss += item["memory_info"].rss
                     cpu += item["cpu_times"].user + item["cpu_times"].system
                 stack.extend(children.get(pid, ()))
-            run.peak_rss = int(max(run.peak_rss or 0, rss))
-            run.cpu_time = round(max(run.cpu_time or 0, cpu), 3)
+            _note_usage(run, cpu, rss)
+
+
+def _note_usage(run, cpu, rss) -> None:
+    """Keep the highest sample.  A process that is exiting reads as 0 bytes:
+    such a sample says nothing (``peak_rss`` stays null, never 0)."""
+    if rss > 0:
+        run.peak_rss = int(max(run.peak_rss or 0, rss))
+        run.cpu_time = round(max(run.cpu_time or 0, cpu), 3)
 
 
 class _SpawnError(Exception):
     """A job's process could not be started; the message says why."""
+
+
+def _outcome(run) -> str:
+    """How a run's process ended, for the log: ``exit code 3``, ``HTTP 200``,
+    ``killed by SIGTERM``, ``stopped``."""
+    if run.job.kind == "http":
+        return f"HTTP {run.exit_code}" if run.exit_code is not None else "no response"
+    if run.signal:
+        return _exit_description(None, run.signal)
+    if run.exit_code is None:
+        return "stopped" if run.kill_reason else "not started"
+    return f"exit code {run.exit_code}"
 
 
 def _num(value) -> str:
@@ -3184,7 +3791,7 @@ class Scheduler:
             if old is None:
                 fields["created_at"] = created
             future = self.store.save_job(job.name, fields)
-        future.result()
+        self.store.result(future)
         self._wake.set()
         self.bus.publish(
             "job", {"action": "updated" if old else "created", "name": job.name}
@@ -3199,26 +3806,50 @@ class Scheduler:
         for dep in deps[name]:
             if dep not in deps:
                 raise InvalidError(f"after: no job named {dep!r}", "after")
-        seen, stack = set(), list(deps[name])
-        while stack:
-            current = stack.pop()
-            if current == name:
-                raise InvalidError(
-                    f"after: {name!r} would depend on itself through {deps[name][0]!r}",
-                    "after",
-                )
-            if current not in seen:
-                seen.add(current)
-                stack.extend(deps.get(current, ()))
+        cycle = find_cycle(deps)
+        if cycle:
+            raise InvalidError("after: " + _cycle_message(cycle), "after")
 
-    def remove_job(self, name: str, purge=False) -> None:
+    def check_after(self, definition) -> None:
+        """Raise :class:`InvalidError` if ``definition``'s ``after`` names a
+        job that does not exist or closes a cycle."""
+        with self._lock:
+            self._check_after(definition)
+
+    def remove_job(self, name: str, purge=False, force=False) -> None:
+        """Delete a job.  Jobs that run ``after`` it make this a conflict,
+        unless ``force``: then the name is removed from their ``after`` first,
+        so a later job of the same name never triggers them."""
+        with self._lock:
+            if name not in self._states:
+                raise NotFoundError(f"no job named {name!r}", "name")
+            dependents = sorted(
+                (s.job for s in self._states.values() if name in s.job.after),
+                key=lambda job: job.name,
+            )
+        if dependents and not force:
+            listed = ", ".join(repr(j.name) for j in dependents)
+            raise ConflictError(
+                f"{listed} run{'s' if len(dependents) == 1 else ''} after {name!r}: "
+                "remove it from their after first, or delete with force "
+                "(?force=1), which does that",
+                "name",
+            )
+        for job in dependents:
+            definition = dict(job.definition)
+            definition["after"] = [n for n in job.after if n != name]
+            if not definition["after"]:
+                del definition["after"]
+            file_definition = definition if job.source == "file" else None
+            self.put_job(definition, job.source, file_definition=file_definition)
+            log.info("job %s no longer runs after %s (deleted)", job.name, name)
         with self._lock:
             if self._states.pop(name, None) is None:
                 raise NotFoundError(f"no job named {name!r}", "name")
             self._dependents = None
             future = self.store.delete_job(name, purge)
         self.runner.stop_job(name, "stopped: the job was deleted")
-        future.result()
+        self.store.result(future)
         self.bus.publish("job", {"action": "deleted", "name": name})
 
     def set_paused(self, name: str, paused: bool) -> None:
@@ -3235,7 +3866,7 @@ class Scheduler:
             future = self.store.save_job(
                 name, {"paused": int(paused), "last_slot": state.last_slot}
             )
-        future.result()
+        self.store.result(future)
         self._wake.set()
         self.bus.publish(
             "job", {"action": "paused" if paused else "resumed", "name": name}
@@ -3500,7 +4131,7 @@ def parse_jobs_document(doc, server_tz) -> list:
             )
         seen.add(definition["name"])
         out.append(definition)
-    names = {d["name"] for d in out}
+    names = {d["name"]: i for i, d in enumerate(out)}
     for i, definition in enumerate(out):
         for dep in definition.get("after", []):
             if dep not in names:
@@ -3510,6 +4141,10 @@ def parse_jobs_document(doc, server_tz) -> list:
                         "error": f"jobs[{i}].after: no job named {dep!r} in this file",
                     }
                 )
+    cycle = find_cycle({d["name"]: d.get("after", []) for d in out})
+    if cycle:
+        place = f"jobs[{names[cycle[0]]}].after"
+        errors.append({"field": place, "error": f"{place}: {_cycle_message(cycle)}"})
     if errors:
         raise InvalidError(errors[0]["error"], errors[0]["field"], errors)
     return out
@@ -3517,7 +4152,8 @@ def parse_jobs_document(doc, server_tz) -> list:
 
 def dependency_order(definitions: list) -> list:
     """The definitions reordered so that each comes after the jobs of the same
-    list it names in ``after`` (so saving them in order always works)."""
+    list it names in ``after`` (so saving them in order always works).  The
+    list must be free of cycles (:func:`parse_jobs_document` checks)."""
     names = {d["name"] for d in definitions}
     done, ordered, pending = set(), [], list(definitions)
     while pending:
@@ -3525,12 +4161,7 @@ def dependency_order(definitions: list) -> list:
             d
             for d in pending
             if all(a in done or a not in names for a in d.get("after", []))
-        ]
-        if not ready:
-            cycle = ", ".join(d["name"] for d in pending)
-            raise InvalidError(
-                f"after: these jobs depend on each other in a cycle: {cycle}", "after"
-            )
+        ] or pending  # a cycle: cannot happen after validation
         for definition in ready:
             ordered.append(definition)
             done.add(definition["name"])
@@ -3569,6 +4200,9 @@ class JobsFile:
         self.stopping = threading.Event()
         self._stat = None
         self._thread = None
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def status(self) -> dict:
         return {
@@ -3617,7 +4251,7 @@ class JobsFile:
         wanted = {d["name"] for d in definitions}
         for name in stored:
             if name not in wanted and sched.get_job(name) is not None:
-                sched.remove_job(name)
+                sched.remove_job(name, force=True)
         for definition in ordered:
             row = stored.get(definition["name"])
             if row is None or row["file_definition"] != definition:
@@ -3672,6 +4306,9 @@ class Hooks:
                 self._queue.put_nowait((hook, run, job.name))
             except queue.Full:
                 log.warning("hook queue full, %s hook of %s dropped", event, job.name)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def close(self) -> None:
         self._queue.put(None)
@@ -3789,6 +4426,17 @@ class Engine:
                 if self._last_runs.get(name, (None, None))[1] is entry[1]:
                     self._last_runs[name] = entry
         return entry
+
+    def threads_alive(self) -> dict:
+        """Every engine thread by its short name, True while it runs: one
+        that died makes ``/api/health`` answer 503."""
+        out = {"scheduler": self.scheduler.alive(), "writer": self.store.writer_alive()}
+        out.update(self.runner.threads_alive())
+        if self.jobs_file:
+            out["jobsfile"] = self.jobs_file.alive()
+        if self.hooks:
+            out["hooks"] = self.hooks.alive()
+        return out
 
     def start(self) -> Engine:
         self.store.open()
@@ -4375,6 +5023,7 @@ const FIELDS = [
   ["on_success", "json", "On success hooks", "JSON list of hooks", false],
   ["on_failure", "json", "On failure hooks", "JSON list of hooks", false],
   ["after", "list", "Run after", "Comma-separated job names: run when one of them succeeds", false],
+  ["leftovers", ["", "kill", "keep"], "Leftover processes", "When the job exits: stop what it left running (kill, default) or keep it, as cron does (for jobs that start daemons)", false, "command"],
 ];
 function fieldValue(type, v) {
   if (v === undefined || v === null) return type === "checkbox" ? true : "";
@@ -4585,6 +5234,12 @@ SSE_HEARTBEAT = 15.0
 SESSION_COOKIE = "minisched_session"
 #: Failed logins allowed per client address per minute.
 LOGIN_ATTEMPTS = 10
+#: A page session ends after this long without a request, and at the latest
+#: this long after the login.
+SESSION_IDLE = 12 * 3600
+SESSION_MAX_AGE = 7 * 86400
+#: How often a session's ``last_seen`` is written (not on every request).
+SESSION_TOUCH = 300
 
 #: Every route: (method, OpenAPI path, handler name, summary, query parameters,
 #: JSON body?).  ``make_app`` registers routes from this table and
@@ -4618,7 +5273,14 @@ API_ROUTES = (
     ("GET", "/api/jobs/{name}", "get_job", "A job's definition and state", (), False),
     ("PUT", "/api/jobs/{name}", "put_job", "Replace a job's definition", (), True),
     ("PATCH", "/api/jobs/{name}", "patch_job", "Change some fields of a job", (), True),
-    ("DELETE", "/api/jobs/{name}", "delete_job", "Delete a job", ("purge",), False),
+    (
+        "DELETE",
+        "/api/jobs/{name}",
+        "delete_job",
+        "Delete a job",
+        ("purge", "force"),
+        False,
+    ),
     ("POST", "/api/jobs/{name}/run", "run_job", "Trigger a run now", ("force",), False),
     (
         "POST",
@@ -4698,6 +5360,8 @@ API_ROUTES = (
     ("GET", "/metrics", "metrics", "Prometheus metrics", (), False),
 )
 _OPEN_PATHS = ("/api/health", "/api/login")
+#: State-changing routes that write nothing to the database.
+_WRITE_FREE_PATHS = ("/api/validate", "/api/logout")
 _STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
 #: Fields of a job shown in CSV exports, in order.
 CSV_FIELDS = ("name", *JOB_DEFAULTS)
@@ -4714,6 +5378,11 @@ _CSV_TEXT_FIELDS = (
     "concurrency",
     "catch_up",
 )
+
+
+def _token_hash(secret: str) -> str:
+    """What is stored of a token or a session cookie: never the secret."""
+    return hashlib.sha256(secret.encode("utf-8", "replace")).hexdigest()
 
 
 def _error(status: int, message: str, field=None, headers=None) -> bottle.HTTPResponse:
@@ -4789,13 +5458,10 @@ class Api:
         self._streams = 0
         self._logins = {}
         self._hosts = _allowed_hosts(config)
-        self._networks = [
-            ipaddress.ip_network(c, strict=False) for c in config.allow_ip
-        ]
-        token = config.token or ""
-        self._session = hmac.new(
-            token.encode(), b"minisched-session", "sha256"
-        ).hexdigest()
+        self._networks = config.networks("allow_ip")
+        #: What a session opened with the current token records: one made
+        #: with another token (the server restarted with a new one) is void.
+        self._token_check = _token_hash(config.token or "")
 
     # -- request checks (before every route) -----------------------------------
 
@@ -4831,6 +5497,18 @@ class Api:
                 None,
                 {"WWW-Authenticate": 'Bearer realm="minisched"'},
             )
+        if (
+            request.method in _STATE_CHANGING
+            and path not in _WRITE_FREE_PATHS
+            and not path.endswith("/stop")
+            and self.engine.store.outage is not None
+        ):
+            # Stopping stays possible: the kill happens now, its record later.
+            raise _error(
+                503,
+                f"the database cannot be written now ({self.engine.store.outage}); "
+                "try again later",
+            )
         if request.method in _STATE_CHANGING:
             try:
                 length = request.content_length
@@ -4855,8 +5533,27 @@ class Api:
             return hmac.compare_digest(
                 header[7:].strip().encode(), self.config.token.encode()
             )
-        cookie = request.get_cookie(SESSION_COOKIE) or ""
-        return hmac.compare_digest(cookie.encode(), self._session.encode())
+        return self._session() is not None
+
+    def _session(self) -> dict | None:
+        """The live session the request's cookie names, or None.  Sessions are
+        kept in the database: a logout or a new token ends them at once."""
+        cookie = bottle.request.get_cookie(SESSION_COOKIE)
+        if not cookie:
+            return None
+        session_id = _token_hash(cookie)
+        row = self.engine.store.get_session(session_id)
+        now = time.time()
+        if (
+            row is None
+            or not hmac.compare_digest(row["token_check"], self._token_check)
+            or now >= row["expires_at"]
+            or now - row["last_seen"] >= SESSION_IDLE
+        ):
+            return None
+        if now - row["last_seen"] >= SESSION_TOUCH:
+            self.engine.store.touch_session(session_id, now)
+        return row
 
     # -- helpers -----------------------------------------------------------------
 
@@ -4950,10 +5647,8 @@ class Api:
 
     def health(self):
         engine = self.engine
-        checks = {
-            "scheduler": engine.scheduler.alive(),
-            "database": engine.store.healthy and engine.store.writer_alive(),
-        }
+        checks = {"database": engine.store.healthy}
+        checks.update(engine.threads_alive())
         ok = all(checks.values()) and not self.closing.is_set()
         return _json(
             {
@@ -5080,7 +5775,9 @@ class Api:
     def delete_job(self, name):
         job = self.job_or_404(name)
         self.editable(job)
-        self.engine.scheduler.remove_job(name, purge=self.flag("purge"))
+        self.engine.scheduler.remove_job(
+            name, purge=self.flag("purge"), force=self.flag("force")
+        )
         return {"deleted": name, "purged": self.flag("purge")}
 
     def run_job(self, name):
@@ -5340,11 +6037,15 @@ class Api:
 
     def validate(self):
         body = self.body()
+        if body is None:
+            raise InvalidError(
+                "the body must be a job or a jobs document (it is empty)"
+            )
         try:
             if isinstance(body, list) or (isinstance(body, dict) and "jobs" in body):
                 parse_jobs_document(body, self.engine.tz)
             else:
-                validate_job(body, self.engine.tz)
+                self.engine.scheduler.check_after(validate_job(body, self.engine.tz))
         except InvalidError as exc:
             return {"valid": False, "errors": exc.errors}
         return {"valid": True, "errors": []}
@@ -5410,10 +6111,15 @@ class Api:
     def import_jobs(self):
         ctype = (bottle.request.content_type or "").split(";")[0].strip().lower()
         if ctype == "text/csv" or bottle.request.query.get("format") == "csv":
-            raw = bottle.request.body.read(MAX_BODY + 1).decode("utf-8", "replace")
+            try:
+                raw = bottle.request.body.read(MAX_BODY + 1).decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidError("the CSV body is not UTF-8 text") from None
             doc = {"jobs": _parse_csv_jobs(raw)}
         else:
             doc = self.body()
+            if doc is None:
+                raise InvalidError("the body must be a jobs document (it is empty)")
         definitions = parse_jobs_document(doc, self.engine.tz)
         sched = self.engine.scheduler
         report = {
@@ -5515,18 +6221,39 @@ class Api:
             with self._lock:
                 self._logins[client].append(now)
             raise _error(401, "wrong token", "token")
+        cookie = secrets.token_urlsafe(32)
+        created = time.time()
+        store = self.engine.store
+        store.result(
+            store.add_session(
+                {
+                    "id": _token_hash(cookie),
+                    "token_name": "admin",
+                    "token_check": self._token_check,
+                    "address": client,
+                    "created_at": created,
+                    "last_seen": created,
+                    "expires_at": created + SESSION_MAX_AGE,
+                }
+            )
+        )
         response = _json({"ok": True, "token_required": True})
         response.set_cookie(
             SESSION_COOKIE,
-            self._session,
+            cookie,
             httponly=True,
             samesite="strict",
             path="/",
-            max_age=30 * 86400,
+            max_age=SESSION_MAX_AGE,
         )
         return response
 
     def logout(self):
+        """End the request's session (on the server, not only the cookie)."""
+        cookie = bottle.request.get_cookie(SESSION_COOKIE)
+        if cookie:
+            store = self.engine.store
+            store.result(store.delete_sessions(_token_hash(cookie)))
         response = _json({"ok": True})
         response.delete_cookie(SESSION_COOKIE, path="/")
         return response
@@ -5545,9 +6272,18 @@ def _parse_csv_jobs(text) -> list:
     """CSV (as ``/api/export?format=csv`` writes it) -> job objects."""
     csv.field_size_limit(MAX_BODY)
     try:
-        rows = list(csv.DictReader(io.StringIO(text)))
+        reader = csv.DictReader(io.StringIO(text))
+        header = reader.fieldnames or []
+        rows = list(reader)
     except csv.Error as exc:
         raise InvalidError(f"invalid CSV: {exc}") from None
+    unknown = [h for h in header if h not in CSV_FIELDS]
+    if "name" not in header or unknown:
+        raise InvalidError(
+            "invalid CSV: the first line must name its columns, among: "
+            + ", ".join(CSV_FIELDS)
+            + (f" (unknown: {unknown[0]!r})" if unknown else " (name is required)")
+        )
     jobs = []
     for i, row in enumerate(rows):
         job = {}
@@ -5688,11 +6424,51 @@ def openapi_document() -> dict:
     }
 
 
+#: The answer to a failure not even Bottle could turn into a response.
+_INTERNAL_ERROR = b'{"error": "internal error", "field": null}'
+
+
+class _App(bottle.Bottle):
+    """Bottle answering every error with JSON ``{"error", "field"}``: never an
+    HTML page, whatever fails."""
+
+    def default_error_handler(self, res):
+        bottle.response.content_type = "application/json"
+        message = {404: "not found", 405: "method not allowed"}.get(
+            res.status_code, str(res.body or res.status_line)
+        )
+        return json.dumps({"error": message, "field": None})
+
+    def wsgi(self, environ, start_response):
+        request_read = environ.get("minisched.request_read")
+        failed = []
+
+        def start(status, headers, exc_info=None):
+            if request_read is not None:
+                request_read()  # the server's deadline for the request ends
+            if (
+                status.startswith("500")
+                and ("Content-Type", "text/html; charset=UTF-8") in headers
+            ):
+                # Bottle's last resort ("Critical error"): answer JSON instead.
+                log.error("internal error serving %s", environ.get("PATH_INFO"))
+                failed.append(True)
+                headers = [
+                    ("Content-Type", "application/json"),
+                    ("Content-Length", str(len(_INTERNAL_ERROR))),
+                ]
+                exc_info = None
+            return start_response(status, headers, exc_info)
+
+        out = super().wsgi(environ, start)
+        return [_INTERNAL_ERROR] if failed else out
+
+
 def make_app(engine, config=None, heartbeat=SSE_HEARTBEAT) -> bottle.Bottle:
     """A fresh Bottle app serving the API (and the page) over ``engine``."""
     config = config or engine.config
     api = Api(engine, config, heartbeat)
-    app = bottle.Bottle()
+    app = _App()
     app.config["json.enable"] = False
     app.config["minisched.api"] = api
     app.add_hook("before_request", api.check_request)
@@ -5705,6 +6481,8 @@ def make_app(engine, config=None, heartbeat=SSE_HEARTBEAT) -> bottle.Bottle:
                 return _error(exc.status, exc.message, exc.field)
             except bottle.HTTPResponse:
                 raise
+            except (TimeoutError, socket.timeout):  # noqa: UP041 - 3.9 differs
+                return _error(408, "the request was not received in time")
             except Exception as exc:
                 log.exception(
                     "error in %s %s", bottle.request.method, bottle.request.path
@@ -5720,16 +6498,7 @@ def make_app(engine, config=None, heartbeat=SSE_HEARTBEAT) -> bottle.Bottle:
         rule = re.sub(r"{(\w+)}", r"<\1>", path)
         app.route(rule, method, wrap(getattr(api, name)))
 
-    def json_error(err):
-        bottle.response.content_type = "application/json"
-        message = {404: "not found", 405: "method not allowed"}.get(
-            err.status_code, str(err.body or err.status_line)
-        )
-        return json.dumps({"error": message, "field": None})
-
     app.route("/", "GET", page)
-    for code in (400, 401, 403, 404, 405, 413, 415, 500, 503):
-        app.error_handler[code] = json_error
     return app
 
 
@@ -5738,29 +6507,88 @@ def make_app(engine, config=None, heartbeat=SSE_HEARTBEAT) -> bottle.Bottle:
 ###############################################################################
 
 
+_BUSY_RESPONSE = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Connection: close\r\nRetry-After: 1\r\nContent-Length: %d\r\n\r\n%s"
+)
+
+
 class _ThreadingWSGIServer(
     socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer
 ):
     """wsgiref with a daemon thread per connection: an SSE client holds its
-    thread, never the server."""
+    thread, never the server.  At most ``max_connections`` are served at once,
+    and each gets ``request_timeout`` seconds to send its request: the accept
+    loop (``service_actions``, twice a second) shuts the socket of one that
+    has not by then."""
 
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128  # the default 5 drops bursts (pages reconnecting)
+    request_timeout = REQUEST_TIMEOUT
+    max_connections = MAX_CONNECTIONS
+
+    def server_activate(self):
+        super().server_activate()
+        self._conn_lock = threading.Lock()
+        self._open = 0
+        self._reading = {}  # socket -> deadline (monotonic) to send the request
 
     def process_request(self, request, client_address):
         """As ThreadingMixIn's, with a named thread per connection."""
+        with self._conn_lock:
+            busy = self._open >= self.max_connections
+            if not busy:
+                self._open += 1
+                self._reading[request] = time.monotonic() + self.request_timeout
+        if busy:
+            body = json.dumps(
+                {"error": "too many open connections; try again", "field": None}
+            ).encode()
+            with contextlib.suppress(OSError):
+                request.settimeout(0)
+                request.send(_BUSY_RESPONSE % (len(body), body))
+            self.shutdown_request(request)
+            return
         thread = threading.Thread(
-            target=self.process_request_thread,
+            target=self._serve_one,
             args=(request, client_address),
             name="minisched-http-request",
             daemon=True,
         )
         thread.start()
 
+    def _serve_one(self, request, client_address):
+        try:
+            request.settimeout(self.request_timeout)
+            self.process_request_thread(request, client_address)
+        finally:
+            with self._conn_lock:
+                self._open -= 1
+                self._reading.pop(request, None)
+
+    def request_read(self, request) -> None:
+        """The request is in (the response starts): no deadline from now on,
+        so an SSE stream lives as long as it likes.  Request thread."""
+        with self._conn_lock:
+            self._reading.pop(request, None)
+
+    def service_actions(self):
+        """Accept loop, twice a second: end connections past their deadline."""
+        now = time.monotonic()
+        with self._conn_lock:
+            late = [sock for sock, until in self._reading.items() if until < now]
+            for sock in late:
+                del self._reading[sock]
+        for sock in late:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
     def handle_error(self, request, client_address):
-        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            return  # the client went away: normal for SSE
+        if isinstance(
+            sys.exc_info()[1], (ConnectionError, TimeoutError, socket.timeout)
+        ):
+            return  # the client went away or was too slow: normal
         log.exception("error serving %s", client_address[0])
 
 
@@ -5768,15 +6596,35 @@ class _RequestHandler(wsgiref.simple_server.WSGIRequestHandler):
     def address_string(self):
         return self.client_address[0]
 
+    def get_environ(self):
+        environ = super().get_environ()
+        server, request = self.server, self.request
+        environ["minisched.request_read"] = lambda: server.request_read(request)
+        return environ
+
     def log_message(self, format, *args):
         # The request line holds no secret: tokens travel in headers only.
         log.debug("%s %s", self.address_string(), format % args)
 
 
-def make_server(app, host: str, port: int):
+def make_server(
+    app,
+    host: str,
+    port: int,
+    request_timeout=REQUEST_TIMEOUT,
+    max_connections=MAX_CONNECTIONS,
+):
     """A threaded wsgiref server for ``app``, bound but not yet serving."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    server_class = type("Server", (_ThreadingWSGIServer,), {"address_family": family})
+    server_class = type(
+        "Server",
+        (_ThreadingWSGIServer,),
+        {
+            "address_family": family,
+            "request_timeout": request_timeout,
+            "max_connections": max_connections,
+        },
+    )
     return wsgiref.simple_server.make_server(
         host, port, app, server_class=server_class, handler_class=_RequestHandler
     )
@@ -5789,7 +6637,13 @@ class HttpServer:
         self.app = make_app(engine, config)
         self.api = self.app.config["minisched.api"]
         self.engine = engine
-        self.server = make_server(self.app, config.host, config.port)
+        self.server = make_server(
+            self.app,
+            config.host,
+            config.port,
+            config.request_timeout,
+            config.max_connections,
+        )
         self.port = self.server.server_port
         self._thread = threading.Thread(
             target=self.server.serve_forever, name="minisched-http", daemon=True
@@ -5832,21 +6686,24 @@ class Client:
             headers["Authorization"] = "Bearer " + self.token
         return urllib.request.Request(self.url + path, data, headers, method=method)
 
-    def call(self, method, path, body=None):
-        """JSON in, JSON (or text) out; ClientError with the server's message."""
+    def call(self, method, path, body=None, text=False):
+        """JSON in, JSON out (``text``: the body as text); ClientError with the
+        server's message, or saying the server is not minisched."""
         try:
             with urllib.request.urlopen(
                 self._request(method, path, body), timeout=30
             ) as r:
-                raw = r.read()
-                if r.headers.get_content_type() == "application/json":
+                raw, ctype = r.read(), r.headers.get_content_type()
+                if text and ctype.startswith("text/"):
+                    return raw.decode("utf-8", "replace")
+                if ctype == "application/json":
                     return json.loads(raw)
-                return raw.decode("utf-8", "replace")
+                raise ValueError(ctype)
         except urllib.error.HTTPError as exc:
             try:
                 message = json.loads(exc.read())["error"]
-            except (ValueError, KeyError, TypeError):
-                message = exc.reason
+            except (ValueError, KeyError, TypeError, OSError):
+                raise self._not_minisched(f"HTTP {exc.code} {exc.reason}") from None
             if exc.code == 401:
                 message += " (pass --token or set MINISCHED_TOKEN)"
             raise ClientError(f"{message} (HTTP {exc.code})") from None
@@ -5856,6 +6713,14 @@ class Client:
                 f"cannot reach minisched at {self.url} ({reason}): is "
                 "'python minisched.py serve' running there?"
             ) from None
+        except (ValueError, http.client.HTTPException) as exc:
+            raise self._not_minisched(f"{type(exc).__name__}: {exc}") from None
+
+    def _not_minisched(self, what) -> ClientError:
+        return ClientError(
+            f"the server at {self.url} does not answer like minisched ({what}): "
+            "check --url"
+        )
 
     def follow(self, run_id: int, out=None, err=None) -> dict:
         """Print a run's output live until it ends; returns the final run."""
@@ -5890,6 +6755,8 @@ class Client:
                 return self.call("GET", f"/api/runs/{run_id}")
             except (urllib.error.URLError, OSError):
                 time.sleep(1)  # the server restarts or the network blinked
+            except (ValueError, KeyError, TypeError, http.client.HTTPException) as exc:
+                raise self._not_minisched(f"{type(exc).__name__}: {exc}") from None
         raise ClientError(f"lost the stream of run {run_id}")
 
 
@@ -5959,7 +6826,7 @@ def _cmd_client(ns) -> int:
         if ns.follow:
             final = client.follow(ns.run_id)
             return 0 if final["status"] == "succeeded" else 1
-        result = client.call("GET", f"/api/runs/{ns.run_id}/log")
+        result = client.call("GET", f"/api/runs/{ns.run_id}/log", text=True)
         if isinstance(result, str):
             sys.stdout.write(result)
             return 0
@@ -6029,6 +6896,21 @@ def _build_parser() -> argparse.ArgumentParser:
         help="allow a non-loopback --host without a token",
     )
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    serve.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="read the API token from FILE (kept out of ps and the environment)",
+    )
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        help=f"seconds a client has to send its request (default {REQUEST_TIMEOUT:g})",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        help=f"connections served at once; more get 503 (default {MAX_CONNECTIONS})",
+    )
 
     validate = sub.add_parser("validate", help="check a jobs file")
     validate.add_argument("file")
@@ -6128,9 +7010,15 @@ def _release_startup_memory() -> None:
 
 
 def _cmd_serve(ns) -> int:
-    config = Config.from_args(ns, os.environ)
-    # Jobs and hooks inherit this environment: the token must not reach them.
-    os.environ.pop("MINISCHED_TOKEN", None)
+    handed = _received_secrets()
+    if ns.token is None:
+        ns.token = handed.pop("--token", None)
+    environ = dict(os.environ, **handed)
+    # Jobs and hooks inherit this environment: no secret may reach them.
+    for name in SECRET_VARIABLES:
+        os.environ.pop(name, None)
+    config = Config.from_args(ns, environ)
+    config.check()  # usage errors (exit 2) before anything starts
     logging.getLogger().setLevel(config.log_level.upper())
     if (
         not _is_loopback(config.host)
@@ -6144,7 +7032,6 @@ def _cmd_serve(ns) -> int:
             file=sys.stderr,
         )
         return 2
-    config.zone()  # a bad --timezone is a usage error, before anything starts
     engine = Engine(config)
     stopping = threading.Event()
 
@@ -6218,24 +7105,92 @@ def main(argv=None) -> int:
         return 1
 
 
-def _reexec_serve(argv) -> None:
+#: Environment variables that hold secrets: ``serve`` hands them (and a
+#: ``--token`` flag) to its re-executed self through a pipe, so they are in
+#: neither its environment nor its command line (``/proc/PID/environ`` is
+#: readable by every job running as the same user, ``cmdline`` by anyone).
+SECRET_VARIABLES = ("MINISCHED_TOKEN", "MINISCHED_SMTP_PASSWORD")
+
+
+def _reexec_serve(argv) -> bool:
     """For ``serve`` only: CPython keeps the whole parse tree of the script it
     runs (about 10 MB for this file) until the script ends.  A long-running
     server therefore replaces itself (same pid) with an interpreter that loads
-    the file through ``runpy``, which frees the tree after compiling."""
-    if os.environ.pop("MINISCHED_REEXEC", None) is not None or argv[:1] != ["serve"]:
-        return
+    the file through ``runpy``, which frees the tree after compiling; secrets
+    travel through a pipe (see :data:`SECRET_VARIABLES`).  Returns True in
+    the re-executed image, and does not return in the first one."""
+    if os.environ.pop("MINISCHED_REEXEC", None) is not None:
+        return True
+    if argv[:1] != ["serve"]:
+        return False
     path = os.path.abspath(__file__)
-    # The path stays a plain argument, so `ps` and `pkill -f "minisched.py serve"`
-    # still see the usual command line.
     code = "import runpy, sys; sys.argv.pop(0); runpy.run_path(sys.argv[0], run_name='__main__')"
     env = dict(os.environ, MINISCHED_REEXEC="1")
+    handed = {name: env.pop(name) for name in SECRET_VARIABLES if name in env}
+    argv, token = _without_option(argv, "--token")
+    if token is not None:
+        handed["--token"] = token
+    read_end = None
+    if handed:
+        read_end, write_end = os.pipe()  # a few bytes: the pipe holds them
+        os.write(write_end, json.dumps(handed).encode())
+        os.close(write_end)
+        os.set_inheritable(read_end, True)
+        env["MINISCHED_SECRETS_FD"] = str(read_end)
     try:
         os.execve(sys.executable, [sys.executable, "-c", code, path, *argv], env)
     except OSError:
-        pass  # run as we are
+        if read_end is not None:
+            os.close(read_end)
+    return False  # run as we are
+
+
+def _without_option(argv, flag) -> tuple:
+    """``argv`` without ``flag VALUE`` / ``flag=VALUE``, and the value (or None)."""
+    out, value, args = [], None, iter(argv)
+    for arg in args:
+        if arg == flag:
+            value = next(args, "")
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1 :]
+        else:
+            out.append(arg)
+    return out, value
+
+
+def _received_secrets() -> dict:
+    """What :func:`_reexec_serve` handed over: ``{"--token": ..., NAME: ...}``."""
+    fd = os.environ.pop("MINISCHED_SECRETS_FD", None)
+    if fd is None:
+        return {}
+    try:
+        with os.fdopen(int(fd), "rb") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return {}
+
+
+def _show_command_line(args) -> None:
+    """Make ``ps`` show ``args`` (``python minisched.py serve ...``) instead of
+    the re-executed ``python -c import runpy...``: the original argument
+    strings are rewritten in place (Linux; skipped wherever it cannot be
+    checked that the memory is what ``/proc/self/cmdline`` shows)."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            data = f.read()
+        fields = data[data.rfind(b")") + 2 :].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end
+        with open("/proc/self/cmdline", "rb") as f:
+            current = f.read()
+        size = end - start
+        new = b"\0".join(os.fsencode(a) for a in args) + b"\0"
+        if 0 < len(new) <= size and ctypes.string_at(start, size) == current[:size]:
+            ctypes.memmove(start, new.ljust(size, b"\0"), size)
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":
-    _reexec_serve(sys.argv[1:])
+    if _reexec_serve(sys.argv[1:]):
+        _show_command_line([sys.executable, *sys.argv])
     sys.exit(main())

@@ -1715,7 +1715,7 @@ def slow_disk(monkeypatch, engine, delay=0.05):
 
     def slow_commit(conn, batch):
         time.sleep(delay)
-        commit(conn, batch)
+        return commit(conn, batch)
 
     monkeypatch.setattr(engine.store, "_commit", slow_commit)
 
