@@ -1575,9 +1575,11 @@ class Store:
         self._queue.put((fn, future, kind, size))
         return future
 
-    def result(self, future, timeout=WRITE_WAIT):
+    def result(self, future, timeout=None):
         """A write's result, or :class:`UnavailableError` if it is not
-        committed within ``timeout`` (the database cannot be written)."""
+        committed within ``timeout`` (default ``WRITE_WAIT``: the database
+        cannot be written)."""
+        timeout = WRITE_WAIT if timeout is None else timeout
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -1594,8 +1596,9 @@ class Store:
                 f"the database cannot be written now ({self.outage}); try again later"
             )
 
-    def flush(self, timeout=30) -> None:
-        """Wait until every write queued before this call is committed."""
+    def flush(self, timeout=None) -> None:
+        """Wait until every write queued before this call is committed
+        (:class:`UnavailableError` after ``timeout``, default ``WRITE_WAIT``)."""
         self.result(self._submit(lambda conn: None), timeout)
 
     # -- writes (any thread; each returns a Future) -------------------------
@@ -3679,9 +3682,10 @@ class Scheduler:
         """Read jobs and their state from the store."""
         for row in self.store.load_jobs():
             try:
-                job = Job(
-                    row["definition"], self.server_tz, row["source"], row["created_at"]
-                )
+                # Validated again: a definition stored by an older minisched
+                # may hold what this one refuses (a surrogate, a bad URL).
+                definition = validate_job(row["definition"], self.server_tz)
+                job = Job(definition, self.server_tz, row["source"], row["created_at"])
             except MinischedError as exc:
                 log.error(
                     "job %s in the database is invalid, skipped: %s", row["name"], exc
@@ -3933,11 +3937,14 @@ class Scheduler:
         job = state.job
         sched = job.schedule_obj
         slots, count, slot, jumped = [first], 1, first, False
+        dropped = None  # the newest slot that fell out of ``slots``
         while True:
             nxt = sched.next_after(slot, anchor=job.created_at)
             if nxt is None or nxt > now + LOOKAHEAD:
                 break
             count += 1
+            if len(slots) >= CATCH_UP_CAP:
+                dropped = slots[-CATCH_UP_CAP]
             slots = slots[-(CATCH_UP_CAP - 1) :] + [nxt]
             slot = nxt
             if count == 10000 and not jumped:
@@ -3975,9 +3982,10 @@ class Scheduler:
             else:
                 why = "the scheduler was late (clock jump, suspend or overload)"
             plural = "" if missed == 1 else "s"
+            last_missed = max((s for s in slots if s not in fire), default=dropped)
             error = (
                 f"{missed} slot{plural} missed between {iso_utc(first)} and "
-                f"{iso_utc(latest)}: {why}"
+                f"{iso_utc(last_missed)}: {why}"
             )
             self.runner.record(
                 job,
@@ -6694,7 +6702,7 @@ class Client:
                 self._request(method, path, body), timeout=30
             ) as r:
                 raw, ctype = r.read(), r.headers.get_content_type()
-                if text and ctype.startswith("text/"):
+                if text and ctype == "text/plain":
                     return raw.decode("utf-8", "replace")
                 if ctype == "application/json":
                     return json.loads(raw)

@@ -107,6 +107,10 @@ class Harness:
         wait_for(lambda: not self.runner.active_runs(), timeout)
         self.store.flush()
 
+    def api_run(self, run_id):
+        """A run as the API shows it."""
+        return minisched.run_public(self.store.get_run(run_id))
+
     def close(self):
         self.runner.shutdown(5)
         self.store.close()
@@ -3467,3 +3471,819 @@ def test_page_edits_a_job_and_shows_file_jobs_read_only(browser, site):
     assert page.locator("#f-command").is_disabled()
     assert page.locator("main button[type=submit]").count() == 0
     assert not errors
+
+
+# -- hardening: defects found by a day of faults and bad input (issue 9) --------
+# Each test here failed on the code before the fix it covers.
+
+
+class _Http(http.server.BaseHTTPRequestHandler):
+    """A loopback receiver: ``/slow`` answers after 3 s, others at once."""
+
+    def do_GET(self):
+        if self.path.startswith("/slow"):
+            time.sleep(3)
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def receiver():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Http)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8100/x?a=b c",
+        "http://127.0.0.1:8100/x\t",
+        "http://127.0.0.1:8100/\x00",
+        "http://127.0.0.1:8100/\x7f",
+        "http://127.0.0.1:8100/caf\u00e9",
+        "http://127.0.0.1:99999/",
+        "http://[::1/",
+        "http:///path",
+        "ftp://example.com/",
+        "http://\ud800/",
+    ],
+)
+def test_urls_are_parsed_not_pattern_matched(url):
+    with pytest.raises(InvalidError) as caught:
+        validate_job({"name": "h", "kind": "http", "url": url})
+    assert caught.value.field == "url"
+    with pytest.raises(InvalidError) as caught:
+        validate_job({"name": "c", "command": "true", "on_failure": [{"url": url}]})
+    assert caught.value.field == "on_failure"
+
+
+def test_good_urls_and_headers_still_pass():
+    for url in ("http://127.0.0.1:8100/x?a=b%20c", "https://user:pw@example.com/p#f"):
+        validate_job({"name": "h", "kind": "http", "url": url})
+    validate_job(
+        {"name": "h", "kind": "http", "url": "http://h/", "headers": {"X-A": "v\tw"}}
+    )
+    for headers in ({"X A": "v"}, {"X": "a\r\nB: c"}, {"X": "\u20ac"}, {"": "v"}):
+        with pytest.raises(InvalidError) as caught:
+            validate_job(
+                {"name": "h", "kind": "http", "url": "http://h/", "headers": headers}
+            )
+        assert caught.value.field == "headers"
+
+
+SURROGATE = "\ud800"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("command", "echo " + SURROGATE),
+        ("command", ["echo", SURROGATE]),
+        ("env", {"A": SURROGATE}),
+        ("env", {"A": "x\x00y"}),
+        ("cwd", "/tmp/" + SURROGATE),
+        ("cwd", "/tmp\x00"),
+        ("user", "nobody" + SURROGATE),
+        ("user", "no\x00body"),
+        ("description", "about " + SURROGATE),
+        ("tags", [SURROGATE]),
+        ("on_success", [{"command": "echo " + SURROGATE}]),
+        ("on_failure", [{"url": "http://h/", "headers": {"X": SURROGATE}}]),
+        ("schedule", "@every 5m" + SURROGATE),
+        ("timezone", SURROGATE),
+    ],
+)
+def test_surrogates_and_nul_are_refused_naming_the_field(field, value):
+    with pytest.raises(InvalidError) as caught:
+        validate_job({"name": "j", "command": "true", field: value})
+    assert caught.value.field == field
+    assert caught.value.message.startswith(field + ": ")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "ok"),
+    [
+        ("url", "http://h/" + SURROGATE, False),
+        ("url", "http://h/\x00", False),
+        ("headers", {"X": "a\x00"}, False),
+        ("body", "x" + SURROGATE, False),
+        ("body", {"k": [SURROGATE]}, False),
+        ("body", "binary\x00is fine", True),
+    ],
+)
+def test_http_fields_refuse_surrogates_and_nul_where_http_does(field, value, ok):
+    job = {"name": "h", "kind": "http", "url": "http://h/", field: value}
+    if ok:
+        validate_job(job)
+        return
+    with pytest.raises(InvalidError) as caught:
+        validate_job(job)
+    assert caught.value.field == field
+
+
+def test_the_api_jobs_file_and_import_refuse_surrogates_alike(engines, tmp_path):
+    engine = engines()
+    api = WsgiClient(make_app(engine), engine)
+    raw = b'{"name": "s", "command": "echo \\ud800"}'
+    api("POST", "/api/jobs", data=raw).error(400, "command")
+    doc = b'{"jobs": [{"name": "s", "command": "true", "env": {"A": "\\udfff"}}]}'
+    api("POST", "/api/import", data=doc).error(400, "jobs[0].env")
+    result = api.ok("POST", "/api/validate", data=raw)
+    assert result["valid"] is False and result["errors"][0]["field"] == "command"
+    path = tmp_path / "jobs.json"
+    path.write_bytes(doc)
+    with pytest.raises(InvalidError) as caught:
+        minisched.load_jobs_file(str(path), UTC)
+    assert caught.value.field == "jobs[0].env"
+
+
+def test_no_route_ever_answers_an_html_error_page(engines, monkeypatch):
+    engine = engines()
+    api = WsgiClient(make_app(engine), engine)
+    # A job stored by an older minisched with text this one refuses: it is
+    # not loaded again (and an export cannot trip over it).
+    engine.store.save_job(
+        "old",
+        {
+            "definition": {"name": "old", "command": "echo " + SURROGATE},
+            "created_at": 0,
+            "updated_at": 0,
+        },
+    ).result()
+    engine.scheduler.load()
+    assert engine.scheduler.get_job("old") is None
+    response = api.get("/api/export?format=csv")
+    assert response.status == 200 and "old" not in response.text
+    # A failure past Bottle's own handlers (a body that cannot be encoded):
+    monkeypatch.setattr(
+        minisched.Api, "system", lambda self: bottle_text("x" + SURROGATE)
+    )
+    response = WsgiClient(make_app(engine), engine).get("/api/system")
+    assert response.status == 500
+    assert response.json() == {"error": "internal error", "field": None}
+    assert b"<h1>" not in response.body
+
+
+def bottle_text(text):
+    import bottle
+
+    return bottle.HTTPResponse(text)
+
+
+def test_an_http_run_that_fails_in_any_way_ends_failed(harness, monkeypatch):
+    h = harness()
+    h.add(name="h", kind="http", url="http://127.0.0.1:9/", command=None)
+
+    def explode(*args, **kwargs):
+        raise http.client.InvalidURL("URL can't contain control characters")
+
+    monkeypatch.setattr(minisched.urllib.request, "urlopen", explode)
+    run = h.sched.trigger("h")
+    h.wait_idle(10)
+    row = h.store.get_run(run["id"])
+    assert row["status"] == "failed"
+    assert "InvalidURL" in row["error"] and "control characters" in row["error"]
+    assert all(t.is_alive() for t in h.runner._threads)
+
+
+def test_an_http_run_is_stopped_and_timed_out_at_once(harness, receiver):
+    h = harness()
+    h.add(name="slow", kind="http", url=receiver + "/slow", command=None)
+    h.add(name="late", kind="http", url=receiver + "/slow", command=None, timeout=0.5)
+    run = h.sched.trigger("slow")
+    wait_for(lambda: (h.store.get_run(run["id"]) or {}).get("status") == "running")
+    t0 = time.monotonic()
+    assert h.runner.stop_run(run["id"])
+    wait_for(lambda: h.store.get_run(run["id"])["status"] == "cancelled", 1.5)
+    assert time.monotonic() - t0 < 1.5  # not after the 3 s answer
+    again = h.sched.trigger("slow")  # forbid: not blocked by the stopped one
+    assert h.runner.stop_run(again["id"])
+    late = h.sched.trigger("late")
+    wait_for(
+        lambda: (h.store.get_run(late["id"]) or {}).get("status") == "timed_out", 2.5
+    )
+    assert "timeout of 0.5s" in h.store.get_run(late["id"])["error"]
+
+
+def test_shutdown_ends_a_pending_http_run(tmp_path, receiver):
+    engine = Engine(Config(db=str(tmp_path / "m.db"), timezone="UTC")).start()
+    engine.scheduler.put_job(
+        validate_job({"name": "slow", "kind": "http", "url": receiver + "/slow"})
+    )
+    run = engine.scheduler.trigger("slow")
+    wait_for(lambda: engine.runner.active_runs()[0].status == "running")
+    t0 = time.monotonic()
+    engine.shutdown(1)
+    assert time.monotonic() - t0 < 2.5
+    assert read_run(tmp_path / "m.db", run["id"])["status"] == "cancelled"
+
+
+def read_run(db, run_id):
+    conn = sqlite3.connect(str(db))
+    conn.row_factory = sqlite3.Row
+    try:
+        return dict(
+            conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        )
+    finally:
+        conn.close()
+
+
+def fill_disk(store, extra_pages=0):
+    """Make the store's database full: it cannot grow by a page more."""
+    pages = store._query("PRAGMA page_count", one=True)["page_count"]
+    store._writer_conn.execute(f"PRAGMA max_page_count={pages + extra_pages}")
+
+
+def free_disk(store):
+    store._writer_conn.execute("PRAGMA max_page_count=1073741823")
+
+
+def test_a_full_disk_loses_nothing_and_answers_503(engines, monkeypatch, tmp_path):
+    monkeypatch.setattr(minisched, "WRITE_WAIT", 1.0)
+    engine = engines()
+    api = WsgiClient(make_app(engine), engine)
+    gate = tmp_path / "gate"
+    api.ok(
+        "POST",
+        "/api/jobs",
+        {
+            "name": "w",
+            "command": f"while [ ! -e {gate} ]; do sleep 0.05; done; head -c 300000 /dev/zero | tr '\\0' x",
+        },
+        201,
+    )
+    running = api.ok("POST", "/api/jobs/w/run", status=202)
+    api.wait_running(running["id"])
+    fill_disk(engine.store)
+    gate.touch()  # the run ends (with output) while nothing can be written
+    wait_for(lambda: engine.store.outage is not None)
+    wait_for(lambda: not engine.runner.active_runs())
+    health = api.get("/api/health")
+    assert health.status == 503 and health.json()["checks"]["database"] is False
+    api.post("/api/jobs", {"name": "n", "command": "true"}).error(503)
+    api.post("/api/jobs/w/run").error(503)
+    api.ok("POST", "/api/validate", {"name": "v", "command": "true"})
+    assert api.ok("GET", f"/api/runs/{running['id']}")["status"] == "running"
+    free_disk(engine.store)  # space returns
+    wait_for(lambda: engine.store.outage is None)
+    assert api.wait_run(running["id"])["status"] == "succeeded"
+    assert api.ok("GET", "/api/jobs/w")["running"] == 0
+    assert len(api.get(f"/api/runs/{running['id']}/log").body) >= 300000
+    assert api.get("/api/health").status == 200
+    created = api.ok("POST", "/api/jobs", {"name": "n", "command": "true"}, 201)
+    assert created["name"] == "n"
+
+
+def test_a_scheduled_slot_during_a_full_disk_is_accounted_for(harness):
+    h = harness()
+    h.add(name="s", command="true")
+    fill_disk(h.store)
+    h.store.add_chunks([(0, 1, "stdout", 0.0, "x" * 100000)])  # the outage shows
+    wait_for(lambda: h.store.outage is not None)
+    now = time.time()
+    run = h.runner.submit(h.sched.get_job("s"), "schedule", slot=now, scheduled_at=now)
+    wait_for(lambda: not h.runner.active_runs(), 5)
+    free_disk(h.store)
+    wait_for(lambda: h.store.outage is None)
+    row = h.store.get_run(run["id"])
+    assert row["status"] == "missed"
+    assert "database cannot record it" in row["error"]
+
+
+def disk_full(monkeypatch, store):
+    """An Event: while it is set, every commit of ``store`` fails as on a full
+    disk (for writes that would fit in the pages the file already has)."""
+    full = threading.Event()
+    transaction = store._transaction
+
+    def faulty(conn, batch):
+        if full.is_set():
+            raise sqlite3.OperationalError("database or disk is full")
+        return transaction(conn, batch)
+
+    monkeypatch.setattr(store, "_transaction", faulty)
+    return full
+
+
+def test_a_trigger_answered_202_is_always_there(engines, monkeypatch):
+    """The disk fills up between the request's checks and its run's insert:
+    the answer is 503, not a run id that later turns out to be unknown."""
+    monkeypatch.setattr(minisched, "WRITE_WAIT", 1.0)
+    engine = engines()
+    api = WsgiClient(make_app(engine), engine)
+    api.ok("POST", "/api/jobs", {"name": "t", "command": "true"}, 201)
+    full = disk_full(monkeypatch, engine.store)
+    full.set()
+    response = api.post("/api/jobs/t/run")
+    assert response.status == 503 and "disk is full" in response.json()["error"]
+    full.clear()
+    wait_for(lambda: engine.store.outage is None)
+    run = api.ok("POST", "/api/jobs/t/run", status=202)
+    assert api.get(f"/api/runs/{run['id']}").status == 200
+
+
+def test_close_commits_held_writes_once_it_can(tmp_path, monkeypatch):
+    """A run that ended during an outage is written before the server exits."""
+    store = Store(str(tmp_path / "m.db")).open()
+    store.insert_run(
+        {"id": 1, "job": "j", "status": "running", "trigger": "manual"}
+    ).result()
+    full = disk_full(monkeypatch, store)
+    full.set()
+    held = store.update_run(1, {"status": "succeeded", "finished_at": 1.0})
+    wait_for(lambda: store.outage is not None)
+    threading.Timer(0.5, full.clear).start()
+    store.close()
+    assert held.result(0) is None
+    assert read_run(tmp_path / "m.db", 1)["status"] == "succeeded"
+
+
+def raw_connect(port, data=b""):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    if data:
+        sock.sendall(data)
+    return sock
+
+
+def read_all(sock):
+    chunks = []
+    with contextlib.suppress(OSError):
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_slow_clients_are_cut_off_and_connections_capped(live):
+    server = live(request_timeout=1.0, max_connections=8)
+    t0 = time.monotonic()
+    short = raw_connect(
+        server.port,
+        b"POST /api/jobs HTTP/1.0\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
+        b'{"name": "x",',
+    )
+    silent = raw_connect(server.port)  # never sends a byte
+    answer = read_all(short)
+    assert time.monotonic() - t0 < 3.5
+    assert answer == b"" or b"408" in answer.split(b"\r\n", 1)[0]
+    assert read_all(silent) == b""
+    baseline = threading.active_count()
+    idle = [raw_connect(server.port) for _ in range(8)]
+    wait_for(lambda: threading.active_count() >= baseline + 8, 3)
+    refused = raw_connect(server.port, b"GET /api/health HTTP/1.0\r\n\r\n")
+    head, _, body = read_all(refused).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 503")
+    assert json.loads(body)["error"].startswith("too many open connections")
+    assert threading.active_count() <= baseline + 8
+    for sock in idle:
+        sock.close()
+    wait_for(lambda: server.request("GET", "/api/health")[0] == 200, 5)
+
+
+def test_an_sse_stream_outlives_the_request_deadline(live, tmp_path):
+    server = live(heartbeat=0.3, request_timeout=0.5)
+    stream = server.sse("/api/events")
+    assert stream.status == 200
+    time.sleep(1.5)  # three deadlines: the stream is not cut
+    server.ok("POST", "/api/jobs", {"name": "e", "command": "true"}, 201)
+    events = stream.until(lambda e: e.event == "job")
+    assert events[-1].data["name"] == "e"
+
+
+def marked(run_id, store):
+    return minisched.find_marked_pids({str(run_id)}, server=store.server_id)
+
+
+FORK_200 = "for i in $(seq 200); do sleep 30 </dev/null >/dev/null 2>&1 & done"
+
+
+def test_leftovers_of_a_succeeded_run_are_stopped(harness):
+    h = harness()
+    h.add(name="forker", command=FORK_200, kill_grace=1)
+    h.add(
+        name="detacher",
+        command="(setsid sleep 30 </dev/null >/dev/null 2>&1 &); echo done",
+        kill_grace=1,
+    )
+    runs = [h.sched.trigger("forker"), h.sched.trigger("detacher")]
+    h.wait_idle()
+    for run, count in zip(runs, (200, 1)):
+        row = h.store.get_run(run["id"])
+        assert row["status"] == "succeeded", row
+        assert row["leftovers_stopped"] == count
+        wait_for(lambda run=run: not marked(run["id"], h.store), 5)
+        log = "".join(c["text"] for c in h.store.get_chunks(run["id"]))
+        assert "(leftovers: kill)" in log
+        assert h.api_run(run["id"])["leftovers_stopped"] == count
+
+
+def test_leftovers_keep_lets_daemons_live(harness):
+    h = harness()
+    h.add(
+        name="daemon", command="sleep 30 </dev/null >/dev/null 2>&1 &", leftovers="keep"
+    )
+    run = h.sched.trigger("daemon")
+    h.wait_idle()
+    row = h.store.get_run(run["id"])
+    assert row["status"] == "succeeded" and row["leftovers_stopped"] is None
+    pids = marked(run["id"], h.store)
+    assert len(pids) == 1
+    os.kill(pids[0], signal.SIGKILL)
+
+
+def test_starting_deadline_holds_for_runs_held_by_max_concurrent(harness, tmp_path):
+    h = harness(max_concurrent=1)
+    h.add(name="hog", command=blocking_command(tmp_path), kill_grace=1)
+    h.add(name="tight", command="true", starting_deadline=0.3)
+    hog = h.sched.trigger("hog")
+    wait_for(lambda: h.runner.counts()["running"] == 1)
+    now = time.time()
+    late = h.runner.submit(
+        h.sched.get_job("tight"), "schedule", slot=now, scheduled_at=now
+    )
+    wait_for(lambda: (h.store.get_run(late["id"]) or {}).get("status") == "missed", 3)
+    row = h.store.get_run(late["id"])
+    assert (
+        "starting_deadline 0.3s" in row["error"]
+        and "--max-concurrent 1" in row["error"]
+    )
+    h.runner.stop_run(hog["id"])
+    h.wait_idle()
+    assert [r["status"] for r in h.runs("tight")] == ["missed"]
+
+
+CYCLE = {
+    "jobs": [
+        {"name": "a", "command": "true", "after": ["b"]},
+        {"name": "b", "command": "true", "after": ["a"]},
+    ]
+}
+
+
+def test_one_cycle_check_everywhere(engines, tmp_path, capsys):
+    path = tmp_path / "cycle.json"
+    path.write_text(json.dumps(CYCLE))
+    code, _out, err = run_cli(capsys, "validate", path)
+    assert code == 1
+    assert "jobs[0].after: depends on itself through a cycle: a -> b -> a" in err
+    engine = engines(jobs=str(path))
+    api = WsgiClient(make_app(engine), engine)
+    result = api.ok("POST", "/api/validate", CYCLE)
+    assert result["valid"] is False
+    assert result["errors"][0]["field"] == "jobs[0].after"
+    error = api.ok("GET", "/api/status")["jobs_file"]["error"]
+    assert "jobs[0].after: depends on itself through a cycle" in error
+    api.post("/api/import", CYCLE).error(400, "jobs[0].after")
+    api.ok("POST", "/api/jobs", {"name": "x", "command": "true"}, 201)
+    api.ok("POST", "/api/jobs", {"name": "y", "command": "true", "after": ["x"]}, 201)
+    single = api.ok(
+        "POST", "/api/validate", {"name": "x", "command": "true", "after": ["y"]}
+    )
+    assert single["valid"] is False and single["errors"][0]["field"] == "after"
+    assert "x -> y -> x" in single["errors"][0]["error"]
+
+
+def test_deleting_a_job_others_run_after(api, tmp_path):
+    api.ok("POST", "/api/jobs", {"name": "up", "command": "true"}, 201)
+    marker = tmp_path / "down-ran"
+    api.ok(
+        "POST",
+        "/api/jobs",
+        {"name": "down", "command": f"touch {marker}", "after": ["up"]},
+        201,
+    )
+    error = api.delete("/api/jobs/up").error(409, "name")["error"]
+    assert "'down'" in error and "force" in error
+    assert api.ok("DELETE", "/api/jobs/up?force=1")["deleted"] == "up"
+    assert "after" not in api.ok("GET", "/api/jobs/down")
+    api.ok("POST", "/api/jobs", {"name": "up", "command": "true"}, 201)
+    run = api.ok("POST", "/api/jobs/up/run", status=202)
+    assert api.wait_run(run["id"])["status"] == "succeeded"
+    time.sleep(0.3)
+    assert not marker.exists()  # the new "up" is not the one "down" ran after
+
+
+def test_logout_and_a_new_token_end_sessions(tmp_path):
+    db = str(tmp_path / "m.db")
+    engine = Engine(Config(db=db, token=TOKEN, timezone="UTC")).start()
+    try:
+        api = WsgiClient(make_app(engine), engine)
+        cookie = api.post("/api/login", {"token": TOKEN}).header("Set-Cookie")
+        session = {"Cookie": cookie.split(";")[0]}
+        api.ok("GET", "/api/jobs", headers=session)
+        api.post("/api/logout", headers=session)
+        api.get("/api/jobs", headers=session).error(401)
+        cookie = api.post("/api/login", {"token": TOKEN}).header("Set-Cookie")
+        session = {"Cookie": cookie.split(";")[0]}
+        api.ok("GET", "/api/jobs", headers=session)
+    finally:
+        engine.shutdown(2)
+    engine = Engine(Config(db=db, token="another-token", timezone="UTC")).start()
+    try:
+        api = WsgiClient(make_app(engine), engine)
+        api.get("/api/jobs", headers=session).error(401)  # made with the old token
+    finally:
+        engine.shutdown(2)
+
+
+@pytest.mark.parametrize("how", ["env", "flag", "file"])
+def test_the_token_is_neither_in_environ_nor_cmdline(tmp_path, how):
+    secret = "s3cret-" + how
+    args, env = [], {}
+    if how == "env":
+        env["MINISCHED_TOKEN"] = secret
+    elif how == "flag":
+        args = ["--token", secret]
+    else:
+        (tmp_path / "token").write_text(secret + "\n")
+        args = ["--token-file", str(tmp_path / "token")]
+    server = start_serve(tmp_path, *args, env=env)
+    try:
+        port = wait_for(lambda: serve_port(server))
+        for name in ("environ", "cmdline"):
+            with open(f"/proc/{server.pid}/{name}", "rb") as f:
+                assert secret.encode() not in f.read(), name
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/api/jobs")
+        assert conn.getresponse().status == 401
+        conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/api/jobs", headers={"Authorization": "Bearer " + secret})
+        assert conn.getresponse().status == 200
+        conn.close()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(10) == 0
+    finally:
+        server.kill()
+        server.stdout.close()
+
+
+_SERVE_LINES = {}
+
+
+def serve_port(server):
+    """The port a ``start_serve`` process listens on, once it says so."""
+    lines = _SERVE_LINES.setdefault(server.pid, [])
+    os.set_blocking(server.stdout.fileno(), False)
+    with contextlib.suppress(TypeError, OSError):
+        while line := server.stdout.readline():
+            lines.append(line.decode("utf-8", "replace"))
+    for line in lines:
+        match = re.search(r"listening on http://[^:]+:(\d+)/", line)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def test_engine_threads_survive_a_failing_item(harness, monkeypatch):
+    h = harness()
+    h.add(name="j", command="sleep 5", kill_grace=1)
+    hand_over = h.runner._hand_over
+    calls = []
+
+    def flaky(run):
+        calls.append(run.id)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        hand_over(run)
+
+    monkeypatch.setattr(h.runner, "_hand_over", flaky)
+    first = h.sched.trigger("j")
+    wait_for(lambda: (h.store.get_run(first["id"]) or {}).get("status") == "failed", 5)
+    row = h.store.get_run(first["id"])
+    assert "internal error" in row["error"] and "injected" in row["error"]
+    assert not marked(first["id"], h.store)  # its process was stopped
+    assert all(h.runner.threads_alive().values())
+    second = h.sched.trigger("j")
+    wait_for(lambda: (h.store.get_run(second["id"]) or {}).get("status") == "running")
+    h.runner.stop_run(second["id"])
+
+
+def test_health_reports_every_engine_thread(engines):
+    engine = engines()
+    api = WsgiClient(make_app(engine), engine)
+    checks = api.ok("GET", "/api/health")["checks"]
+    assert {"scheduler", "writer", "launcher", "io", "sampler", "hooks"} <= set(checks)
+    dead = threading.Thread(target=lambda: None, name="minisched-launcher")
+    dead.start()
+    dead.join()
+    engine.runner._threads[0] = dead
+    sick = api.get("/api/health")
+    assert sick.status == 503 and sick.json()["checks"]["launcher"] is False
+
+
+def test_a_bad_allow_ip_is_a_usage_error(capsys):
+    code, _out, err = run_cli(capsys, "serve", "--allow-ip", "10.0.0.0/33")
+    assert code == 2 and "--allow-ip: '10.0.0.0/33' is not an address or CIDR" in err
+
+
+def test_peak_rss_is_never_zero(harness):
+    h = harness()
+    h.add(name="short", command="true", concurrency="allow")
+    for _ in range(30):
+        h.sched.trigger("short")
+    h.wait_idle()
+    assert all(r["peak_rss"] is None or r["peak_rss"] > 0 for r in h.runs("short"))
+
+
+def test_the_truncation_marker_stands_on_its_own_line(harness):
+    h = harness()
+    h.add(name="long", command="head -c 5000 /dev/zero | tr '\\0' a", max_output=1024)
+    run = h.sched.trigger("long")
+    h.wait_idle()
+    log = "".join(c["text"] for c in h.store.get_chunks(run["id"]))
+    marker = re.search(
+        r"^\[minisched: \d+ bytes of output dropped here .*\]$", log, re.MULTILINE
+    )
+    assert marker, log
+
+
+def test_client_commands_say_when_the_server_is_not_minisched(capsys):
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<html>hello</html>")
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for argv in (["list"], ["status"], ["trigger", "x"], ["logs", "1"]):
+            code, _out, err = run_cli(capsys, *argv, "--url", url)
+            assert code == 1, argv
+            assert "does not answer like minisched" in err and "Traceback" not in err
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_import_and_validate_refuse_empty_or_garbage_bodies(api):
+    garbage = bytes(range(256)) * 4
+    response = api(
+        "POST", "/api/import", data=garbage, headers={"Content-Type": "text/csv"}
+    )
+    response.error(400)
+    response = api(
+        "POST",
+        "/api/import",
+        data=b"colour,size\nred,1\n",
+        headers={"Content-Type": "text/csv"},
+    )
+    assert "colour" in response.error(400)["error"]
+    api("POST", "/api/validate", data=b"").error(400)
+    api("POST", "/api/validate", data=b"{").error(400)
+
+
+def test_a_missed_record_names_the_slots_it_missed(harness):
+    clock = FakeClock(ts("2026-01-01T00:00:00+00:00"))
+    h = harness(clock=clock)
+    h.add(name="m", command="true", schedule="* * * * *", catch_up="latest")
+    clock.t += 5 * 60 + 1  # five slots pass before a tick
+    h.sched.tick()
+    h.wait_idle()
+    missed = [r for r in h.runs("m") if r["status"] == "missed"]
+    assert len(missed) == 1
+    assert missed[0]["error"].startswith(
+        "4 slots missed between 2026-01-01T00:01:00.000Z and 2026-01-01T00:04:00.000Z"
+    )
+
+
+def test_log_lines_say_stopped_and_http_status(harness, receiver, caplog, tmp_path):
+    h = harness()
+    h.add(name="web", kind="http", url=receiver + "/", command=None)
+    h.add(name="hang", command=blocking_command(tmp_path), kill_grace=1)
+    with caplog.at_level(logging.INFO, "minisched"):
+        web = h.sched.trigger("web")
+        hang = h.sched.trigger("hang")
+        wait_for(
+            lambda: (h.store.get_run(web["id"]) or {}).get("status") == "succeeded"
+        )
+        h.runner.stop_run(hang["id"])
+        h.wait_idle()
+    text = caplog.text
+    assert f"run {web['id']} of web succeeded" in text and "(HTTP 200)" in text
+    assert "exit code None" not in text and "exit code 200" not in text
+    assert re.search(
+        rf"run {hang['id']} of hang cancelled in \S+ \((killed by SIGTERM|stopped)\)",
+        text,
+    )
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MiB tmpfs: a disk that really fills up.  Needs mount rights."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here: " + mounted.stderr.strip())
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(path):
+    """Write ``path`` until the disk is full."""
+    with open(path, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+
+
+def api_call(port, method, path, body=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    try:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        conn.request(
+            method, path, json.dumps(body) if body is not None else None, headers
+        )
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"null")
+    finally:
+        conn.close()
+
+
+def test_a_real_full_disk_answers_503_and_loses_nothing(tmp_path, small_disk):
+    gate = tmp_path / "gate"
+    db = small_disk / "m.db"
+    command = f"while [ ! -e {gate} ]; do sleep 0.05; done; head -c 200000 /dev/zero | tr '\\0' x"
+    server = start_serve(tmp_path, "--db", str(db))
+    try:
+        port = wait_for(lambda: serve_port(server))
+        assert (
+            api_call(port, "POST", "/api/jobs", {"name": "w", "command": command})[0]
+            == 201
+        )
+        status, first = api_call(port, "POST", "/api/jobs/w/run")
+        assert status == 202
+        wait_for(
+            lambda: (
+                api_call(port, "GET", f"/api/runs/{first['id']}")[1]["status"]
+                == "running"
+            )
+        )
+        fill(small_disk / "filler")
+        gate.touch()  # the run ends and its output cannot be written
+        wait_for(lambda: api_call(port, "GET", "/api/health")[0] == 503)
+        assert (
+            api_call(port, "POST", "/api/jobs", {"name": "n", "command": "true"})[0]
+            == 503
+        )
+        assert api_call(port, "POST", "/api/jobs/w/run")[0] == 503
+        os.unlink(small_disk / "filler")  # space returns
+        wait_for(lambda: api_call(port, "GET", "/api/health")[0] == 200)
+        run = api_call(port, "GET", f"/api/runs/{first['id']}")[1]
+        assert run["status"] == "succeeded" and run["output_bytes"] == 200000
+        assert api_call(port, "GET", "/api/jobs/w")[1]["running"] == 0
+        status, again = api_call(port, "POST", "/api/jobs/w/run")
+        assert status == 202
+        fill(small_disk / "filler")  # full again: SIGTERM while a run is held
+        wait_for(
+            lambda: (
+                api_call(port, "GET", f"/api/runs/{again['id']}")[1]["status"]
+                == "running"
+            )
+        )
+        (tmp_path / "gate").touch()
+        wait_for(lambda: api_call(port, "GET", "/api/health")[0] == 503)
+        threading.Timer(1.0, os.unlink, (small_disk / "filler",)).start()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+    finally:
+        server.kill()
+        server.stdout.close()
+    runs = {r["id"]: r for r in read_runs_at(db)}
+    assert runs[first["id"]]["status"] == "succeeded"
+    assert runs[again["id"]]["status"] == "succeeded"
+    assert not [r for r in runs.values() if r["status"] in ("queued", "running")]
+
+
+def read_runs_at(db):
+    conn = sqlite3.connect(str(db))
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM runs ORDER BY id")]
+    finally:
+        conn.close()

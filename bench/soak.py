@@ -96,6 +96,7 @@ class Life:
     up_at: float = 0.0
     port: int = 0
     down_at: float | None = None  # when the soak sent the signal
+    exited_at: float | None = None  # when the process was gone
     how: str | None = None  # kill, term, final, died
     exit_code: int | None = None
     exit_seconds: float | None = None
@@ -204,13 +205,14 @@ class Server:
         started = time.monotonic()
         life.exit_code = stop_process(life.proc, sig, SHUTDOWN_GRACE + 20)
         life.exit_seconds = time.monotonic() - started
+        life.exited_at = time.time()
         self.lifecycle.set_phase("down")
         return life
 
 
 def stop_process(proc, sig, timeout) -> int:
-    """Send ``sig``, wait up to ``timeout`` s, then SIGKILL; the exit code
-    (negative: the signal).  A code of ``None`` never comes back."""
+    """Send ``sig``, wait up to ``timeout`` s, then SIGKILL.  Returns the exit
+    code (negative: the signal), or -1000 if it had to be SIGKILLed."""
     if proc.poll() is None:
         try:
             proc.send_signal(sig)
@@ -962,8 +964,11 @@ def kill_marked(server_id: str | None) -> int:
 
 def classify_leftovers(found, rows, moment, allowed) -> tuple:
     """Split processes found after a kill or the final shutdown into those
-    that may outlive it (of a run that had ended normally before ``moment``,
-    when ``allowed``: no ``leftovers`` field yet) and violations."""
+    that may outlive it and violations.  Without a ``leftovers`` field
+    (``allowed``), what a run detached with its output closed survives the
+    run's normal end, as under cron: tolerated if the run ended normally
+    before ``moment`` (the server's exit; a run may end during the shutdown
+    grace).  Anything of a run that was still active is a violation."""
     ok, bad = [], []
     for pid, run_id, cmdline in found:
         row = rows.get(int(run_id)) if run_id.isdigit() else None
@@ -1039,7 +1044,6 @@ class Soak:
             SseClient(self, f"sse-{i}", opts.seed + 20 + i) for i in range(2)
         ]
         self.began = time.monotonic()
-        self.shutdown_at = None  # when the final SIGTERM was sent
         self.died = []  # lives that ended without being asked
 
     def say(self, text: str) -> None:
@@ -1048,6 +1052,7 @@ class Soak:
     # -- running ---------------------------------------------------------------
 
     def run(self) -> None:
+        """The whole soak: start, load, restart until the time is up, stop."""
         self.say(f"{self.opts.minisched}; temp dir {self.tmp}, seed {self.opts.seed}")
         self.leftovers_supported = probe_leftovers(self.opts.minisched, self.tmp)
         self.say(f"job field 'leftovers' supported: {self.leftovers_supported}")
@@ -1064,27 +1069,33 @@ class Soak:
         )
         for worker in self.workers:
             worker.start()
-        total = self.opts.minutes * 60
-        deadline = self.began + total
-        hi = min(RESTART_MAX, total / 3)
-        lo = min(RESTART_MIN, hi * 0.6)
-        kinds = [self.rng.choice(("kill", "term"))]
-        kinds.append("term" if kinds[0] == "kill" else "kill")
-        while True:
-            end = min(time.monotonic() + self.rng.uniform(lo, hi), deadline)
-            self.watch_until(end)
-            if time.monotonic() >= deadline - 5:
-                break
-            self.restart(kinds.pop(0) if kinds else self.rng.choice(("kill", "term")))
+        self.restart_loop()
         self.stopping.set()
         for worker in self.workers:
             worker.join(timeout=20)
-        self.shutdown_at = time.time()
         life = self.server.stop("final")
         self.say(
             f"final SIGTERM: exit {life.exit_code} after {life.exit_seconds:.1f} s"
         )
         self.poller.poll(everything=True)
+
+    def restart_loop(self) -> None:
+        """Kill or terminate the server every 45-90 s (at most a third of the
+        run), the first two restarts one of each, until the time is up."""
+        total = self.opts.minutes * 60
+        deadline = self.began + total
+        hi = min(RESTART_MAX, total / 3)
+        lo = min(RESTART_MIN, hi * 0.6)
+        first = self.rng.choice(("kill", "term"))
+        kinds = [first, "term" if first == "kill" else "kill"]
+        while True:
+            end = time.monotonic() + self.rng.uniform(lo, hi)
+            if deadline - end < lo / 2:  # no life much shorter than the others
+                end = deadline
+            self.watch_until(end)
+            if end >= deadline:
+                return
+            self.restart(kinds.pop(0) if kinds else self.rng.choice(("kill", "term")))
 
     def start_life(self) -> Life:
         life = self.server.start()
@@ -1210,6 +1221,8 @@ class Soak:
                 details.append(
                     f"run id {run_id} of {jobs[0]} started but has no run row"
                 )
+            elif row["status"] in ("skipped", "missed"):
+                details.append(f"run id {run_id} ran but is recorded {brief(row)}")
             elif row["job"] != jobs[0]:
                 details.append(
                     f"run id {run_id} started as {jobs[0]} but its row is {brief(row)}"
@@ -1316,14 +1329,14 @@ class Soak:
         allowed = not self.leftovers_supported
         details, tolerated = [], []
         found = marked_processes(sid) if sid else []
-        ok, bad = classify_leftovers(
-            found, rows, self.shutdown_at or time.time(), allowed
-        )
+        final = self.lifecycle.current()
+        exited = final.exited_at if final and final.exited_at else time.time()
+        ok, bad = classify_leftovers(found, rows, exited, allowed)
         details += [f"after the final shutdown: {b}" for b in bad]
         tolerated += ok
         for life in self.lifecycle.lives:
             ok, bad = classify_leftovers(
-                life.leftovers, rows, life.down_at or 0, allowed
+                life.leftovers, rows, life.exited_at or 0, allowed
             )
             details += [f"after SIGKILL of life {life.number}: {b}" for b in bad]
             tolerated += ok
@@ -1460,6 +1473,13 @@ class Soak:
             details,
         )
 
+    def route_lines(self) -> list:
+        """One line per route: its statuses."""
+        by_route = collections.defaultdict(list)
+        for (route, status), n in sorted(self.tally.routes.items(), key=str):
+            by_route[route].append(f"{status} {n}")
+        return [f"  {route}: {', '.join(v)}" for route, v in sorted(by_route.items())]
+
     def summary(self, rows) -> list:
         """The counts printed before the verdicts."""
         lives = self.lifecycle.lives
@@ -1489,6 +1509,7 @@ class Soak:
             + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())),
             f"effect lines {len(self.read_effects())}",
             f"requests {sum(t.statuses.values())}: {req}",
+            *self.route_lines(),
             "SSE: " + ", ".join(f"{k} {v}" for k, v in sorted(t.sse.items())),
             (
                 f"marked job processes: up to {self.sampler.marked_max} at once while up, "
