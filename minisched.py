@@ -2476,29 +2476,21 @@ class Runner:
         """Create a run of ``job`` and start it when the job's ``concurrency`` and
         the global limit allow.  Returns the run's public dict (status
         ``queued``, or ``skipped``).  A manual trigger that would be skipped
-        raises :class:`ConflictError` instead (``force`` overrides ``forbid``)."""
+        raises :class:`ConflictError` instead (``force`` overrides ``forbid``).
+
+        ``concurrency`` is decided at the run's start time: a slot handled
+        ahead (``LOOKAHEAD``, jitter) while another run of the job is active
+        is decided again when it comes due, so a run that ends just before
+        the next slot never causes a skip or a replacement."""
         now = self.clock()
         with self._lock:
             if self._closing:
                 raise UnavailableError("the server is shutting down")
             active = list(self._by_job.get(job.name, {}).values())
-            reason = None
-            to_stop = []
-            if active and trigger not in ("retry", "catch_up"):
-                policy = job.concurrency
-                if policy == "forbid" and not force:
-                    reason = (
-                        f"run {active[0].id} of this job is still active "
-                        "(concurrency forbid)"
-                    )
-                elif policy == "queue":
-                    waiting = [r for r in active if r.status == "queued"]
-                    if len(waiting) >= job.queue_max:
-                        reason = (
-                            f"the queue of this job is full (queue_max {job.queue_max})"
-                        )
-                elif policy == "replace":
-                    to_stop = active
+            later = active and not_before is not None and not_before > now
+            reason, to_stop = (
+                (None, []) if later else self._policy(job, active, trigger, force)
+            )
             if reason and trigger == "manual":
                 raise ConflictError(reason + "; use ?force=1 to run anyway", None)
             run = Run(
@@ -2522,12 +2514,13 @@ class Runner:
         if run.status == "skipped":
             self._published(run, job)
             return run.public()
-        for old in to_stop:
-            self.stop_run(old.id, f"replaced by run {run.id} (concurrency replace)")
+        self._replace(run, to_stop)
         self.bus.publish("run", run.public())
         # Read the clock again: the runs of one slot must get the same ``due``.
         delay = (not_before - self.clock()) if not_before is not None else 0.0
-        if delay > 2 * LOOKAHEAD:  # a retry or jitter: wait without a slot
+        if later:  # decide when it is due: the active run may be over by then
+            self._io_command(("timer", max(0.0, delay), lambda: self._admit(run)))
+        elif delay > 2 * LOOKAHEAD:  # a retry or jitter: wait without a slot
             self._io_command(("timer", delay, lambda: self._enqueue(run)))
         else:
             # Due now or in a moment: queue it; the launcher holds it until then.
@@ -2540,6 +2533,47 @@ class Runner:
             left = max(0.0, deadline - self.clock())
             self._io_command(("timer", left, lambda: self._expire(ref())))
         return run.public()
+
+    @staticmethod
+    def _policy(job, active, trigger, force) -> tuple:
+        """What ``concurrency`` makes of a new run while ``active`` runs of its
+        job exist: ``(reason to skip it or None, runs to stop first)``."""
+        if not active or trigger in ("retry", "catch_up"):
+            return None, []
+        policy = job.concurrency
+        if policy == "forbid" and not force:
+            return (
+                f"run {active[0].id} of this job is still active (concurrency forbid)",
+                [],
+            )
+        if policy == "queue":
+            waiting = [r for r in active if r.status == "queued"]
+            if len(waiting) >= job.queue_max:
+                return f"the queue of this job is full (queue_max {job.queue_max})", []
+        if policy == "replace":
+            return None, active
+        return None, []
+
+    def _replace(self, run, to_stop) -> None:
+        for old in to_stop:
+            self.stop_run(old.id, f"replaced by run {run.id} (concurrency replace)")
+
+    def _admit(self, run) -> None:
+        """Io thread, when a run handled ahead comes due: apply ``concurrency``
+        now, against the runs of its job active at this moment."""
+        with self._lock:
+            if run.status != "queued" or run.id not in self._runs:
+                return
+            active = [
+                r for r in self._by_job.get(run.job.name, {}).values() if r is not run
+            ]
+            reason, to_stop = self._policy(run.job, active, run.trigger, run.force)
+        if reason:
+            self._end_unstarted(run, "skipped", reason)
+            return
+        self._replace(run, to_stop)
+        run.due = time.monotonic()
+        self._enqueue(run)
 
     @staticmethod
     def _deadline(run):
@@ -2704,7 +2738,7 @@ class Runner:
         self.store.update_run(
             run.id,
             {"status": status, "error": message, "finished_at": run.finished_at},
-            job=run.job.name,
+            job=None if status == "skipped" else run.job.name,
         )
         self._published(run, run.job)
         return True

@@ -4287,3 +4287,40 @@ def read_runs_at(db):
         return [dict(r) for r in conn.execute("SELECT * FROM runs ORDER BY id")]
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("policy", ["forbid", "replace"])
+def test_concurrency_is_decided_at_the_slot_not_when_it_is_handled(harness, policy):
+    """A slot handled ahead (LOOKAHEAD) while the previous run still has a
+    moment to go: the previous run ends first, so nothing is skipped or
+    replaced; one still busy at the slot is.  Found by bench/soak.py."""
+    h = harness()
+    h.add(name="j", command="sleep 0.2", concurrency=policy)
+    h.add(name="k", command="sleep 1", concurrency=policy, kill_grace=1)
+    first = h.sched.trigger("j")
+    busy = h.sched.trigger("k")
+    wait_for(lambda: h.runner.counts()["running"] == 2)
+    slot = time.time() + 0.5
+    runs = [
+        h.runner.submit(
+            h.sched.get_job(name),
+            "schedule",
+            slot=slot,
+            scheduled_at=slot,
+            not_before=slot,
+        )
+        for name in ("j", "k")
+    ]
+    assert all(r["status"] == "queued" for r in runs)  # not decided yet
+    ended = lambda run_id: (h.store.get_run(run_id) or {}).get("finished_at")  # noqa: E731
+    wait_for(lambda: ended(runs[0]["id"]) and ended(runs[1]["id"]), 5)
+    assert h.store.get_run(first["id"])["status"] == "succeeded"
+    assert h.store.get_run(runs[0]["id"])["status"] == "succeeded"
+    late = h.store.get_run(runs[1]["id"])
+    if policy == "forbid":
+        assert late["status"] == "skipped" and "concurrency forbid" in late["error"]
+        h.runner.stop_run(busy["id"])
+    else:
+        assert late["status"] == "succeeded"
+        assert h.store.get_run(busy["id"])["status"] == "cancelled"
+    h.wait_idle()
