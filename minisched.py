@@ -5283,123 +5283,285 @@ SESSION_MAX_AGE = 7 * 86400
 #: How often a session's ``last_seen`` is written (not on every request).
 SESSION_TOUCH = 300
 
-#: Every route: (method, OpenAPI path, handler name, summary, query parameters,
-#: JSON body?).  ``make_app`` registers routes from this table and
+#: Largest id or count accepted in a URL (SQLite's integer range).
+MAX_INT = 2**63 - 1
+
+
+def _int_schema(low, high=MAX_INT, default=None) -> dict:
+    out = {"type": "integer", "minimum": low, "maximum": high}
+    if default is not None:
+        out["default"] = default
+    return out
+
+
+_FLAG = {"type": "boolean", "default": False}
+#: What ``POST /api/batch`` can do to several jobs at once.
+BATCH_ACTIONS = ("run", "stop", "pause", "resume", "delete")
+#: Every query parameter: key -> (name in the URL, OpenAPI schema, meaning).
+#: ``Api.int_param`` takes an integer's range and default from here and
+#: ``/api/openapi.json`` describes them from here: the two cannot drift.
+QUERY_PARAMS = {
+    "tag": ("tag", {"type": "string"}, "only jobs with this tag"),
+    "q": ("q", {"type": "string"}, "text in the name, description or command"),
+    "job_status": (
+        "status",
+        {"type": "string", "enum": [*RUN_STATUSES, "paused"]},
+        "the last run's status, or running, or paused",
+    ),
+    "run_status": ("status", {"type": "string", "enum": list(RUN_STATUSES)}, ""),
+    "job_limit": ("limit", _int_schema(1, 10000, 1000), "at most this many"),
+    "run_limit": ("limit", _int_schema(1, 1000, 50), "at most this many"),
+    "offset": ("offset", _int_schema(0, default=0), "skip this many"),
+    "before": ("before", _int_schema(1), "only runs with a smaller id (a cursor)"),
+    "job": ("job", {"type": "string"}, "only runs of this job"),
+    "purge": ("purge", _FLAG, "also delete the job's run history"),
+    "force": (
+        "force",
+        _FLAG,
+        "run a busy forbid job anyway; delete a job others run after",
+    ),
+    "dry_run": ("dry_run", _FLAG, "report what would change, change nothing"),
+    "log_format": ("format", {"type": "string", "enum": ["text", "json"]}, ""),
+    "export_format": ("format", {"type": "string", "enum": ["json", "csv"]}, ""),
+    "import_format": ("format", {"type": "string", "enum": ["json", "csv"]}, ""),
+    "last_event_id": ("last_event_id", _int_schema(0), "resume after this seq"),
+    "expr": ("expr", {"type": "string"}, "a schedule, e.g. */5 * * * *"),
+    "n": ("n", _int_schema(1, 100, 5), "how many fire times"),
+    "timezone": ("timezone", {"type": "string"}, "an IANA zone"),
+    "after": ("after", {"type": "string"}, "ISO 8601 time (default: now)"),
+    "anchor": ("anchor", {"type": "string"}, "where @every counts from"),
+}
+
+#: One API route: method, OpenAPI path, ``Api`` handler name, summary, query
+#: parameter keys (:data:`QUERY_PARAMS`), request body schema (a component
+#: name or None), success status, response schema (a component name, or a
+#: media type for text), and error statuses it answers beyond the common ones.
+Route = collections.namedtuple(
+    "Route", "method path handler summary params body ok response errors"
+)
+
+
+def _route(
+    method,
+    path,
+    handler,
+    summary,
+    params=(),
+    body=None,
+    ok=200,
+    response=None,
+    errors=(),
+):
+    return Route(method, path, handler, summary, params, body, ok, response, errors)
+
+
+#: Every route.  ``make_app`` registers routes from this table and
 #: ``/api/openapi.json`` describes it, so the two cannot drift apart.
 API_ROUTES = (
-    (
+    _route(
         "GET",
         "/api/health",
         "health",
-        "Liveness of the scheduler and database",
-        (),
-        False,
+        "Liveness of the engine's threads and database",
+        response="Health",
     ),
-    (
+    _route(
         "GET",
         "/api/status",
         "status",
         "Version, uptime, counts, jobs file state",
-        (),
-        False,
+        response="Status",
     ),
-    (
+    _route(
         "GET",
         "/api/jobs",
         "list_jobs",
         "List jobs",
-        ("tag", "q", "status", "limit", "offset"),
-        False,
+        ("tag", "q", "job_status", "job_limit", "offset"),
+        response="JobList",
     ),
-    ("POST", "/api/jobs", "create_job", "Create a job", (), True),
-    ("GET", "/api/jobs/{name}", "get_job", "A job's definition and state", (), False),
-    ("PUT", "/api/jobs/{name}", "put_job", "Replace a job's definition", (), True),
-    ("PATCH", "/api/jobs/{name}", "patch_job", "Change some fields of a job", (), True),
-    (
+    _route(
+        "POST",
+        "/api/jobs",
+        "create_job",
+        "Create a job",
+        body="JobDefinition",
+        ok=201,
+        response="Job",
+        errors=(409,),
+    ),
+    _route(
+        "GET",
+        "/api/jobs/{name}",
+        "get_job",
+        "A job's definition and state",
+        response="Job",
+    ),
+    _route(
+        "PUT",
+        "/api/jobs/{name}",
+        "put_job",
+        "Replace a job's definition",
+        body="JobDefinition",
+        response="Job",
+        errors=(409,),
+    ),
+    _route(
+        "PATCH",
+        "/api/jobs/{name}",
+        "patch_job",
+        "Change some fields of a job",
+        body="JobChanges",
+        response="Job",
+        errors=(409,),
+    ),
+    _route(
         "DELETE",
         "/api/jobs/{name}",
         "delete_job",
         "Delete a job",
         ("purge", "force"),
-        False,
+        response="Deleted",
+        errors=(409,),
     ),
-    ("POST", "/api/jobs/{name}/run", "run_job", "Trigger a run now", ("force",), False),
-    (
+    _route(
+        "POST",
+        "/api/jobs/{name}/run",
+        "run_job",
+        "Trigger a run now",
+        ("force",),
+        ok=202,
+        response="Run",
+        errors=(409,),
+    ),
+    _route(
         "POST",
         "/api/jobs/{name}/stop",
         "stop_job",
         "Stop the job's active runs",
-        (),
-        False,
+        response="Stopped",
     ),
-    ("POST", "/api/jobs/{name}/pause", "pause_job", "Pause the schedule", (), False),
-    ("POST", "/api/jobs/{name}/resume", "resume_job", "Resume the schedule", (), False),
-    (
+    _route(
+        "POST",
+        "/api/jobs/{name}/pause",
+        "pause_job",
+        "Pause the schedule",
+        response="Job",
+    ),
+    _route(
+        "POST",
+        "/api/jobs/{name}/resume",
+        "resume_job",
+        "Resume the schedule",
+        response="Job",
+    ),
+    _route(
         "GET",
         "/api/jobs/{name}/runs",
         "job_runs",
         "A job's runs, newest first",
-        ("limit", "before", "status", "offset"),
-        False,
+        ("run_limit", "before", "run_status", "offset"),
+        response="RunList",
     ),
-    (
+    _route(
         "GET",
         "/api/runs",
         "list_runs",
         "All runs, newest first",
-        ("limit", "before", "status", "offset", "job"),
-        False,
+        ("run_limit", "before", "run_status", "offset", "job"),
+        response="RunList",
     ),
-    ("GET", "/api/runs/{id}", "get_run", "One run", (), False),
-    ("POST", "/api/runs/{id}/stop", "stop_run", "Stop one run", (), False),
-    (
+    _route("GET", "/api/runs/{id}", "get_run", "One run", response="Run"),
+    _route(
+        "POST",
+        "/api/runs/{id}/stop",
+        "stop_run",
+        "Stop one run",
+        response="Stopped",
+        errors=(409,),
+    ),
+    _route(
         "GET",
         "/api/runs/{id}/log",
         "run_log",
         "A run's stored output",
-        ("format",),
-        False,
+        ("log_format",),
+        response="text/plain+Chunks",
     ),
-    (
+    _route(
         "GET",
         "/api/runs/{id}/stream",
         "run_stream",
         "A run's output live (SSE)",
-        (),
-        False,
+        ("last_event_id",),
+        response="text/event-stream",
     ),
-    ("GET", "/api/events", "events", "Run and job changes (SSE)", (), False),
-    ("POST", "/api/batch", "batch", "One action on several jobs", (), True),
-    ("POST", "/api/validate", "validate", "Validate a job or jobs document", (), True),
-    (
+    _route(
+        "GET",
+        "/api/events",
+        "events",
+        "Run and job changes (SSE)",
+        response="text/event-stream",
+    ),
+    _route(
+        "POST",
+        "/api/batch",
+        "batch",
+        "One action on several jobs",
+        body="Batch",
+        response="BatchResults",
+    ),
+    _route(
+        "POST",
+        "/api/validate",
+        "validate",
+        "Validate a job or jobs document",
+        body="JobOrDocument",
+        response="Validation",
+    ),
+    _route(
         "GET",
         "/api/cron/next",
         "cron_next",
         "Next fire times of a schedule",
         ("expr", "n", "timezone", "after", "anchor"),
-        False,
+        response="FireTimes",
     ),
-    ("GET", "/api/export", "export", "All jobs as a jobs document", ("format",), False),
-    (
+    _route(
+        "GET",
+        "/api/export",
+        "export",
+        "All jobs as a jobs document",
+        ("export_format",),
+        response="text/csv+JobsDocument",
+    ),
+    _route(
         "POST",
         "/api/import",
         "import_jobs",
         "Load a jobs document",
-        ("dry_run", "format"),
-        True,
+        ("dry_run", "import_format"),
+        body="JobsDocument",
+        response="ImportReport",
+        errors=(409,),
     ),
-    ("GET", "/api/system", "system", "Host and server metrics", (), False),
-    (
+    _route(
+        "GET", "/api/system", "system", "Host and server metrics", response="System"
+    ),
+    _route(
         "POST",
         "/api/login",
         "login",
         "Exchange the token for a session cookie",
-        (),
-        True,
+        body="Login",
+        response="LoginResult",
+        errors=(429,),
     ),
-    ("POST", "/api/logout", "logout", "Drop the session cookie", (), False),
-    ("GET", "/api/openapi.json", "openapi", "This description", (), False),
-    ("GET", "/metrics", "metrics", "Prometheus metrics", (), False),
+    _route("POST", "/api/logout", "logout", "End the session", response="LoginResult"),
+    _route(
+        "GET", "/api/openapi.json", "openapi", "This description", response="Object"
+    ),
+    _route("GET", "/metrics", "metrics", "Prometheus metrics", response="text/plain"),
 )
 _OPEN_PATHS = ("/api/health", "/api/login")
 #: State-changing routes that write nothing to the database.
@@ -5443,10 +5605,6 @@ def _json(data, status=200) -> bottle.HTTPResponse:
 def _sse(event: str, data, event_id=None) -> str:
     head = f"id: {event_id}\n" if event_id is not None else ""
     return f"{head}event: {event}\ndata: {json.dumps(data)}\n\n"
-
-
-#: Largest id or count accepted in a URL (SQLite's integer range).
-MAX_INT = 2**63 - 1
 
 
 def _parse_int(text: str):
@@ -5613,12 +5771,14 @@ class Api:
             raise InvalidError("request body is not UTF-8") from None
 
     @staticmethod
-    def int_param(name, default, low, high):
+    def int_param(key):
+        """An integer query parameter, range and default from :data:`QUERY_PARAMS`."""
+        name, schema, _meaning = QUERY_PARAMS[key]
         raw = bottle.request.query.get(name)
         if raw is None or raw == "":
-            return default
+            return schema.get("default")
         value = _parse_int(raw)
-        high = MAX_INT if high is None else high
+        low, high = schema["minimum"], schema["maximum"]
         if value is None:
             raise InvalidError(f"{name}: must be an integer", name)
         if not low <= value <= high:
@@ -5627,6 +5787,7 @@ class Api:
 
     @staticmethod
     def flag(name) -> bool:
+        """A boolean query parameter: ``1``, ``true`` or ``yes`` mean true."""
         return bottle.request.query.get(name, "").lower() in ("1", "true", "yes")
 
     def job_or_404(self, name):
@@ -5737,8 +5898,8 @@ class Api:
                 "status: must be one of " + ", ".join((*RUN_STATUSES, "paused")),
                 "status",
             )
-        limit = self.int_param("limit", 1000, 1, 10000)
-        offset = self.int_param("offset", 0, 0, None)
+        limit = self.int_param("job_limit")
+        offset = self.int_param("offset")
         running = self._running()
         items = []
         # Built as text: each job's definition JSON is cached on the Job, so a
@@ -5854,9 +6015,9 @@ class Api:
         rows, total = self.engine.store.list_runs(
             job=job,
             status=status,
-            before=self.int_param("before", None, 1, None),
-            limit=self.int_param("limit", 50, 1, 1000),
-            offset=self.int_param("offset", 0, 0, None),
+            before=self.int_param("before"),
+            limit=self.int_param("run_limit"),
+            offset=self.int_param("offset"),
         )
         return {"runs": [run_public(r) for r in rows], "total": total}
 
@@ -6049,7 +6210,7 @@ class Api:
 
     def batch(self):
         body = self.body()
-        actions = ("run", "stop", "pause", "resume", "delete")
+        actions = BATCH_ACTIONS
         if not isinstance(body, dict):
             raise InvalidError('the body must be {"action": ..., "jobs": [...]}')
         action, names = body.get("action"), body.get("jobs")
@@ -6102,7 +6263,7 @@ class Api:
         tz = (
             get_zone(query.get("timezone")) if query.get("timezone") else self.engine.tz
         )
-        n = self.int_param("n", 5, 1, 100)
+        n = self.int_param("n")
         after, anchor = time.time(), None
         for name in ("after", "anchor"):
             if query.get(name):
@@ -6398,68 +6559,396 @@ def _system_details(db_path) -> dict:
     }
 
 
-def openapi_document() -> dict:
-    """OpenAPI 3 description built from :data:`API_ROUTES`."""
-    error = {
-        "description": "error",
-        "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
-        },
+def _nullable(schema: dict) -> dict:
+    return dict(schema, nullable=True)
+
+
+_STR = {"type": "string"}
+_STRINGS = {"type": "array", "items": _STR}
+_STR_MAP = {"type": "object", "additionalProperties": _STR}
+_TIME = _nullable({"type": "string", "format": "date-time"})
+#: Schemas of the job fields that are neither numbers nor choices.
+_FIELD_SCHEMAS = {
+    "command": _nullable(
+        {"oneOf": [{"type": "string", "minLength": 1}, dict(_STRINGS, minItems=1)]}
+    ),
+    "url": _nullable({"type": "string", "format": "uri"}),
+    "method": {"type": "string", "enum": list(_HTTP_METHODS)},
+    "headers": _STR_MAP,
+    "body": {
+        "nullable": True,
+        "description": "a string, or any JSON value sent as JSON",
+    },
+    "expect_status": _nullable(
+        {"type": "array", "minItems": 1, "items": _int_schema(100, 599)}
+    ),
+    "schedule": _nullable(_STR),
+    "timezone": _nullable(_STR),
+    "enabled": {"type": "boolean"},
+    "description": {"type": "string", "maxLength": 2000},
+    "tags": {
+        "type": "array",
+        "items": {"type": "string", "minLength": 1, "maxLength": 64},
+    },
+    "cwd": _nullable(_STR),
+    "env": _STR_MAP,
+    "user": _nullable(_STR),
+    "on_success": {"type": "array", "items": {"$ref": "#/components/schemas/Hook"}},
+    "on_failure": {"type": "array", "items": {"$ref": "#/components/schemas/Hook"}},
+    "on_start": {"type": "array", "items": {"$ref": "#/components/schemas/Hook"}},
+    "after": {
+        "type": "array",
+        "items": {"type": "string", "pattern": _NAME_RE.pattern},
+    },
+}
+
+
+def _job_field_schema(name: str) -> dict:
+    """The OpenAPI schema of one job field, from the tables validation uses."""
+    if name in _NUMBER_FIELDS:
+        low, high, integer = _NUMBER_FIELDS[name]
+        schema = {"type": "integer" if integer else "number", "minimum": low}
+        if high is not None:
+            schema["maximum"] = high
+    elif name in _CHOICES:
+        schema = {"type": "string", "enum": list(_CHOICES[name])}
+    else:
+        schema = dict(_FIELD_SCHEMAS[name])
+    if name == "starting_deadline":
+        schema["nullable"] = True
+    default = JOB_DEFAULTS[name]
+    if default is not None:
+        schema["default"] = default
+    return schema
+
+
+def _object(properties: dict, required=(), extra=False) -> dict:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(required),
+        "additionalProperties": extra,
     }
+
+
+def _schemas() -> dict:
+    """The components of ``/api/openapi.json``: every body and response."""
+    fields = {name: _job_field_schema(name) for name in JOB_DEFAULTS}
+    name = {"type": "string", "pattern": "^" + _NAME_RE.pattern + "$"}
+    definition = _object(dict(name=name, **fields), ["name"])
+    # Which fields each kind needs (validate_job checks the same).
+    definition["anyOf"] = [
+        {"required": ["command"], "properties": {"kind": {"enum": ["command"]}}},
+        {"required": ["kind", "url"], "properties": {"kind": {"enum": ["http"]}}},
+    ]
+    run_types = {
+        "id": {"type": "integer"},
+        "job": _STR,
+        "status": {"type": "string", "enum": list(RUN_STATUSES)},
+        "trigger": {"type": "string", "enum": list(TRIGGERS)},
+        "attempt": {"type": "integer", "minimum": 1},
+        "scheduled_at": _TIME,
+        "started_at": _TIME,
+        "finished_at": _TIME,
+        "duration": _nullable({"type": "number"}),
+        "exit_code": _nullable({"type": "integer"}),
+        "signal": _nullable({"type": "integer"}),
+        "error": _nullable(_STR),
+        "pid": _nullable({"type": "integer"}),
+        "cpu_time": _nullable({"type": "number"}),
+        "peak_rss": _nullable({"type": "integer"}),
+        "output_bytes": {"type": "integer"},
+        "output_truncated": {"type": "boolean"},
+        "leftovers_stopped": _nullable({"type": "integer"}),
+    }
+    run = _object(run_types, run_types)
+    state = {
+        "source": {"type": "string", "enum": ["api", "file"]},
+        "schedule_description": _STR,
+        "created_at": _TIME,
+        "paused": {"type": "boolean"},
+        "next_run_at": _TIME,
+        "running": {"type": "integer", "minimum": 0},
+        "last_run": {"allOf": [{"$ref": "#/components/schemas/Run"}], "nullable": True},
+    }
+    job = _object(dict(name=name, **fields, **state), ["name", *state])
+    ref = {k: {"$ref": f"#/components/schemas/{k}"} for k in ("Job", "Run")}
+    document = {
+        "oneOf": [
+            _object(
+                {
+                    "defaults": {"type": "object"},
+                    "jobs": {"type": "array", "items": {"type": "object"}},
+                }
+            ),
+            {"type": "array", "items": {"type": "object"}},
+        ]
+    }
+    problem = _object({"field": _nullable(_STR), "error": _STR}, ["field", "error"])
+    counts = {
+        k: {"type": "integer"}
+        for k in ("jobs", "paused", "running", "queued", "failed_24h")
+    }
+    number = {"type": "number"}
+    return {
+        "Error": problem,
+        "Hook": _object(
+            {
+                "url": {"type": "string", "format": "uri"},
+                "method": {"type": "string", "enum": list(_HTTP_METHODS)},
+                "headers": _STR_MAP,
+                "command": _FIELD_SCHEMAS["command"],
+            }
+        ),
+        "JobDefinition": definition,
+        "JobChanges": _object(dict(name=name, **fields)),
+        "Job": job,
+        "JobList": _object(
+            {
+                "jobs": {"type": "array", "items": ref["Job"]},
+                "total": {"type": "integer"},
+            },
+            ["jobs", "total"],
+        ),
+        "Run": run,
+        "RunList": _object(
+            {
+                "runs": {"type": "array", "items": ref["Run"]},
+                "total": {"type": "integer"},
+            },
+            ["runs", "total"],
+        ),
+        "Chunks": _object(
+            {
+                "chunks": {
+                    "type": "array",
+                    "items": _object(
+                        {
+                            "seq": {"type": "integer"},
+                            "stream": {
+                                "type": "string",
+                                "enum": ["stdout", "stderr", "system"],
+                            },
+                            "ts": _TIME,
+                            "text": _STR,
+                        },
+                        ["seq", "stream", "ts", "text"],
+                    ),
+                }
+            },
+            ["chunks"],
+        ),
+        "Deleted": _object(
+            {"deleted": _STR, "purged": {"type": "boolean"}}, ["deleted", "purged"]
+        ),
+        "Stopped": _object({"stopped": {"type": "integer"}}, ["stopped"]),
+        "Batch": _object(
+            {
+                "action": {"type": "string", "enum": list(BATCH_ACTIONS)},
+                "jobs": _STRINGS,
+            },
+            ["action", "jobs"],
+        ),
+        "BatchResults": _object(
+            {
+                "results": {
+                    "type": "array",
+                    "items": _object(
+                        {
+                            "job": _STR,
+                            "ok": {"type": "boolean"},
+                            "error": _STR,
+                            "run": ref["Run"],
+                        },
+                        ["job", "ok"],
+                    ),
+                }
+            },
+            ["results"],
+        ),
+        "JobOrDocument": {"oneOf": [definition, *document["oneOf"]]},
+        "JobsDocument": document,
+        "Validation": _object(
+            {
+                "valid": {"type": "boolean"},
+                "errors": {"type": "array", "items": problem},
+            },
+            ["valid", "errors"],
+        ),
+        "ImportReport": _object(
+            {
+                "created": _STRINGS,
+                "updated": _STRINGS,
+                "unchanged": _STRINGS,
+                "dry_run": {"type": "boolean"},
+            },
+            ["created", "updated", "unchanged", "dry_run"],
+        ),
+        "FireTimes": _object(
+            {
+                "times": {
+                    "type": "array",
+                    "items": _object({"local": _STR, "utc": _STR}, ["local", "utc"]),
+                },
+                "description": _STR,
+            },
+            ["times", "description"],
+        ),
+        "Health": _object(
+            {
+                "status": {"type": "string", "enum": ["ok", "unhealthy"]},
+                "checks": {
+                    "type": "object",
+                    "additionalProperties": {"type": "boolean"},
+                },
+                "version": _STR,
+            },
+            ["status", "checks", "version"],
+        ),
+        "Status": _object(
+            {
+                "version": _STR,
+                "started_at": _TIME,
+                "uptime": number,
+                "counts": _object(counts, counts),
+                "jobs_file": _nullable(
+                    _object(
+                        {"path": _STR, "loaded_at": _TIME, "error": _nullable(_STR)},
+                        ["path", "loaded_at", "error"],
+                        extra=True,
+                    )
+                ),
+                "scheduler": _object(
+                    {"lag": number, "last_tick": _TIME}, ["lag", "last_tick"]
+                ),
+                "streams": {"type": "integer"},
+                "system": {"type": "object"},
+            },
+            ["version", "started_at", "uptime", "counts", "jobs_file", "scheduler"],
+            extra=True,
+        ),
+        "System": _object(
+            {"host": {"type": "object"}, "server": {"type": "object"}},
+            ["host", "server"],
+            extra=True,
+        ),
+        "Login": _object({"token": _STR}, ["token"]),
+        "LoginResult": _object(
+            {"ok": {"type": "boolean"}, "token_required": {"type": "boolean"}}, ["ok"]
+        ),
+        "Object": {"type": "object"},
+        # One event of a text/event-stream response (OpenAPI 3.0: the schema
+        # describes each event); ``data`` is JSON: a chunk, a run or null.
+        "ServerSentEvent": _object(
+            {
+                "event": {
+                    "type": "string",
+                    "enum": ["log", "status", "end", "reconnect", "run", "job"],
+                },
+                "data": _STR,
+                "id": _STR,
+                "retry": {"type": "integer"},
+            },
+            ["event", "data"],
+        ),
+    }
+
+
+def _content(response: str) -> dict:
+    """``Name`` -> JSON of that schema; ``text/x`` -> text; ``text/x+Name`` -> both."""
+    out = {}
+    for part in response.split("+"):
+        if part == "text/event-stream":
+            out[part] = {"schema": {"$ref": "#/components/schemas/ServerSentEvent"}}
+        elif "/" in part:
+            out[part] = {"schema": {"type": "string"}}
+        else:
+            out["application/json"] = {
+                "schema": {"$ref": f"#/components/schemas/{part}"}
+            }
+    return out
+
+
+_ERROR_TEXT = {
+    400: "invalid input (a field, a query parameter, malformed JSON)",
+    401: "no token or a wrong one",
+    403: "forbidden host, origin or client address",
+    404: "no such job or run",
+    408: "the request was not received in time",
+    409: "conflicts with the current state",
+    413: "body larger than 1 MiB",
+    415: "body not application/json",
+    429: "too many failed logins",
+    503: "overloaded, shutting down, or the database cannot be written",
+}
+
+
+def openapi_document() -> dict:
+    """OpenAPI 3 description built from :data:`API_ROUTES`, :data:`QUERY_PARAMS`
+    and the job field tables: every parameter, body, response and status."""
     paths = {}
-    for method, path, name, summary, params, has_body in API_ROUTES:
+    for route in API_ROUTES:
         parameters = [
             {
                 "name": p,
                 "in": "path",
                 "required": True,
-                "schema": {"type": "integer" if p == "id" else "string"},
+                "schema": _int_schema(1) if p == "id" else dict(_STR, minLength=1),
             }
-            for p in re.findall(r"{(\w+)}", path)
+            for p in re.findall(r"{(\w+)}", route.path)
         ]
-        parameters += [
-            {"name": q, "in": "query", "required": False, "schema": {"type": "string"}}
-            for q in params
-        ]
-        op = {
-            "operationId": name,
-            "summary": summary,
-            "parameters": parameters,
-            "responses": {
-                "200": {"description": "ok"},
-                "400": error,
-                "401": error,
-                "403": error,
-                "404": error,
-            },
+        for key in route.params:
+            name, schema, meaning = QUERY_PARAMS[key]
+            parameters.append(
+                {
+                    "name": name,
+                    "in": "query",
+                    "required": key == "expr",
+                    "schema": schema,
+                    "description": meaning,
+                }
+            )
+        codes = {403, 503}
+        if route.path not in _OPEN_PATHS and route.path != "/":
+            codes.add(401)
+        if parameters or route.body:
+            codes.add(400)
+        if "{" in route.path:
+            codes.add(404)
+        if route.body or route.method in _STATE_CHANGING:
+            codes.update((400, 408, 413, 415))
+        codes.update(route.errors)
+        responses = {
+            str(route.ok): {"description": "ok", "content": _content(route.response)}
         }
-        if has_body:
-            op["requestBody"] = {
-                "required": False,
-                "content": {"application/json": {"schema": {"type": "object"}}},
+        for code in sorted(codes):
+            schema = "Health" if route.handler == "health" and code == 503 else "Error"
+            responses[str(code)] = {
+                "description": _ERROR_TEXT[code],
+                "content": _content(schema),
             }
-            op["responses"].update({"409": error, "413": error, "415": error})
-        if path.endswith("/stream") or path == "/api/events":
-            op["responses"]["200"] = {
-                "description": "event stream",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        op = {
+            "operationId": route.handler,
+            "summary": route.summary,
+            "parameters": parameters,
+            "responses": responses,
+        }
+        if route.body:
+            content = {
+                "application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{route.body}"}
+                }
             }
-        paths.setdefault(path, {})[method.lower()] = op
+            if route.handler == "import_jobs":
+                content["text/csv"] = {"schema": {"type": "string"}}
+            op["requestBody"] = {"required": True, "content": content}
+        paths.setdefault(route.path, {})[route.method.lower()] = op
     return {
         "openapi": "3.0.3",
         "info": {"title": "minisched", "version": __version__},
         "paths": paths,
         "components": {
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error", "field"],
-                    "properties": {
-                        "error": {"type": "string"},
-                        "field": {"type": "string", "nullable": True},
-                    },
-                }
-            },
+            "schemas": _schemas(),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"bearer": []}],
@@ -6536,9 +7025,9 @@ def make_app(engine, config=None, heartbeat=SSE_HEARTBEAT) -> bottle.Bottle:
 
         return handler
 
-    for method, path, name, _summary, _params, _body in API_ROUTES:
-        rule = re.sub(r"{(\w+)}", r"<\1>", path)
-        app.route(rule, method, wrap(getattr(api, name)))
+    for route in API_ROUTES:
+        rule = re.sub(r"{(\w+)}", r"<\1>", route.path)
+        app.route(rule, route.method, wrap(getattr(api, route.handler)))
 
     app.route("/", "GET", page)
     return app

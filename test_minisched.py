@@ -4312,7 +4312,7 @@ def test_concurrency_is_decided_at_the_slot_not_when_it_is_handled(harness, poli
         for name in ("j", "k")
     ]
     assert all(r["status"] == "queued" for r in runs)  # not decided yet
-    ended = lambda run_id: (h.store.get_run(run_id) or {}).get("finished_at")  # noqa: E731
+    ended = lambda run_id: (h.store.get_run(run_id) or {}).get("finished_at")
     wait_for(lambda: ended(runs[0]["id"]) and ended(runs[1]["id"]), 5)
     assert h.store.get_run(first["id"])["status"] == "succeeded"
     assert h.store.get_run(runs[0]["id"])["status"] == "succeeded"
@@ -4324,3 +4324,111 @@ def test_concurrency_is_decided_at_the_slot_not_when_it_is_handled(harness, poli
         assert late["status"] == "succeeded"
         assert h.store.get_run(busy["id"])["status"] == "cancelled"
     h.wait_idle()
+
+
+# -- the OpenAPI document, checked by schemathesis -------------------------------
+
+try:
+    import schemathesis
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+except ImportError:  # a test dependency; CI installs it
+    schemathesis = None
+
+
+@pytest.fixture
+def api_schema(tmp_path_factory, monkeypatch):
+    """The API of a fresh engine, in process, as schemathesis sees it.  Jobs
+    it creates run ``/bin/true`` whatever their command says, and hooks are
+    not delivered: generated input must not reach a shell."""
+    tmp = tmp_path_factory.mktemp("schemathesis")
+    real_spawn = minisched.spawn_session
+
+    def harmless(argv, env, *args, **kwargs):
+        return real_spawn(["/bin/true"], env, *args[:3])
+
+    monkeypatch.setattr(minisched, "spawn_session", harmless)
+    monkeypatch.setattr(minisched.Hooks, "_deliver", lambda self, *args: None)
+    monkeypatch.chdir(tmp)
+    engine = Engine(
+        Config(db=str(tmp / "m.db"), timezone="UTC", max_concurrent=4)
+    ).start()
+    schema = schemathesis.openapi.from_wsgi("/api/openapi.json", make_app(engine))
+    yield schema.exclude(path="/api/events")  # never ends: not a request/response
+    engine.shutdown(2)
+
+
+#: Examples per operation and generation mode: about a minute for all of them.
+SCHEMATHESIS_EXAMPLES = 20
+
+
+@pytest.mark.skipif(schemathesis is None, reason="pip install schemathesis")
+def test_schemathesis_finds_no_5xx_and_every_answer_matches_its_schema(api_schema):
+    """Every operation of /api/openapi.json, with valid and invalid input."""
+    from schemathesis import GenerationMode
+
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_schema_conformance,
+    ]
+    failures, operations = [], 0
+    for result in api_schema.get_all_operations():
+        operation = result.ok()
+        operations += 1
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @settings(
+                max_examples=SCHEMATHESIS_EXAMPLES,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+                phases=[Phase.explicit, Phase.generate],
+            )
+            @given(case=operation.as_strategy(mode))
+            def check(case):
+                case.call_and_validate(checks=checks)
+
+            try:
+                check()
+            except Exception as exc:  # noqa: BLE001 - collected, reported below
+                failures.append(f"{operation.label} ({mode.value}): {exc}")
+    assert not failures, "\n\n".join(failures)
+    assert operations >= len(API_ROUTES) - 2
+    assert not failures, "\n\n".join(failures)
+
+
+# -- the soak suite (two minutes; deselect with -k "not soak") -------------------
+
+
+def test_soak_two_minutes():
+    """bench/soak.py for two minutes: the real server under mixed load, killed
+    and restarted; every invariant must hold.  README says how to run it for
+    hours."""
+    env = dict(os.environ)
+    env.pop("PYTHONUNBUFFERED", None)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(HERE, "bench", "soak.py"),
+            "--minutes",
+            "2",
+            "--seed",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=False,
+    )
+    verdicts = result.stdout[result.stdout.find("== verdicts ==") :]
+    assert result.returncode == 0, (verdicts or result.stdout[-4000:]) + result.stderr[
+        -4000:
+    ]
+    assert "FAIL" not in verdicts
