@@ -154,8 +154,10 @@ READ_SIZE = 65536
 #: leftovers holding them are killed.
 DRAIN_SECONDS = 0.1
 #: Shortest time between two scans of ``/proc`` for a finished run's
-#: leftover processes: runs that end together share one scan.
+#: leftover processes, and how long a run that ended waits for it: runs that
+#: end together share one scan, and no scan competes with a batch of spawns.
 LEFTOVER_SCAN_INTERVAL = 0.05
+LEFTOVER_SCAN_DELAY = 0.02
 #: How often the jobs file is checked for changes.
 JOBS_FILE_POLL = 2.0
 #: How long before its time a slot is handled: its run is recorded and queued
@@ -2346,6 +2348,7 @@ class Run:
         self.marker_seq = None
         self.head_newline = True  # the stored head ends a line
         self.exited = False
+        self.exited_at = 0.0  # monotonic, once waiting for the leftover scan
         self.guard_held = False  # leftovers being killed: stay registered
         self.rusage = None
         self.timers = []
@@ -2390,6 +2393,7 @@ class Runner:
         self._busy = collections.Counter()  # job -> its live runs (not "allow")
         self._closing = False
         self._launch_q = queue.SimpleQueue()
+        self._launching = False  # a batch is being spawned (io thread reads it)
         self._io_q = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         self._devnull = os.open(os.devnull, os.O_RDONLY)  # every job's stdin
@@ -2782,6 +2786,14 @@ class Runner:
         sentinel.  Launcher thread."""
         timeout = max(0.0, held[0][0] - time.monotonic()) if held else None
         batch = self._take_due(held, timeout)
+        self._launching = True
+        try:
+            return self._spawn_batch(batch, held)
+        finally:
+            self._launching = False
+
+    def _spawn_batch(self, batch, held) -> bool:
+        """Spawn ``batch`` and the runs that join it; False at the stop sentinel."""
         join_until = time.monotonic() + LAUNCH_JOIN_SECONDS
         started = []
         while batch:
@@ -3064,8 +3076,11 @@ class Runner:
         if self._timers:
             timeout = max(0.0, self._timers[0][0] - time.monotonic())
         if self._leftover_checks:
-            scan_in = self._last_scan + LEFTOVER_SCAN_INTERVAL - time.monotonic()
-            timeout = max(0.0, min(scan_in, LEFTOVER_SCAN_INTERVAL))
+            scan_in = self._scan_at() - time.monotonic()
+            if self._launching:  # the batch's end wakes this thread anyway
+                scan_in = max(scan_in, LEFTOVER_SCAN_DELAY)
+            scan_in = max(0.0, min(scan_in, LEFTOVER_SCAN_INTERVAL))
+            timeout = scan_in if timeout is None else min(timeout, scan_in)
         for key, _mask in self._sel.select(timeout):
             if self._sel.get_map().get(key.fd) is not key:
                 continue  # closed by an earlier event of this round
@@ -3094,9 +3109,16 @@ class Runner:
                 fn()
             except Exception:
                 log.exception("error in a runner timer")
-        if self._leftover_checks and now - self._last_scan >= LEFTOVER_SCAN_INTERVAL:
+        if self._leftover_checks and now >= self._scan_at() and not self._launching:
             self._check_leftovers()
         return True
+
+    def _scan_at(self) -> float:
+        """When the runs waiting for a leftover scan get it (monotonic)."""
+        first = self._leftover_checks[0].exited_at
+        return max(
+            first + LEFTOVER_SCAN_DELAY, self._last_scan + LEFTOVER_SCAN_INTERVAL
+        )
 
     def _io_timer(self, delay, fn) -> None:
         self._add_timer(delay, fn)
@@ -3240,6 +3262,7 @@ class Runner:
         ):
             self._finish(run)
         else:
+            run.exited_at = time.monotonic()
             self._leftover_checks.append(run)
 
     def _check_leftovers(self) -> None:
