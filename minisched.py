@@ -93,9 +93,14 @@ import weakref
 import wsgiref.simple_server
 import zoneinfo
 
-import bottle
-import croniter as _croniter
-import psutil
+try:
+    import bottle
+    import croniter as _croniter
+    import psutil
+except ImportError as exc:  # said in one line below, never as a traceback
+    _IMPORT_ERROR = exc
+else:
+    _IMPORT_ERROR = None
 
 __all__ = [
     "Api",
@@ -118,6 +123,67 @@ __all__ = [
 ]
 
 log = logging.getLogger("minisched")
+
+#: Runtime dependencies: (module, oldest version, Debian/Ubuntu package).
+#: The oldest are what Debian 12 ships; the newest releases work too.
+DEPENDENCIES = (
+    ("bottle", "0.12.23", "python3-bottle"),
+    ("croniter", "1.3.5", "python3-croniter"),
+    ("psutil", "5.9.4", "python3-psutil"),
+)
+
+
+def _version_tuple(text: str) -> tuple:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+def _dependency_problem() -> str | None:
+    """One line saying which dependency is missing or too old and how to
+    install it, or None when all are there."""
+    import importlib.metadata
+
+    for module, oldest, package in DEPENDENCIES:
+        if _IMPORT_ERROR is not None and _IMPORT_ERROR.name not in (
+            "bottle",
+            "croniter",
+            "psutil",
+        ):
+            found = f"it fails to import: {_IMPORT_ERROR}"
+            if _IMPORT_ERROR.name == "cgi":  # removed in Python 3.13
+                module, oldest, found = (
+                    "bottle",
+                    "0.13",
+                    "0.12 needs cgi, gone in Python 3.13",
+                )
+        elif module not in sys.modules:
+            found = "not installed"
+        else:
+            try:
+                version = importlib.metadata.version(module)
+            except importlib.metadata.PackageNotFoundError:
+                version = getattr(sys.modules[module], "__version__", "0")
+            if _version_tuple(version) >= _version_tuple(oldest):
+                continue
+            found = f"found {version}"
+        return (
+            f"minisched needs {module} {oldest} or newer ({found}): install it in a "
+            f"virtual environment (python3 -m venv .venv && .venv/bin/pip install "
+            f"'{module}>={oldest}') or from the distribution (apt install {package})"
+        )
+    return None
+
+
+def _refuse_without_dependencies() -> None:
+    problem = _dependency_problem()
+    if problem is None:
+        return
+    if __name__ == "__main__":
+        print(problem, file=sys.stderr)
+        sys.exit(2)
+    raise ImportError(problem)
+
+
+_refuse_without_dependencies()
 
 
 ###############################################################################
@@ -483,6 +549,100 @@ def _transition(tz, lo: float, hi: float) -> float:
     return float(hi)
 
 
+# -- croniter, whichever version ---------------------------------------------
+# Everything that differs between croniter releases is handled here, and
+# only here: Debian 12 ships 1.3.5, PyPI has 7.
+#
+# - 6 fields: 1.x reads the sixth as seconds; 2.0 added ``second_at_beginning``
+#   (minisched's order, as Quartz, Spring and dkron use).
+# - Exceptions: ``CroniterError`` is exported by the package only in newer
+#   releases; every croniter error is a ValueError (or TypeError), which is
+#   what is caught.
+# - ``day_or``: croniter counts a step such as ``*/2`` as a restricted field;
+#   cron (Vixie, Debian) counts a field starting with ``*`` as unrestricted.
+#   minisched follows cron: the day-of-month and day-of-week fields are OR-ed
+#   only when neither starts with ``*`` (``0 12 1 * 1``: the 1st and Mondays;
+#   ``0 0 */2 * 1``: Mondays that are odd days).
+# - ``expand`` changed its signature; minisched checks field ranges itself
+#   (:func:`_cron_field_problem`), so messages are the same everywhere.
+
+_CRONITER_SECONDS_FIRST = (
+    "second_at_beginning" in inspect.signature(_croniter.croniter.__init__).parameters
+)
+
+
+def _make_croniter(fields: list, start: datetime.datetime):
+    """A croniter for minisched's 5 or 6 fields (seconds first), with cron's
+    day-of-month/day-of-week rule, on any croniter release."""
+    dom, dow = fields[-3], fields[-1]
+    day_or = not (dom.startswith("*") or dow.startswith("*"))
+    if len(fields) == 5:
+        return _croniter.croniter(" ".join(fields), start, day_or=day_or)
+    if _CRONITER_SECONDS_FIRST:
+        return _croniter.croniter(
+            " ".join(fields), start, day_or=day_or, second_at_beginning=True
+        )
+    return _croniter.croniter(" ".join(fields[1:] + fields[:1]), start, day_or=day_or)
+
+
+#: Each cron field's name and range, seconds first.
+_CRON_FIELDS = (
+    ("second", 0, 59),
+    ("minute", 0, 59),
+    ("hour", 0, 23),
+    ("day-of-month", 1, 31),
+    ("month", 1, 12),
+    ("day-of-week", 0, 7),
+)
+_CRON_NAMES = {
+    "month": (
+        "jan",
+        "feb",
+        "mar",
+        "apr",
+        "may",
+        "jun",
+        "jul",
+        "aug",
+        "sep",
+        "oct",
+        "nov",
+        "dec",
+    ),
+    "day-of-week": ("sun", "mon", "tue", "wed", "thu", "fri", "sat"),
+}
+
+
+def _cron_field_problem(fields: list) -> str | None:
+    """What is out of range in 5 or 6 cron fields, in words
+    (``minute field allows 0-59, got 61``); None if nothing is.  Syntax that
+    croniter supports beyond numbers and names (``L``, ``W``, ``#``, ``H``)
+    is left to croniter."""
+    specs = _CRON_FIELDS if len(fields) == 6 else _CRON_FIELDS[1:]
+    for text, (name, low, high) in zip(fields, specs):
+        names = _CRON_NAMES.get(name, ())
+        for part in text.lower().split(","):
+            base, _, step = part.partition("/")
+            if step and (not step.isdigit() or int(step) == 0):
+                return (
+                    f"the {name} field has an invalid step {step!r} (use */N, N >= 1)"
+                )
+            for value in base.split("-"):
+                if value.isdigit() and not low <= int(value) <= high:
+                    allowed = f"{low}-{high}"
+                    if names:
+                        allowed += f" or {names[0]}-{names[-1]}"
+                    return f"the {name} field allows {allowed}, got {value}"
+                if (
+                    value.isalpha()
+                    and names
+                    and value not in names
+                    and value not in "lw"
+                ):
+                    return f"the {name} field allows {low}-{high} or names {', '.join(names)}, got {value!r}"
+    return None
+
+
 class Schedule:
     """A parsed ``schedule`` field: cron, ``@every``, ``@at``, ``@reboot`` or manual.
 
@@ -528,24 +688,34 @@ class Schedule:
     def _parse_cron(self, text: str) -> None:
         fields = text.split()
         if text.startswith("@") or len(fields) not in (5, 6):
+            hint = ""
+            if len(fields) == 1 and not text.startswith("@"):
+                hint = " (on a command line, quote the whole expression: '0 9 * * 1')"
             raise InvalidError(
                 f"invalid schedule {self.expr!r}: use 5 cron fields (min hour dom month dow), "
                 "6 with seconds first, @hourly/@daily/@weekly/@monthly/@yearly, "
-                "@every 5m, @at ISO-TIME or @reboot",
+                "@every 5m, @at ISO-TIME or @reboot" + hint,
                 "schedule",
             )
+        problem = _cron_field_problem(fields)
+        if problem:
+            raise InvalidError(f"invalid schedule {self.expr!r}: {problem}", "schedule")
         minute, hour = fields[-5], fields[-4]
         self.fixed = bool(_SINGLE_VALUE.match(minute) and _SINGLE_VALUE.match(hour))
-        start = datetime.datetime(2000, 1, 1)
         try:
-            self._cron = _croniter.croniter(
-                text, start, second_at_beginning=len(fields) == 6
-            )
-            # An impossible date (0 0 31 2 *) parses, so find one fire to be sure.
-            self._cron.get_next(datetime.datetime)
-        except (ValueError, KeyError, TypeError, _croniter.CroniterError) as exc:
+            self._cron = _make_croniter(fields, datetime.datetime(2000, 1, 1))
+        except (ValueError, KeyError, TypeError) as exc:
             raise InvalidError(
                 f"invalid cron expression {self.expr!r}: {exc}", "schedule"
+            ) from None
+        try:
+            # An impossible date (0 0 31 2 *) parses, so find one fire to be sure.
+            self._cron.get_next(datetime.datetime)
+        except (ValueError, KeyError, TypeError):
+            raise InvalidError(
+                f"invalid schedule {self.expr!r}: it can never fire (no date has "
+                "all of its day and month fields)",
+                "schedule",
             ) from None
 
     def next_after(self, t: float, anchor: float | None = None) -> float | None:
@@ -584,7 +754,7 @@ class Schedule:
         for _ in range(100000):
             try:
                 cand = self._cron.get_next(datetime.datetime)
-            except _croniter.CroniterError:
+            except ValueError:  # no later fire time (e.g. an @at-like date)
                 return best
             # No later wall time can map to an instant before ``best`` once it is
             # past ``best`` even under the larger of the two offsets in play.

@@ -54,11 +54,12 @@ from minisched import (
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-UTC = datetime.UTC
+UTC = datetime.timezone.utc  # noqa: UP017 - datetime.UTC needs Python 3.11
 
 
 def ts(text):
-    return datetime.datetime.fromisoformat(text).timestamp()
+    # Python < 3.11 does not read "Z".
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def wait_for(cond, timeout=15.0, interval=0.01):

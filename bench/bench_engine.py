@@ -70,7 +70,7 @@ def ms(seconds):
 
 
 def iso(ts):
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat()
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)  # noqa: UP017 - Python < 3.11.isoformat()
 
 
 def sleep_until(when):

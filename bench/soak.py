@@ -1552,7 +1552,7 @@ def parse_iso(text: str) -> float:
 
 
 def iso(ts: float) -> str:
-    moment = datetime.datetime.fromtimestamp(ts, datetime.UTC)
+    moment = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)  # noqa: UP017 - Python < 3.11
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
