@@ -78,6 +78,7 @@ import random
 import re
 import secrets
 import selectors
+import shlex
 import signal
 import socket
 import socketserver
@@ -238,6 +239,9 @@ MAX_SLEEP = 60.0
 #: wait on one socket operation): a slow or silent client cannot hold a
 #: thread for longer.
 REQUEST_TIMEOUT = 20.0
+#: Size at which ``--log-file`` is rotated, and how many old files are kept.
+LOG_MAX_BYTES = 10 << 20
+LOG_BACKUPS = 5
 #: Connections served at once; beyond them a client gets 503 and is closed,
 #: so a host with the common limit of 1024 descriptors stays up.
 MAX_CONNECTIONS = 200
@@ -269,6 +273,11 @@ class Config:
         ("token_file", None, str),
         ("request_timeout", REQUEST_TIMEOUT, float),
         ("max_connections", MAX_CONNECTIONS, int),
+        ("daemon", False, bool),
+        ("pidfile", None, str),
+        ("log_file", None, str),
+        ("log_max_bytes", LOG_MAX_BYTES, int),
+        ("log_backups", LOG_BACKUPS, int),
     )
 
     def __init__(self, **values):
@@ -318,6 +327,12 @@ class Config:
         except InvalidError as exc:
             raise UsageError("--timezone: " + exc.message) from None
         self.networks("allow_ip")
+        if self.daemon and not self.pidfile:
+            raise UsageError("--daemon: needs --pidfile FILE (shutdown finds it there)")
+        if self.log_max_bytes < 1024 or self.log_backups < 0:
+            raise UsageError(
+                "--log-max-bytes: at least 1024; --log-backups: at least 0"
+            )
         for name, low in (
             ("port", 0),
             ("max_concurrent", 0),
@@ -461,6 +476,10 @@ def iso_utc(ts: float | None) -> str | None:
         f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:"
         f"{t.tm_min:02d}:{t.tm_sec:02d}.{ms % 1000:03d}Z"
     )
+
+
+def _zone_name(tz: datetime.tzinfo) -> str:
+    return getattr(tz, "key", None) or str(tz)
 
 
 def iso_local(ts: float, tz: datetime.tzinfo) -> str:
@@ -2180,50 +2199,43 @@ def find_marked_pids(run_ids, exclude=(), server=None, by_run=False):
     return found
 
 
-#: The guard process: holds a pipe from the server; when it reads EOF (the
-#: server died, even by SIGKILL) it SIGKILLs every registered process group and
-#: every process still carrying a registered run's marker.
-_GUARD_MAIN = """
-import os, signal, sys
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-groups = {}
-for line in sys.stdin:
-    parts = line.split()
-    if len(parts) == 3 and parts[0] == "+":
-        groups[parts[1]] = int(parts[2])
-    elif len(parts) == 2 and parts[0] == "-":
-        groups.pop(parts[1], None)
-for pgid in groups.values():
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except OSError:
-        pass
-for pid in find_marked_pids(set(groups), (os.getpid(),), sys.argv[1] or None):
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except OSError:
-        pass
+#: The guard process, a POSIX shell script (about 1 MB of memory, against 9 MB
+#: for a Python interpreter): it reads ``+ RUN_ID PGID`` and ``- RUN_ID``
+#: lines from a pipe held by the server; at EOF (the server died, even by
+#: SIGKILL) it SIGKILLs every registered process group, then every process
+#: whose environment carries a registered run's ``MINISCHED_RUN_ID`` (and the
+#: server's ``MINISCHED_SERVER``, ``$1``; one ``grep`` reads every environment).
+GUARD_SCRIPT = r"""
+trap '' INT TERM HUP
+while read -r op id pg; do
+  case "$id" in ''|*[!0-9]*) continue ;; esac
+  case "$op" in
+    +) case "$pg" in ''|*[!0-9]*) continue ;; esac; eval "run_$id=$pg" ;;
+    -) unset "run_$id" ;;
+  esac
+done
+for var in $(set | sed -n 's/^\(run_[0-9]*\)=.*/\1/p'); do
+  eval "kill -KILL -- -\$$var" 2>/dev/null
+done
+mark="MINISCHED_SERVER=$1"
+[ -n "$1" ] || mark='MINISCHED_RUN_ID=.*'
+for f in $(grep -lzx -- "$mark" /proc/[0-9]*/environ 2>/dev/null); do
+  id=$(tr '\000' '\n' < "$f" 2>/dev/null | sed -n 's/^MINISCHED_RUN_ID=\([0-9]*\)$/\1/p')
+  [ -n "$id" ] || continue
+  eval "[ -n \"\${run_$id:-}\" ]" || continue
+  pid=${f#/proc/}
+  kill -KILL "${pid%/environ}" 2>/dev/null
+done
 """
-
-
-def _guard_source():
-    """The guard's program, read once at import (the file may change later)."""
-    try:
-        return inspect.getsource(find_marked_pids) + _GUARD_MAIN
-    except (OSError, TypeError):
-        return None
-
-
-_GUARD_SOURCE = _guard_source()
 
 
 class ProcessGuard:
     """Kills the server's jobs when the server dies.
 
     ``PR_SET_PDEATHSIG`` per child costs a ``preexec_fn`` (3x slower spawning)
-    and only reaches the direct child; the guard is one helper process that
-    reads a pipe from the server and, at EOF, kills every registered group and
+    and only reaches the direct child; the guard is one helper process
+    (:data:`GUARD_SCRIPT`, shown by ``ps`` as ``minisched-guard``) that reads
+    a pipe from the server and, at EOF, kills every registered group and
     marked process.  Started from the launcher thread; ``register`` and
     ``unregister`` may be called from any thread.
     """
@@ -2234,22 +2246,27 @@ class ProcessGuard:
         self.server = None  # this database's MINISCHED_SERVER mark
 
     def start(self) -> None:
-        source = _GUARD_SOURCE
-        if source is None:
-            log.warning("no source for the guard process: jobs may outlive a crash")
-            return
+        script_r, script_w = os.pipe()  # the script, read by sh as a file
         try:
+            os.write(script_w, GUARD_SCRIPT.encode())
+            os.close(script_w)
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", source, self.server or ""],
+                ["minisched-guard", f"/dev/fd/{script_r}", self.server or ""],
+                executable="/bin/sh",
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                pass_fds=(script_r,),
                 start_new_session=True,
+                env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"},
                 bufsize=0,
             )
         except OSError as exc:
             log.warning(
                 "cannot start the guard process (%s): jobs may outlive a crash", exc
             )
+        finally:
+            os.close(script_r)
 
     @property
     def pid(self):
@@ -4109,6 +4126,26 @@ class Scheduler:
             raise NotFoundError(f"no job named {name!r}", "name")
         return self.runner.submit(job, trigger, force=force)
 
+    def upcoming(self, until: float, limit: int = 10000) -> tuple:
+        """Every scheduled fire of every enabled, unpaused job from now until
+        ``until``, in time order: ``([(instant, job), ...], truncated)``.
+        Uses a copy of each schedule (the scheduler thread owns the
+        originals).  Any thread."""
+        with self._lock:
+            starts = [
+                (s.job, s.next_at)
+                for s in self._states.values()
+                if s.next_at is not None and s.next_at <= until
+            ]
+        fires = []
+        for job, first in starts:
+            schedule, t = Schedule(job.schedule, job.tz), first
+            while t is not None and t <= until and len(fires) <= limit:
+                fires.append((t, job))
+                t = schedule.next_after(t, anchor=job.created_at)
+        fires.sort(key=lambda item: (item[0], item[1].name))
+        return fires[:limit], len(fires) > limit
+
     # -- firing --------------------------------------------------------------
 
     def _reschedule(self, state) -> None:
@@ -4431,6 +4468,7 @@ class JobsFile:
         self.bus = bus
         self.loaded_at = None
         self.error = None
+        self.errors = []  # every problem of the last failed load
         self.reload_event = threading.Event()
         self.stopping = threading.Event()
         self._stat = None
@@ -4471,11 +4509,17 @@ class JobsFile:
                         "name",
                     )
         except InvalidError as exc:
+            kept = any(job.source == "file" for job in sched.jobs())
             if exc.message != self.error:
-                log.error(
-                    "jobs file not loaded, previous definitions kept: %s", exc.message
+                log.warning(
+                    "jobs file not loaded, %s: %s",
+                    "its previous definitions keep running"
+                    if kept
+                    else "no jobs from it",
+                    exc.message,
                 )
             self.error = exc.message
+            self.errors = [e["error"] for e in exc.errors]
             self.bus.publish("job", {"action": "file_error", "error": self.error})
             return False
         stored = {
@@ -4515,6 +4559,232 @@ class JobsFile:
                     self.load()
                 except Exception:
                     log.exception("reloading the jobs file failed")
+
+
+###############################################################################
+# Crontab import ##############################################################
+###############################################################################
+
+#: Environment cron gives every job unless the crontab sets it (Debian cron).
+CRON_DEFAULT_PATH = "/usr/bin:/bin"
+_CRON_MACROS = ("@reboot", *_MACROS)
+_CRON_ENV_RE = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
+_CRON_FIVE_RE = re.compile(r"\s*(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(.*)$")
+#: The variable a converted job's standard input (cron's ``%`` text) travels in.
+CRON_INPUT_VARIABLE = "MINISCHED_CRON_INPUT"
+
+
+def split_cron_command(text: str) -> tuple:
+    """Cron's ``%`` rule: ``(command, standard input or None)``.  The first
+    unescaped ``%`` ends the command and the rest is its standard input, with
+    every further unescaped ``%`` a newline; ``\\%`` is a literal ``%``
+    (other backslashes stay as they are)."""
+    parts, current, i = [], [], 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\" and i + 1 < len(text) and text[i + 1] == "%":
+            current.append("%")
+            i += 2
+            continue
+        if char == "%":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+        i += 1
+    parts.append("".join(current))
+    if len(parts) == 1:
+        return parts[0], None
+    return parts[0], "\n".join(parts[1:])
+
+
+#: Words skipped when a job is named after its command.
+_CRON_NAME_SKIP = frozenset(
+    (
+        "&&",
+        "||",
+        ";",
+        "|",
+        "{",
+        "}",
+        "(",
+        ")",
+        "[",
+        "]",
+        "test",
+        "exec",
+        "env",
+        "nice",
+        "ionice",
+        "sudo",
+        "timeout",
+        "flock",
+        "chronic",
+        "true",
+    )
+)
+#: Programs whose first argument says more than they do.
+_CRON_RUNNERS = frozenset(
+    (
+        "run-parts",
+        "sh",
+        "bash",
+        "dash",
+        "python",
+        "python3",
+        "perl",
+        "php",
+        "ruby",
+        "node",
+        "java",
+        "make",
+    )
+)
+
+
+def _cron_name(command: str) -> str:
+    """A readable job name from a command: ``run-parts-cron.daily``,
+    ``backup.sh``, ``python3-report.py``; the caller makes it unique."""
+    try:
+        words = shlex.split(command, comments=True)
+    except ValueError:
+        words = command.split()
+    picked, skip_next = [], False
+    for word in words:
+        word = word.strip(";&|")
+        if skip_next or not word:
+            skip_next = False
+            continue
+        if word == "cd":
+            skip_next = True  # its directory says little
+            continue
+        if word in _CRON_NAME_SKIP or word.startswith("-") or "=" in word:
+            continue
+        picked.append(os.path.basename(word.rstrip("/")) or word)
+        if picked[0] not in _CRON_RUNNERS or len(picked) == 2:
+            break
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", "-".join(picked)).strip("-._")[:48]
+    return name if name else "cron-job"
+
+
+def parse_crontab(text: str, system=False, user=None, source="crontab") -> tuple:
+    """Convert a crontab to job definitions keeping cron's meaning; returns
+    ``(definitions, problems)`` where problems are ``(line number, reason)``
+    for the lines that could not be converted (the rest still are).
+
+    ``system``: the ``/etc/crontab`` and ``/etc/cron.d`` format, with a user
+    column (it becomes the job's ``user``).  Otherwise ``user`` (default: who
+    runs this) owns every line.  What cron gives a job is kept: the shell
+    (``SHELL``, default ``/bin/sh``), ``PATH`` (default ``/usr/bin:/bin``),
+    ``HOME`` and ``LOGNAME``, the working directory (the user's home), every
+    variable the crontab sets (``MAILTO`` included), the zone (``CRON_TZ`` or
+    ``TZ``), standard input from ``%``, overlapping runs (``concurrency:
+    allow``) and background processes that outlive the job (``leftovers:
+    keep``)."""
+    env, shell, zone = {}, "/bin/sh", None
+    definitions, problems, names = [], [], collections.Counter()
+    default_user = _cron_user(user) if not system else None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        setting = _CRON_ENV_RE.fullmatch(line)
+        if setting and not line[0].isdigit() and line[0] not in "*@":
+            key, value = setting.groups()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            if key == "SHELL":
+                shell = value or "/bin/sh"
+            if key in ("CRON_TZ", "TZ"):
+                try:
+                    get_zone(value)
+                except InvalidError as exc:
+                    problems.append((number, f"{key}: {exc.message}"))
+                    continue
+                zone = value
+            env[key] = value
+            continue
+        try:
+            definition = _cron_entry(line, system, default_user, env, shell, zone)
+        except InvalidError as exc:
+            problems.append((number, exc.message))
+            continue
+        base = definition["name"]
+        names[base] += 1
+        if names[base] > 1:
+            definition["name"] = f"{base[:60]}-{names[base]}"
+        definition["description"] = f"{source} line {number}: {line}"[:2000]
+        try:
+            definitions.append(validate_job(definition))
+        except InvalidError as exc:
+            problems.append((number, exc.message))
+    return definitions, problems
+
+
+def _cron_user(name):
+    """``(name, home)`` of a crontab's user (default: who runs this)."""
+    try:
+        pw = pwd.getpwnam(name) if name else pwd.getpwuid(os.geteuid())
+    except KeyError:
+        raise InvalidError(f"unknown user {name!r}") from None
+    return pw.pw_name, pw.pw_dir
+
+
+def _cron_entry(line, system, default_user, env, shell, zone) -> dict:
+    """One crontab entry (not an environment line) as a job definition."""
+    if line.startswith("@"):
+        macro, _, rest = line.partition(" ")
+        macro = macro.lower()
+        if macro not in _CRON_MACROS:
+            raise InvalidError(
+                f"unknown special string {macro!r} (cron knows {', '.join(_CRON_MACROS)})"
+            )
+        schedule = macro
+    else:
+        match = _CRON_FIVE_RE.fullmatch(line)
+        if not match or (system and len(match.group(6).split(None, 1)) < 2):
+            raise InvalidError(
+                "too few fields: a line needs minute, hour, day of month, month, "
+                "day of week, " + ("user, " if system else "") + "and a command"
+            )
+        schedule, rest = " ".join(match.groups()[:5]), match.group(6)
+    rest = rest.strip()
+    if system:
+        name, _, rest = rest.partition(" ")
+        account, home = _cron_user(name)
+        rest = rest.strip()
+    else:
+        account, home = default_user
+    if not rest:
+        raise InvalidError("no command")
+    try:
+        Schedule(schedule, get_zone(zone) if zone else datetime.timezone.utc)
+    except InvalidError as exc:
+        raise InvalidError(exc.message) from None
+    command, stdin = split_cron_command(rest)
+    job_env = {"PATH": CRON_DEFAULT_PATH, "HOME": home, "LOGNAME": account}
+    job_env.update(env)
+    if shell != "/bin/sh":
+        job_env.setdefault("SHELL", shell)
+    script = command
+    if stdin is not None:
+        # cron writes this text to the command's standard input.
+        job_env[CRON_INPUT_VARIABLE] = stdin
+        script = f'printf %s "${CRON_INPUT_VARIABLE}" | {{\n{command}\n}}'
+    definition = {
+        "name": _cron_name(command),
+        "command": script if shell == "/bin/sh" else [shell, "-c", script],
+        "schedule": schedule,
+        "cwd": home,
+        "env": job_env,
+        "concurrency": "allow",
+        "leftovers": "keep",
+    }
+    if zone:
+        definition["timezone"] = zone
+    if system or default_user[0] != pwd.getpwuid(os.geteuid()).pw_name:
+        definition["user"] = account
+    return definition
 
 
 ###############################################################################
@@ -4680,10 +4950,19 @@ class Engine:
         self.hooks = Hooks(self.store)
         self.runner.on_hook = self.hooks.fire
         self.scheduler.load()
+        loaded = self.jobs_file.load() if self.jobs_file else True
+        if not loaded and not any(j.source == "file" for j in self.scheduler.jobs()):
+            # Nothing from this file ran before: a service manager user
+            # expects a refusal, not a server with no jobs.
+            self.hooks.close()
+            self.store.close()
+            raise UsageError(
+                f"--jobs: {self.jobs_file.path} is invalid and no earlier "
+                "definitions from it are stored; fix it:\n  "
+                + "\n  ".join(self.jobs_file.errors)
+            )
         self.repair()
         self.runner.start()
-        if self.jobs_file:
-            self.jobs_file.load()
         self.scheduler.load_reboot()
         self.scheduler.start()
         if self.jobs_file:
@@ -5520,6 +5799,7 @@ QUERY_PARAMS = {
     "last_event_id": ("last_event_id", _int_schema(0), "resume after this seq"),
     "expr": ("expr", {"type": "string"}, "a schedule, e.g. */5 * * * *"),
     "n": ("n", _int_schema(1, 100, 5), "how many fire times"),
+    "hours": ("hours", _int_schema(1, 24 * 31, 24), "how far ahead"),
     "timezone": ("timezone", {"type": "string"}, "an IANA zone"),
     "after": ("after", {"type": "string"}, "ISO 8601 time (default: now)"),
     "anchor": ("anchor", {"type": "string"}, "where @every counts from"),
@@ -5737,6 +6017,14 @@ API_ROUTES = (
         body="JobsDocument",
         response="ImportReport",
         errors=(409,),
+    ),
+    _route(
+        "GET",
+        "/api/upcoming",
+        "upcoming",
+        "Every fire of every job in the next hours, in time order",
+        ("hours",),
+        response="Upcoming",
     ),
     _route(
         "GET", "/api/system", "system", "Host and server metrics", response="System"
@@ -6446,6 +6734,23 @@ class Api:
             return {"valid": False, "errors": exc.errors}
         return {"valid": True, "errors": []}
 
+    def upcoming(self):
+        hours = self.int_param("hours")
+        fires, truncated = self.engine.scheduler.upcoming(time.time() + hours * 3600)
+        return {
+            "hours": hours,
+            "fires": [
+                {
+                    "job": job.name,
+                    "at": iso_utc(t),
+                    "local": iso_local(t, job.tz),
+                    "timezone": _zone_name(job.tz),
+                }
+                for t, job in fires
+            ],
+            "truncated": truncated,
+        }
+
     def cron_next(self):
         query = bottle.request.query
         expr = query.get("expr")
@@ -7030,6 +7335,20 @@ def _schemas() -> dict:
             {"ok": {"type": "boolean"}, "token_required": {"type": "boolean"}}, ["ok"]
         ),
         "Object": {"type": "object"},
+        "Upcoming": _object(
+            {
+                "hours": {"type": "integer"},
+                "fires": {
+                    "type": "array",
+                    "items": _object(
+                        {"job": _STR, "at": _TIME, "local": _STR, "timezone": _STR},
+                        ["job", "at", "local", "timezone"],
+                    ),
+                },
+                "truncated": {"type": "boolean"},
+            },
+            ["hours", "fires", "truncated"],
+        ),
         # One event of a text/event-stream response (OpenAPI 3.0: the schema
         # describes each event); ``data`` is JSON: a chunk, a run or null.
         "ServerSentEvent": _object(
@@ -7497,67 +7816,320 @@ def _print_table(rows, columns) -> None:
         )
 
 
-def _cmd_client(ns) -> int:
-    client = Client(ns.url, ns.token or os.environ.get("MINISCHED_TOKEN"))
-    quote = urllib.parse.quote
-    command = ns.command
-    if command == "list":
-        result = client.call("GET", "/api/jobs")
-        if not ns.json:
-            rows = [
-                dict(
-                    j,
-                    last=(j["last_run"] or {}).get("status", "-"),
-                    next=j["next_run_at"] or "-",
-                    state="paused"
-                    if j["paused"]
-                    else ("running" if j["running"] else ""),
-                )
-                for j in result["jobs"]
-            ]
-            _print_table(rows, ("name", "schedule", "next", "last", "state"))
-            return 0
-    elif command == "show":
-        result = client.call("GET", f"/api/jobs/{quote(ns.name)}")
-    elif command == "add":
-        try:
-            with open(ns.file, encoding="utf-8") as f:
-                doc = parse_json(f.read())
-        except OSError as exc:
-            raise UsageError(f"cannot read {ns.file}: {exc}") from None
-        if isinstance(doc, dict) and "jobs" not in doc:
-            result = client.call("POST", "/api/jobs", doc)
-        else:
-            result = client.call("POST", "/api/import", doc)
-    elif command == "remove":
-        result = client.call("DELETE", f"/api/jobs/{quote(ns.name)}")
-    elif command in ("pause", "resume", "stop"):
-        result = client.call("POST", f"/api/jobs/{quote(ns.name)}/{command}")
-    elif command == "trigger":
-        path = f"/api/jobs/{quote(ns.name)}/run" + ("?force=1" if ns.force else "")
+def _local_time(iso: str | None, tz=None) -> str:
+    """``2026-12-02T09:00:00.000Z`` -> ``2026-12-02 10:00:00 CET`` (local)."""
+    if not iso:
+        return "-"
+    moment = datetime.datetime.fromtimestamp(parse_iso(iso, datetime.timezone.utc), tz)
+    return moment.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S %Z").strip()
+
+
+def _relative(iso: str | None, now: float | None = None) -> str:
+    """``in 3 h``, ``5 min ago``, ``just now``."""
+    if not iso:
+        return ""
+    delta = parse_iso(iso, datetime.timezone.utc) - (
+        time.time() if now is None else now
+    )
+    size = abs(delta)
+    if size < 2:
+        return "just now"
+    for unit, seconds in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        if size >= seconds:
+            amount = size / seconds
+            text = (
+                f"{amount:.0f} {unit}"
+                if amount >= 10 or unit == "s"
+                else f"{amount:.1f} {unit}".replace(".0 ", " ")
+            )
+            return f"in {text}" if delta > 0 else f"{text} ago"
+    return ""
+
+
+def _plain_seconds(value) -> str:
+    if value is None:
+        return "-"
+    if value < 60:
+        return f"{value:.1f} s" if value < 10 else f"{value:.0f} s"
+    return f"{int(value // 60)} min {int(value % 60)} s"
+
+
+def _exit_text(run: dict) -> str:
+    if run.get("signal"):
+        return _exit_description(None, run["signal"]) or "-"
+    return "-" if run.get("exit_code") is None else str(run["exit_code"])
+
+
+def _run_rows(runs) -> list:
+    return [
+        {
+            "id": r["id"],
+            "job": r["job"],
+            "status": r["status"],
+            "trigger": r["trigger"],
+            "started": _local_time(r["started_at"] or r["scheduled_at"]),
+            "duration": _plain_seconds(r["duration"]),
+            "exit": _exit_text(r),
+        }
+        for r in runs
+    ]
+
+
+def _print_fields(items) -> None:
+    """``key  value`` lines, keys aligned."""
+    width = max((len(k) for k, _ in items), default=0)
+    for key, value in items:
+        print(f"{key.ljust(width)}  {value}")
+
+
+def _client_list(client, ns):
+    result = client.call("GET", "/api/jobs")
+    if ns.json:
+        return result
+    rows = []
+    for j in result["jobs"]:
+        zone = get_zone(j["timezone"]) if j.get("timezone") else None
+        nxt = "-"
+        if j["next_run_at"]:
+            nxt = (
+                f"{_local_time(j['next_run_at'], zone)} ({_relative(j['next_run_at'])})"
+            )
+        rows.append(
+            dict(
+                j,
+                next=nxt,
+                last=(j["last_run"] or {}).get("status", "-"),
+                state="paused" if j["paused"] else ("running" if j["running"] else ""),
+            )
+        )
+    _print_table(rows, ("name", "schedule", "next", "last", "state"))
+    return None
+
+
+def _client_show(client, ns):
+    job = client.call("GET", f"/api/jobs/{urllib.parse.quote(ns.name)}")
+    if ns.json:
+        return job
+    zone = get_zone(job["timezone"]) if job.get("timezone") else None
+    last = job["last_run"]
+    items = [
+        ("name", job["name"]),
+        (
+            "schedule",
+            f"{job.get('schedule') or 'manual'}: {job['schedule_description']}",
+        ),
+        (
+            "state",
+            "paused"
+            if job["paused"]
+            else "active"
+            if job.get("enabled", True)
+            else "disabled",
+        ),
+        (
+            "next run",
+            f"{_local_time(job['next_run_at'], zone)} ({_relative(job['next_run_at'])})"
+            if job["next_run_at"]
+            else "-",
+        ),
+        (
+            "last run",
+            f"#{last['id']} {last['status']} {_local_time(last['started_at'] or last['finished_at'])}"
+            if last
+            else "never",
+        ),
+        ("running", str(job["running"])),
+        ("source", job["source"]),
+    ]
+    state = {
+        "schedule_description",
+        "next_run_at",
+        "last_run",
+        "running",
+        "source",
+        "paused",
+        "created_at",
+        "name",
+        "schedule",
+    }
+    items += [
+        (k, json.dumps(v) if not isinstance(v, str) else v)
+        for k, v in job.items()
+        if k not in state
+    ]
+    _print_fields(items)
+    return None
+
+
+def _client_status(client, ns):
+    status = client.call("GET", "/api/status")
+    if ns.json:
+        return status
+    c = status["counts"]
+    items = [
+        ("version", status["version"]),
+        (
+            "up since",
+            f"{_local_time(status['started_at'])} ({_relative(status['started_at'])})",
+        ),
+        ("jobs", f"{c['jobs']} ({c['paused']} paused)"),
+        (
+            "runs",
+            f"{c['running']} running, {c['queued']} queued, {c['failed_24h']} failed in 24 h",
+        ),
+        ("scheduler lag", f"{status['scheduler']['lag'] * 1000:.1f} ms"),
+    ]
+    jobs_file = status.get("jobs_file")
+    if jobs_file:
+        items.append(
+            (
+                "jobs file",
+                f"{jobs_file['path']}: "
+                + (
+                    f"ERROR {jobs_file['error']}"
+                    if jobs_file["error"]
+                    else f"loaded {_relative(jobs_file['loaded_at'])}"
+                ),
+            )
+        )
+    _print_fields(items)
+    return None
+
+
+def _client_runs(client, ns):
+    query = {"limit": ns.limit}
+    if ns.status:
+        query["status"] = ns.status
+    if ns.name:
+        path = f"/api/jobs/{urllib.parse.quote(ns.name)}/runs"
+    else:
+        path = "/api/runs"
+    result = client.call("GET", path + "?" + urllib.parse.urlencode(query))
+    if ns.json:
+        return result
+    _print_table(
+        _run_rows(result["runs"]),
+        ("id", "job", "status", "trigger", "started", "duration", "exit"),
+    )
+    if result["total"] > len(result["runs"]):
+        print(f"({len(result['runs'])} of {result['total']}; --limit N for more)")
+    return None
+
+
+def _client_upcoming(client, ns):
+    result = client.call("GET", f"/api/upcoming?hours={ns.hours}")
+    if ns.json:
+        return result
+    rows = [
+        {
+            "time": f"{f['local'][:19].replace('T', ' ')} {f['timezone']}",
+            "in": _relative(f["at"]),
+            "job": f["job"],
+        }
+        for f in result["fires"]
+    ]
+    _print_table(rows, ("time", "in", "job"))
+    if result["truncated"]:
+        print("(more than 10000 fires; ask for fewer --hours)")
+    return None
+
+
+def _client_add(client, ns):
+    doc = _read_json_file(ns.file)
+    report = client.call("POST", "/api/validate", doc)
+    if not report["valid"]:
+        for error in report["errors"]:
+            print(f"{ns.file}: {error['error']}", file=sys.stderr)
+        return 1
+    if isinstance(doc, dict) and "jobs" not in doc:
+        return client.call("POST", "/api/jobs", doc)
+    return client.call("POST", "/api/import", doc)
+
+
+def _client_trigger(client, ns):
+    path = f"/api/jobs/{urllib.parse.quote(ns.name)}/run" + (
+        "?force=1" if ns.force else ""
+    )
+    try:
         run = client.call("POST", path)
-        if not ns.follow:
-            result = run
-        else:
-            final = client.follow(run["id"])
-            if ns.json:
-                print(json.dumps(final))
-            else:
-                error = f": {final['error']}" if final.get("error") else ""
-                print(f"run {final['id']} {final['status']}{error}", file=sys.stderr)
-            return 0 if final["status"] == "succeeded" else 1
-    elif command == "logs":
-        if ns.follow:
-            final = client.follow(ns.run_id)
-            return 0 if final["status"] == "succeeded" else 1
-        result = client.call("GET", f"/api/runs/{ns.run_id}/log", text=True)
-        if isinstance(result, str):
-            sys.stdout.write(result)
-            return 0
-    else:  # status
-        result = client.call("GET", "/api/status")
-    print(json.dumps(result, indent=None if ns.json else 2))
+    except ClientError as exc:
+        raise ClientError(exc.message.replace("use ?force=1", "use --force")) from None
+    if not ns.follow:
+        return run
+    return _follow(client, run["id"], ns.json)
+
+
+def _client_logs(client, ns):
+    if ns.follow:
+        return _follow(client, ns.run_id, ns.json)
+    if ns.json:
+        return client.call("GET", f"/api/runs/{ns.run_id}/log?format=json")
+    sys.stdout.write(client.call("GET", f"/api/runs/{ns.run_id}/log", text=True))
+    return None
+
+
+def _follow(client, run_id, as_json) -> int:
+    """Print a run's output live; the exit status is the run's outcome.
+    Ctrl-C stops following, never the run."""
+    try:
+        final = client.follow(run_id)
+    except KeyboardInterrupt:
+        print(
+            f"\nstopped following run {run_id}; it goes on "
+            f"(follow it again with: minisched.py logs {run_id} --follow)",
+            file=sys.stderr,
+        )
+        return 130
+    if as_json:
+        print(json.dumps(final))
+    else:
+        error = f": {final['error']}" if final.get("error") else ""
+        print(f"run {final['id']} {final['status']}{error}", file=sys.stderr)
+    return 0 if final["status"] == "succeeded" else 1
+
+
+def _client_action(client, ns):
+    name = urllib.parse.quote(ns.name)
+    if ns.command == "remove":
+        return client.call(
+            "DELETE", f"/api/jobs/{name}" + ("?force=1" if ns.force else "")
+        )
+    return client.call("POST", f"/api/jobs/{name}/{ns.command}")
+
+
+_CLIENT_COMMANDS = {
+    "list": _client_list,
+    "show": _client_show,
+    "status": _client_status,
+    "runs": _client_runs,
+    "upcoming": _client_upcoming,
+    "add": _client_add,
+    "trigger": _client_trigger,
+    "logs": _client_logs,
+    "remove": _client_action,
+    "pause": _client_action,
+    "resume": _client_action,
+    "stop": _client_action,
+}
+
+
+def _cmd_client(ns) -> int:
+    """The client commands: each prints for humans, or JSON with ``--json``."""
+    client = Client(ns.url, ns.token or os.environ.get("MINISCHED_TOKEN"))
+    result = _CLIENT_COMMANDS[ns.command](client, ns)
+    if isinstance(result, int):
+        return result
+    if result is not None:
+        print(json.dumps(result, indent=None if ns.json else 2))
     return 0
+
+
+def _read_json_file(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse_json(f.read())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
 
 
 def _is_loopback(host: str) -> bool:
@@ -7636,16 +8208,39 @@ def _build_parser() -> argparse.ArgumentParser:
         help=f"connections served at once; more get 503 (default {MAX_CONNECTIONS})",
     )
 
-    validate = sub.add_parser("validate", help="check a jobs file")
+    serve.add_argument(
+        "--daemon",
+        action="store_true",
+        help="detach (double fork, new session); needs --pidfile",
+    )
+    serve.add_argument("--pidfile", metavar="FILE", help="write and lock FILE")
+    serve.add_argument(
+        "--log-file", metavar="FILE", help="log to FILE instead of stderr (rotated)"
+    )
+    serve.add_argument(
+        "--log-max-bytes",
+        type=int,
+        help=f"rotate the log file at this size (default {LOG_MAX_BYTES})",
+    )
+    serve.add_argument(
+        "--log-backups",
+        type=int,
+        help=f"rotated log files kept (default {LOG_BACKUPS})",
+    )
+
+    validate = sub.add_parser(
+        "validate", help="check a jobs file (or a file with one job)"
+    )
     validate.add_argument("file")
     validate.add_argument("--timezone")
 
     nxt = sub.add_parser("next", help="print the next fire times of a schedule")
-    nxt.add_argument("expr")
+    nxt.add_argument("expr", nargs="+", help="a schedule, quoted: '*/5 * * * *'")
     nxt.add_argument("-n", type=int, default=5)
     nxt.add_argument("--timezone")
     nxt.add_argument("--after", help="ISO 8601 time (default: now)")
     nxt.add_argument("--json", action="store_true")
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--url",
@@ -7654,6 +8249,44 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--token", help="API token (default: $MINISCHED_TOKEN)")
     common.add_argument("--json", action="store_true", help="print JSON")
+
+    cron = sub.add_parser(
+        "import-crontab",
+        parents=[common],
+        help="convert a crontab to a jobs document (or import it: --apply)",
+    )
+    cron.add_argument("file", help="a crontab file, or - for standard input")
+    cron.add_argument(
+        "--system",
+        action="store_true",
+        help="/etc/crontab or /etc/cron.d format (with a user column)",
+    )
+    cron.add_argument("--user", help="whose crontab it is (default: yours)")
+    cron.add_argument(
+        "--apply", action="store_true", help="import into a running server"
+    )
+
+    unit = sub.add_parser(
+        "systemd-unit",
+        help="print a systemd unit for serve (serve flags after the options)",
+    )
+    unit.add_argument("--user", help="run the service as this user")
+
+    stop = sub.add_parser("shutdown", help="stop a server started with --daemon")
+    stop.add_argument("--pidfile", required=True, metavar="FILE")
+    stop.add_argument(
+        "--timeout",
+        type=float,
+        default=40.0,
+        help="seconds to wait for it to exit (default 40)",
+    )
+
+    backup = sub.add_parser(
+        "backup", help="copy the database consistently, also while serve runs"
+    )
+    backup.add_argument("file", help="where to write the copy")
+    backup.add_argument("--db", default="minisched.db", help="default %(default)s")
+
     for name, helptext, args in (
         ("list", "list jobs", ()),
         ("show", "show a job", ("name",)),
@@ -7661,6 +8294,8 @@ def _build_parser() -> argparse.ArgumentParser:
         ("remove", "delete a job", ("name",)),
         ("trigger", "run a job now", ("name",)),
         ("logs", "print a run's output", ("run_id",)),
+        ("runs", "run history, newest first", ()),
+        ("upcoming", "every fire of every job in the next hours", ()),
         ("pause", "pause a job's schedule", ("name",)),
         ("resume", "resume a job's schedule", ("name",)),
         ("stop", "stop a job's active runs", ("name",)),
@@ -7681,46 +8316,347 @@ def _build_parser() -> argparse.ArgumentParser:
             cmd.add_argument(
                 "--force", action="store_true", help="run even if a forbid job is busy"
             )
+        if name == "remove":
+            cmd.add_argument(
+                "--force",
+                action="store_true",
+                help="also when other jobs run after it (they no longer do)",
+            )
+        if name == "runs":
+            cmd.add_argument("name", nargs="?", help="only this job's runs")
+            cmd.add_argument("--status", choices=RUN_STATUSES)
+            cmd.add_argument("--limit", type=int, default=20)
+        if name == "upcoming":
+            cmd.add_argument("--hours", type=int, default=24)
     return parser
 
 
 def _cmd_validate(ns) -> int:
+    """Check a jobs file, or a file holding one job (what ``add`` takes)."""
     tz = get_zone(ns.timezone) if ns.timezone else local_zone()
     try:
-        jobs = load_jobs_file(ns.file, tz)
+        doc = _read_json_file(ns.file)
+        if isinstance(doc, dict) and "jobs" not in doc and "defaults" not in doc:
+            validate_job(doc, tz)
+            count = 1
+        else:
+            count = len(parse_jobs_document(doc, tz))
     except InvalidError as exc:
         for error in exc.errors:
-            print(
-                error["error"]
-                if error["error"].startswith(ns.file)
-                else "{}: {}".format(ns.file, error["error"]),
-                file=sys.stderr,
-            )
+            print(f"{ns.file}: {error['error']}", file=sys.stderr)
         return 1
-    print(f"{ns.file}: {len(jobs)} job{'' if len(jobs) == 1 else 's'}, valid")
+    print(f"{ns.file}: {count} job{'' if count == 1 else 's'}, valid")
     return 0
 
 
 def _cmd_next(ns) -> int:
+    if len(ns.expr) > 1:
+        raise UsageError(
+            "quote the expression, or the shell splits it and expands its *: "
+            "next '{}'".format(" ".join(ns.expr))
+        )
+    expr = ns.expr[0]
     tz = get_zone(ns.timezone) if ns.timezone else local_zone()
     if ns.n < 1 or ns.n > 1000:
         raise UsageError("-n must be between 1 and 1000")
-    after = parse_iso(ns.after, tz) if ns.after else time.time()
-    times = next_fire_times(ns.expr, ns.n, tz, after)
+    # A preview of @every counts from a whole second, like a job created then.
+    after = parse_iso(ns.after, tz) if ns.after else float(int(time.time()))
+    schedule = Schedule(expr, tz)
+    times = next_fire_times(expr, ns.n, tz, after)
     if ns.json:
-        print(
-            json.dumps(
-                {
-                    "times": [
-                        {"local": iso_local(t, tz), "utc": iso_utc(t)} for t in times
-                    ]
-                }
-            )
-        )
-    else:
-        for t in times:
-            print(f"{iso_local(t, tz)}  {iso_utc(t)}")
+        out = {"times": [{"local": iso_local(t, tz), "utc": iso_utc(t)} for t in times]}
+        out["description"] = schedule.describe()
+        print(json.dumps(out))
+        return 0
+    # Stdout stays one fire time per line (SPEC); the words go to stderr.
+    print(schedule.describe(), file=sys.stderr)
+    if schedule.kind == "reboot":
+        print("fires once each time the server starts", file=sys.stderr)
+    elif schedule.kind == "manual":
+        print("never fires on its own: runs only when triggered", file=sys.stderr)
+    elif not times:
+        why = "the time has passed" if schedule.kind == "at" else "no time matches"
+        print("will not fire: " + why, file=sys.stderr)
+    for t in times:
+        print(f"{iso_local(t, tz)}  {iso_utc(t)}")
     return 0
+
+
+def _cmd_import_crontab(ns) -> int:
+    """``import-crontab``: print the jobs document, or ``--apply`` it."""
+    source = "crontab" if ns.file == "-" else ns.file
+    try:
+        if ns.file == "-":
+            text = sys.stdin.read()
+        else:
+            with open(ns.file, encoding="utf-8") as f:
+                text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {ns.file}: {exc}") from None
+    if ns.user and ns.system:
+        raise UsageError("--user: a system crontab names its user on each line")
+    definitions, problems = parse_crontab(
+        text, system=ns.system, user=ns.user, source=os.path.basename(source)
+    )
+    for number, reason in problems:
+        print(f"{source}:{number}: not converted: {reason}", file=sys.stderr)
+    doc = {"jobs": definitions}
+    if not ns.apply:
+        print(json.dumps(doc, indent=2))
+        return 1 if problems else 0
+    client = Client(ns.url, ns.token or os.environ.get("MINISCHED_TOKEN"))
+    client.call("POST", "/api/import?dry_run=1", doc)
+    report = client.call("POST", "/api/import", doc)
+    if ns.json:
+        print(json.dumps(report))
+    else:
+        for key in ("created", "updated", "unchanged"):
+            names = ", ".join(report[key]) or "-"
+            print(f"{key}: {len(report[key])} ({names})")
+    return 1 if problems else 0
+
+
+def _systemd_quote(arg: str) -> str:
+    """One ``ExecStart=`` word: ``%`` and ``$`` escaped, quoted if needed."""
+    arg = arg.replace("%", "%%").replace("$", "$$")
+    if re.search(r'[\s"\'\\;]', arg) or not arg:
+        arg = '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return arg
+
+
+def systemd_unit(serve_args: list, user: str | None = None) -> str:
+    """A systemd unit running ``serve`` with ``serve_args``: absolute paths,
+    ``Restart=on-failure``, ``KillMode=mixed`` with ``TimeoutStopSec`` above
+    the shutdown grace (so running jobs get their grace on ``systemctl
+    stop``), a state directory for the database and the token from an
+    ``EnvironmentFile``, never inline."""
+    parser = _build_parser()
+    ns = parser.parse_args(["serve", *serve_args])
+    if ns.token:
+        raise UsageError(
+            "--token: a unit file must not hold the token; put MINISCHED_TOKEN=... "
+            "in /etc/minisched/env (mode 600), which the unit reads"
+        )
+    if ns.daemon or ns.pidfile:
+        raise UsageError("--daemon, --pidfile: systemd runs the server itself")
+    if user is not None:
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            raise UsageError(f"--user: no user named {user!r}") from None
+    args = list(serve_args)
+    if ns.db is None:
+        args += ["--db", "/var/lib/minisched/minisched.db"]
+    grace = ns.shutdown_grace if ns.shutdown_grace is not None else 30.0
+    command = [sys.executable, os.path.abspath(__file__), "serve", *args]
+    lines = [
+        "[Unit]",
+        "Description=minisched, a cron replacement",
+        "Documentation=file://"
+        + os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"),
+        "After=network-online.target",
+        "Wants=network-online.target",
+        "",
+        "[Service]",
+        "Type=simple",
+        "ExecStart=" + " ".join(_systemd_quote(a) for a in command),
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "EnvironmentFile=-/etc/minisched/env",
+        "Environment=PYTHONUNBUFFERED=1",
+        "StateDirectory=minisched",
+        "WorkingDirectory=/var/lib/minisched",
+        "Restart=on-failure",
+        "RestartSec=5",
+        # SIGTERM to the server only: it gives running jobs their grace, then
+        # stops them; systemd kills what is left after TimeoutStopSec.
+        "KillMode=mixed",
+        f"TimeoutStopSec={math.ceil(grace) + 15}",
+    ]
+    if user:
+        lines.append(f"User={user}")
+    lines += ["", "[Install]", "WantedBy=multi-user.target", ""]
+    return "\n".join(lines)
+
+
+def _cmd_systemd_unit(ns, serve_args) -> int:
+    print(systemd_unit(serve_args, ns.user), end="")
+    return 0
+
+
+def _cmd_shutdown(ns) -> int:
+    """Stop a ``serve --daemon``: SIGTERM, wait; 0 stopped, 1 still running."""
+    pid = _pidfile_owner(ns.pidfile)
+    if pid is None:
+        print(f"minisched is not running (no live server holds {ns.pidfile})")
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + ns.timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            print(f"minisched (pid {pid}) stopped")
+            return 0
+        time.sleep(0.1)
+    print(
+        f"minisched (pid {pid}) is still running after {_num(ns.timeout)}s",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _pidfile_owner(path: str) -> int | None:
+    """The pid in ``path`` if a live process holds the file's lock, else None
+    (no file, or a stale one left by a crash)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise UsageError(f"--pidfile: cannot read {path}: {exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            text = os.read(fd, 64).decode("ascii", "replace").strip()
+            return int(text) if text.isdigit() else None
+        return None  # nobody holds it: stale
+    finally:
+        os.close(fd)
+
+
+def _hold_pidfile(path: str) -> int:
+    """Lock ``path`` (a second daemon on it is refused) and return the open
+    descriptor; :func:`_write_pidfile` puts the pid in once known."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        owner = _pidfile_owner(path)
+        raise UsageError(
+            f"--pidfile: {path} is held by a running minisched (pid {owner})"
+        ) from None
+    return fd
+
+
+def _write_pidfile(path: str, held: int) -> int:
+    """Write this process's pid to ``path`` atomically (a new file, locked,
+    renamed over the old) and keep it locked; returns the new descriptor."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, b"%d\n" % os.getpid())
+    os.fsync(fd)
+    os.rename(tmp, path)
+    os.close(held)
+    return fd
+
+
+def _daemonize(log_file: str | None) -> int:
+    """Detach: fork, new session, fork again; stdin from /dev/null, stdout and
+    stderr to ``log_file`` or /dev/null.  Returns (in the daemon) the write end
+    of a pipe on which it reports its start: ``ok`` or a message.  The
+    original process waits for that and exits with it."""
+    ready_r, ready_w = os.pipe()
+    if os.fork() > 0:  # the command the user ran: wait for the daemon's word
+        os.close(ready_w)
+        with os.fdopen(ready_r, "rb") as pipe:
+            word = pipe.read().decode("utf-8", "replace").strip()
+        if word.startswith("ok "):
+            print(f"minisched started in the background (pid {word[3:]})")
+            os._exit(0)
+        print(word or "minisched: the daemon exited before it started", file=sys.stderr)
+        os._exit(1)
+    os.close(ready_r)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)  # the session leader goes: the daemon can never get a terminal
+    devnull = os.open(os.devnull, os.O_RDWR)
+    out = (
+        os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        if log_file
+        else devnull
+    )
+    os.dup2(devnull, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    for fd in {devnull, out}:
+        if fd > 2:
+            os.close(fd)
+    return ready_w
+
+
+def _log_to_file(config) -> None:
+    """Log to ``--log-file`` (size-rotated) instead of stderr."""
+    import logging.handlers
+
+    handler = logging.handlers.RotatingFileHandler(
+        config.log_file,
+        maxBytes=config.log_max_bytes,
+        backupCount=config.log_backups,
+        encoding="utf-8",
+    )
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+
+
+def _cmd_backup(ns) -> int:
+    """``backup FILE``: a consistent copy of the database, also while a
+    server writes it (see :func:`backup_database`)."""
+    if not os.path.exists(ns.db):
+        raise UsageError(f"--db: {ns.db} does not exist")
+    pages = backup_database(ns.db, ns.file)
+    print(f"{ns.db} copied to {ns.file} ({pages} pages, integrity ok)")
+    return 0
+
+
+class _BackupRestarted(Exception):
+    """The server wrote during a stepwise backup once too often."""
+
+
+def backup_database(db: str, target: str, step_pages=1024) -> int:
+    """Copy ``db`` to ``target`` with SQLite's online backup API, in steps
+    of ``step_pages`` pages: in WAL mode a step only reads, so the server's
+    writer is never blocked.  A write by the server restarts the copy; after
+    three restarts the rest is copied in one step (one read snapshot, still
+    not blocking the writer).  The copy is checked (``PRAGMA
+    integrity_check``) and renamed into place.  Returns its page count."""
+    tmp = f"{target}.{os.getpid()}.tmp"
+    source = sqlite3.connect(db, timeout=30)
+    copy = sqlite3.connect(tmp)
+    seen = []
+
+    def progress(_status, remaining, _total):
+        seen.append(remaining)
+        restarts = sum(b > a for a, b in zip(seen, seen[1:]))  # noqa: RUF007
+        if restarts > 3:
+            raise _BackupRestarted
+
+    try:
+        source.execute("PRAGMA busy_timeout=30000")
+        try:
+            source.backup(copy, pages=step_pages, progress=progress, sleep=0.001)
+        except _BackupRestarted:
+            source.backup(copy)  # one step: one read snapshot
+        check = copy.execute("PRAGMA integrity_check").fetchone()[0]
+        pages = copy.execute("PRAGMA page_count").fetchone()[0]
+    finally:
+        source.close()
+        copy.close()
+    if check != "ok":
+        os.unlink(tmp)
+        raise MinischedError(f"the copy failed its integrity check: {check}")
+    os.replace(tmp, target)
+    return pages
 
 
 def _release_startup_memory() -> None:
@@ -7756,6 +8692,30 @@ def _cmd_serve(ns) -> int:
             file=sys.stderr,
         )
         return 2
+    held = _hold_pidfile(config.pidfile) if config.pidfile else None
+    ready = _daemonize(config.log_file) if config.daemon else None
+    if held is not None:
+        held = _write_pidfile(config.pidfile, held)
+    if config.log_file:
+        _log_to_file(config)
+    try:
+        return _serve(config, ready)
+    finally:
+        if held is not None:
+            _remove_pidfile(config.pidfile, held)
+
+
+def _serve(config, ready) -> int:
+    """Run the server until SIGTERM or SIGINT.  ``ready`` (a daemon's pipe to
+    the command that started it) gets ``ok PID`` once it listens, or why not."""
+
+    def refuse(message, code):
+        print(message, file=sys.stderr)
+        if ready is not None:
+            os.write(ready, message.encode())
+            os.close(ready)
+        return code
+
     engine = Engine(config)
     stopping = threading.Event()
 
@@ -7776,12 +8736,14 @@ def _cmd_serve(ns) -> int:
     try:
         http = HttpServer(engine, config)
     except OSError as exc:
-        print(
-            f"minisched: cannot listen on {config.host}:{config.port}: {exc}",
-            file=sys.stderr,
+        return refuse(
+            f"minisched: cannot listen on {config.host}:{config.port}: {exc}", 1
         )
-        return 1
-    engine.start()
+    try:
+        engine.start()
+    except MinischedError as exc:
+        http.server.server_close()
+        return refuse(f"minisched: {exc.message}", 2)
     http.start()
     _release_startup_memory()
     log.info(
@@ -7792,12 +8754,26 @@ def _cmd_serve(ns) -> int:
         config.db,
         len(engine.scheduler.jobs()),
     )
+    if ready is not None:
+        os.write(ready, b"ok %d" % os.getpid())
+        os.close(ready)
     while not stopping.wait(3600):
         pass
     http.close()
     engine.shutdown()
     log.info("minisched stopped")
     return 0
+
+
+def _remove_pidfile(path: str, fd: int) -> None:
+    """At exit: remove the pidfile if it is still this process's."""
+    try:
+        with open(path, encoding="ascii") as f:
+            if f.read().strip() == str(os.getpid()):
+                os.unlink(path)
+    except OSError:
+        pass
+    os.close(fd)
 
 
 def main(argv=None) -> int:
@@ -7808,13 +8784,24 @@ def main(argv=None) -> int:
         stream=sys.stderr,
     )
     parser = _build_parser()
-    ns = parser.parse_args(argv)
+    ns, extra = parser.parse_known_args(argv)
     if ns.command is None:
         parser.print_help(sys.stderr)
         return 2
+    if extra and ns.command != "systemd-unit":
+        parser.parse_args(argv)  # reports the unknown arguments, exit 2
+    handlers = {
+        "serve": _cmd_serve,
+        "validate": _cmd_validate,
+        "next": _cmd_next,
+        "import-crontab": _cmd_import_crontab,
+        "shutdown": _cmd_shutdown,
+        "backup": _cmd_backup,
+    }
     try:
-        handler = {"serve": _cmd_serve, "validate": _cmd_validate, "next": _cmd_next}
-        return handler.get(ns.command, _cmd_client)(ns)
+        if ns.command == "systemd-unit":
+            return _cmd_systemd_unit(ns, extra)
+        return handlers.get(ns.command, _cmd_client)(ns)
     except UsageError as exc:
         print(f"minisched: {exc.message}", file=sys.stderr)
         return 2

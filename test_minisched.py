@@ -59,7 +59,7 @@ UTC = datetime.timezone.utc  # noqa: UP017 - datetime.UTC needs Python 3.11
 
 def ts(text):
     # Python < 3.11 does not read "Z".
-    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()  # noqa: FURB162
 
 
 def wait_for(cond, timeout=15.0, interval=0.01):
@@ -342,7 +342,8 @@ def test_next_command_prints_local_and_utc(capsys):
     assert json.loads(capsys.readouterr().out) == {
         "times": [
             {"local": "2026-01-01T00:01:30+00:00", "utc": "2026-01-01T00:01:30.000Z"}
-        ]
+        ],
+        "description": "every 90 seconds",
     }
     assert minisched.main(["next", "bogus"]) == 2
 
@@ -2811,8 +2812,10 @@ def test_client_commands_against_a_live_server(live, tmp_path, capsys, monkeypat
     assert [row.split()[0] for row in table[1:]] == ["bad", "hello", "sleeper"]
     code, out, _err = run_cli(capsys, "list", "--json", *url)
     assert code == 0 and json.loads(out)["total"] == 3
-    code, out, _err = run_cli(capsys, "show", "hello", *url)
+    code, out, _err = run_cli(capsys, "show", "hello", "--json", *url)
     assert code == 0 and json.loads(out)["command"].startswith("echo hello-out")
+    code, out, _err = run_cli(capsys, "show", "hello", *url)
+    assert code == 0 and re.search(r"^command +echo hello-out", out, re.M)
     code, out, err = run_cli(capsys, "show", "ghost", *url)
     assert code == 1 and "no job named 'ghost'" in err and "HTTP 404" in err
 
@@ -2847,7 +2850,7 @@ def test_client_commands_against_a_live_server(live, tmp_path, capsys, monkeypat
     assert code == 0 and json.loads(out) == {"stopped": 1}
     assert srv.wait_run(run["id"])["status"] == "cancelled"
 
-    code, out, _err = run_cli(capsys, "status", *url)
+    code, out, _err = run_cli(capsys, "status", "--json", *url)
     status = json.loads(out)
     assert code == 0 and status["version"] == minisched.__version__
     assert status["counts"]["jobs"] == 3
@@ -2856,9 +2859,12 @@ def test_client_commands_against_a_live_server(live, tmp_path, capsys, monkeypat
     assert run_cli(capsys, "show", "hello", *url)[0] == 1
 
     invalid = tmp_path / "invalid.json"
-    invalid.write_text(json.dumps({"name": "x", "command": "true", "timeout": "soon"}))
+    invalid.write_text(
+        json.dumps({"name": "x", "command": "true", "timeout": "soon", "retries": -1})
+    )
     code, out, err = run_cli(capsys, "add", invalid, *url)
-    assert code == 1 and "timeout" in err and "HTTP 400" in err
+    assert code == 1 and "timeout: must be a number" in err
+    assert "retries: must be between 0 and 100" in err  # every error, like validate
     assert run_cli(capsys, "add", tmp_path / "missing.json", *url)[0] == 2
 
 
@@ -3940,7 +3946,11 @@ def test_one_cycle_check_everywhere(engines, tmp_path, capsys):
     code, _out, err = run_cli(capsys, "validate", path)
     assert code == 1
     assert "jobs[0].after: depends on itself through a cycle: a -> b -> a" in err
-    engine = engines(jobs=str(path))
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"jobs": [{"name": "a", "command": "true"}]}))
+    engine = engines(jobs=str(good))
+    good.write_text(json.dumps(CYCLE))
+    assert not engine.jobs_file.load()
     api = WsgiClient(make_app(engine), engine)
     result = api.ok("POST", "/api/validate", CYCLE)
     assert result["valid"] is False

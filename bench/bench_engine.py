@@ -161,7 +161,7 @@ def stop_server(proc):
 
 
 def guard_of(proc):
-    """The server's guard child (``python -I -S -c ...``), or None."""
+    """The server's guard child (``minisched-guard``), or None."""
     try:
         children = psutil.Process(proc.pid).children()
     except psutil.Error:
@@ -171,7 +171,7 @@ def guard_of(proc):
             cmd = child.cmdline()
         except psutil.Error:
             continue
-        if "-I" in cmd and "-S" in cmd and "-c" in cmd:
+        if cmd[:1] == ["minisched-guard"]:
             return child
     return None
 

@@ -228,7 +228,7 @@ def find_guard(server_pid: int):
     """``(pid, create_time)`` of the server's guard process, or None."""
     try:
         for child in psutil.Process(server_pid).children():
-            if "-c" in child.cmdline() and "-I" in child.cmdline():
+            if child.cmdline()[:1] == ["minisched-guard"]:
                 return child.pid, child.create_time()
     except psutil.Error:
         pass
