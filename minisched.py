@@ -1236,12 +1236,16 @@ def validate_job(data, server_tz: datetime.tzinfo | None = None) -> dict:
                 ),
             )
     name = data.get("name")
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        bad(
-            "name",
-            "required: 1-64 characters, letters, digits, '_', '.', '-', "
-            "starting with a letter or digit",
-        )
+    rule = (
+        "1-64 characters: letters, digits, '_', '.' and '-', starting with a "
+        "letter or digit"
+    )
+    if name is None:
+        bad("name", "required (" + rule + ")")
+    elif not isinstance(name, str):
+        bad("name", "must be a string of " + rule)
+    elif not _NAME_RE.fullmatch(name):
+        bad("name", f"use {rule} (got {name!r})")
     for key, value in data.items():
         if key in JOB_DEFAULTS:
             # Text first: every other check may assume encodable strings.
@@ -4649,6 +4653,11 @@ def _cron_name(command: str) -> str:
         words = shlex.split(command, comments=True)
     except ValueError:
         words = command.split()
+    if "run-parts" in words:  # the directory is the name: run-parts-cron.daily
+        dirs = [
+            w for w in words[words.index("run-parts") + 1 :] if not w.startswith("-")
+        ]
+        words = ["run-parts", dirs[0].strip(";&|}") if dirs else ""]
     picked, skip_next = [], False
     for word in words:
         word = word.strip(";&|")
@@ -4733,7 +4742,7 @@ def _cron_user(name):
 def _cron_entry(line, system, default_user, env, shell, zone) -> dict:
     """One crontab entry (not an environment line) as a job definition."""
     if line.startswith("@"):
-        macro, _, rest = line.partition(" ")
+        macro, rest = (line.split(None, 1) + [""])[:2]
         macro = macro.lower()
         if macro not in _CRON_MACROS:
             raise InvalidError(
@@ -4750,9 +4759,8 @@ def _cron_entry(line, system, default_user, env, shell, zone) -> dict:
         schedule, rest = " ".join(match.groups()[:5]), match.group(6)
     rest = rest.strip()
     if system:
-        name, _, rest = rest.partition(" ")
+        name, rest = (rest.split(None, 1) + [""])[:2]
         account, home = _cron_user(name)
-        rest = rest.strip()
     else:
         account, home = default_user
     if not rest:
@@ -4764,6 +4772,7 @@ def _cron_entry(line, system, default_user, env, shell, zone) -> dict:
     command, stdin = split_cron_command(rest)
     job_env = {"PATH": CRON_DEFAULT_PATH, "HOME": home, "LOGNAME": account}
     job_env.update(env)
+    home = job_env["HOME"]  # cron starts the command in $HOME
     if shell != "/bin/sh":
         job_env.setdefault("SHELL", shell)
     script = command
@@ -5042,6 +5051,7 @@ a { color: var(--accent); }
 header { display: flex; flex-wrap: wrap; gap: .5rem 1.5rem; align-items: center;
   padding: .6rem 1rem; border-bottom: 1px solid var(--line); background: var(--card); }
 header .brand { font-weight: 700; font-size: 1.1rem; text-decoration: none; color: var(--fg); }
+header .nav { display: flex; gap: .8rem; font-size: .95rem; }
 .counts, .sys { display: flex; flex-wrap: wrap; gap: .3rem 1rem; color: var(--muted); font-size: .9rem; }
 .counts b, .sys b { color: var(--fg); }
 .sys { margin-left: auto; }
@@ -5129,6 +5139,7 @@ summary { cursor: pointer; font-weight: 600; }
 <body>
 <header>
   <a class="brand" href="#/">minisched</a>
+  <nav class="nav"><a href="#/">Jobs</a> <a href="#/upcoming">Upcoming</a></nav>
   <div class="counts" id="counts" aria-live="polite"></div>
   <div class="sys" id="sys"></div>
 </header>
@@ -5501,6 +5512,33 @@ async function runPage(id) {
   onChange = null;
 }
 
+// -- upcoming: every fire of every job in the next hours ------------------------------
+async function upcomingPage() {
+  const main = $("#main");
+  const hoursSel = h("select", { "aria-label": "How far ahead" },
+    [6, 24, 72, 168].map(n => h("option", { value: n }, "next " + (n < 48 ? n + " hours" : n / 24 + " days"))));
+  hoursSel.value = "24";
+  const body = h("tbody");
+  const note = h("p", { class: "muted small" });
+  fill(main, h("h1", null, "Upcoming"), h("div", { class: "toolbar" }, hoursSel), note,
+    h("table", { class: "cards upcoming" },
+      h("thead", null, h("tr", null, ["When", "", "Job", "Zone"].map(t => h("th", { scope: "col" }, t)))), body));
+  const load = async () => {
+    let data;
+    try { data = await api("GET", "/api/upcoming?hours=" + hoursSel.value); } catch (e) { return; }
+    fill(body, ...data.fires.map(f => h("tr", null,
+      h("td", { "data-label": "When" }, abs(f.at)),
+      h("td", { "data-label": "In" }, when(f.at)),
+      h("td", { "data-label": "Job" }, h("a", { href: "#/job/" + encodeURIComponent(f.job) }, f.job)),
+      h("td", { "data-label": "Zone", class: "muted small" }, f.local.slice(0, 16).replace("T", " ") + " " + f.timezone))));
+    if (!data.fires.length) body.append(h("tr", null, h("td", { colspan: 4, class: "muted" }, "Nothing is due in this time.")));
+    note.textContent = data.fires.length + " fires" + (data.truncated ? " (only the first 10000)" : "");
+  };
+  hoursSel.addEventListener("change", load);
+  onChange = load;
+  await load();
+}
+
 // -- editor ---------------------------------------------------------------------------
 const FIELDS = [
   ["name", "text", "Name", "Letters, digits, _ . - (up to 64)", true],
@@ -5701,6 +5739,7 @@ async function route() {
   if (parts[0] === "job" && parts[1]) await jobPage(parts[1]);
   else if (parts[0] === "run" && parts[1]) await runPage(parts[1]);
   else if (parts[0] === "new") await editor(null);
+  else if (parts[0] === "upcoming") await upcomingPage();
   else if (parts[0] === "edit" && parts[1]) await editor(parts[1]);
   else await dashboard();
   document.title = "minisched" + (parts[1] ? " · " + parts[1] : "");
@@ -8430,8 +8469,12 @@ def systemd_unit(serve_args: list, user: str | None = None) -> str:
     the shutdown grace (so running jobs get their grace on ``systemctl
     stop``), a state directory for the database and the token from an
     ``EnvironmentFile``, never inline."""
-    parser = _build_parser()
-    ns = parser.parse_args(["serve", *serve_args])
+    try:
+        ns = _build_parser().parse_args(["serve", *serve_args])
+    except SystemExit:  # argparse said what is wrong
+        raise UsageError(
+            "systemd-unit: give serve flags only (see serve --help)"
+        ) from None
     if ns.token:
         raise UsageError(
             "--token: a unit file must not hold the token; put MINISCHED_TOKEN=... "
@@ -8569,9 +8612,10 @@ def _daemonize(log_file: str | None) -> int:
         with os.fdopen(ready_r, "rb") as pipe:
             word = pipe.read().decode("utf-8", "replace").strip()
         if word.startswith("ok "):
-            print(f"minisched started in the background (pid {word[3:]})")
+            print(f"minisched started in the background (pid {word[3:]})", flush=True)
             os._exit(0)
         print(word or "minisched: the daemon exited before it started", file=sys.stderr)
+        sys.stderr.flush()
         os._exit(1)
     os.close(ready_r)
     os.setsid()

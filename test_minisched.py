@@ -17,6 +17,7 @@ import math
 import os
 import pwd
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -2815,7 +2816,7 @@ def test_client_commands_against_a_live_server(live, tmp_path, capsys, monkeypat
     code, out, _err = run_cli(capsys, "show", "hello", "--json", *url)
     assert code == 0 and json.loads(out)["command"].startswith("echo hello-out")
     code, out, _err = run_cli(capsys, "show", "hello", *url)
-    assert code == 0 and re.search(r"^command +echo hello-out", out, re.M)
+    assert code == 0 and re.search(r"^command +echo hello-out", out, re.MULTILINE)
     code, out, err = run_cli(capsys, "show", "ghost", *url)
     assert code == 1 and "no job named 'ghost'" in err and "HTTP 404" in err
 
@@ -4445,3 +4446,693 @@ def test_soak_two_minutes():
         -4000:
     ]
     assert "FAIL" not in verdicts
+
+
+# -- from cron: import-crontab (issue 10) ----------------------------------------
+
+USER_CRONTAB = r"""# crontab -l of an ordinary user, with every construct cron knows
+SHELL=/bin/bash
+PATH = /usr/local/bin:/usr/bin:/bin
+MAILTO="ops@example.com"
+GREETING='hello world'
+*/15 * * * * /usr/local/bin/poll.sh --quiet
+0 9-17 * * mon-fri cd /srv/app && ./report.sh > /dev/null 2>&1
+30 2 1,15 * * backup --full
+0 0 * jan,jul 7 rotate-logs
+0 12 1 * 1 echo first-or-monday
+0 0 */2 * 1 echo odd-day-monday
+@reboot warm-cache
+@yearly yearly-job
+@annually annually-job
+@monthly monthly-job
+@weekly weekly-job
+@daily daily-job
+@midnight midnight-job
+@hourly hourly-job
+HOME=@HOME@
+5 4 * * * cat > stdin.txt; pwd > cwd.txt; env > env.txt%line one%line two\% and more
+CRON_TZ=America/New_York
+30 2 * * * ny-job
+SHELL=/bin/sh
+0 * * * * echo $0 > shell.txt
+# the lines that cannot be converted
+61 * * * * bad-minute
+0 0 31 2 * never-fires
+* * * * only-four-fields
+@often unknown-macro
+0 5 * * *
+"""
+
+SYSTEM_CRONTAB = """# /etc/crontab: system-wide crontab
+SHELL=/bin/sh
+PATH=/usr/local/sbin:/usr/local/bin:/sbin:/bin:/usr/sbin:/usr/bin
+17 *\t* * *\troot    cd / && run-parts --report /etc/cron.hourly
+25 6\t* * *\troot\ttest -x /usr/sbin/anacron || { cd / && run-parts --report /etc/cron.daily; }
+47 6\t* * 7\troot\ttest -x /usr/sbin/anacron || { cd / && run-parts --report /etc/cron.weekly; }
+52 6\t1 * *\troot\ttest -x /usr/sbin/anacron || { cd / && run-parts --report /etc/cron.monthly; }
+*/5 * * * * nobody /usr/bin/true
+@reboot root /usr/local/bin/at-boot
+0 0 * * * nosuchuser /bin/true
+0 0 * * * root
+"""
+
+_CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
+_CRON_WORDS = (
+    None,
+    None,
+    None,
+    [
+        "jan",
+        "feb",
+        "mar",
+        "apr",
+        "may",
+        "jun",
+        "jul",
+        "aug",
+        "sep",
+        "oct",
+        "nov",
+        "dec",
+    ],
+    ["sun", "mon", "tue", "wed", "thu", "fri", "sat"],
+)
+_CRON_SPECIALS = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+
+
+def _cron_set(text, index):
+    """The values a cron field stands for, as Vixie cron reads it."""
+    low, high = _CRON_RANGES[index]
+    words = _CRON_WORDS[index]
+    values = set()
+    for part in text.lower().split(","):
+        base, _, step = part.partition("/")
+        if base == "*":
+            first, last = low, high
+        else:
+            ends = [
+                (words.index(v) + (1 if index == 3 else 0))
+                if words and v in words
+                else int(v)
+                for v in base.split("-")
+            ]
+            first, last = ends[0], ends[-1]
+            if step:
+                last = last if "-" in base else high
+        values.update(range(first, last + 1, int(step or 1)))
+    if index == 4 and 7 in values:
+        values.add(0)
+    return values
+
+
+def reference_cron(expr, after, tz, n):
+    """The next ``n`` fire times of a 5-field cron expression strictly after
+    ``after``, computed as Vixie/Debian cron does (day of month and day of
+    week OR-ed only when neither field starts with ``*``), for a window with
+    no daylight-saving change."""
+    fields = _CRON_SPECIALS.get(expr, expr).split()
+    minutes, hours, doms, months, dows = (_cron_set(f, i) for i, f in enumerate(fields))
+    star = fields[2].startswith("*") or fields[4].startswith("*")
+    day = datetime.datetime.fromtimestamp(after, tz).date()
+    out = []
+    while len(out) < n:
+        dom_ok, dow_ok = day.day in doms, (day.isoweekday() % 7) in dows
+        if day.month in months and (
+            (dom_ok and dow_ok) if star else (dom_ok or dow_ok)
+        ):
+            for hour in sorted(hours):
+                for minute in sorted(minutes):
+                    moment = datetime.datetime(
+                        day.year, day.month, day.day, hour, minute, tzinfo=tz
+                    )
+                    if moment.timestamp() > after and len(out) < n:
+                        out.append(moment.timestamp())
+        day += datetime.timedelta(days=1)
+    return out
+
+
+def converted(text, tmp_path, **kwargs):
+    text = text.replace("@HOME@", str(tmp_path))
+    return minisched.parse_crontab(text, **kwargs)
+
+
+def test_a_user_crontab_keeps_cron_meaning(tmp_path):
+    jobs, problems = converted(USER_CRONTAB, tmp_path)
+    me = pwd.getpwuid(os.geteuid())
+    by = {job["description"].split(": ", 1)[1]: job for job in jobs}
+    assert len(jobs) == 17
+    assert len({job["name"] for job in jobs}) == 17  # unique, valid
+    poll = by["*/15 * * * * /usr/local/bin/poll.sh --quiet"]
+    assert poll["name"] == "poll.sh"
+    assert poll["command"] == ["/bin/bash", "-c", "/usr/local/bin/poll.sh --quiet"]
+    assert poll["env"] == {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": me.pw_dir,
+        "LOGNAME": me.pw_name,
+        "SHELL": "/bin/bash",
+        "MAILTO": "ops@example.com",
+        "GREETING": "hello world",
+    }
+    assert poll["cwd"] == me.pw_dir and "user" not in poll
+    assert poll["concurrency"] == "allow" and poll["leftovers"] == "keep"
+    assert (
+        by["0 9-17 * * mon-fri cd /srv/app && ./report.sh > /dev/null 2>&1"]["name"]
+        == "report.sh"
+    )
+    assert by["@reboot warm-cache"]["schedule"] == "@reboot"
+    ny = by["30 2 * * * ny-job"]
+    assert (
+        ny["timezone"] == "America/New_York"
+        and ny["env"]["CRON_TZ"] == "America/New_York"
+    )
+    sh = by["0 * * * * echo $0 > shell.txt"]
+    assert sh["command"] == "echo $0 > shell.txt"  # SHELL=/bin/sh: the default
+    # Every schedule fires as cron does (a window with no DST change).
+    after = ts("2026-12-01T00:00:00+00:00")
+    for line, job in by.items():
+        if job["schedule"] == "@reboot":
+            continue
+        tz = zoneinfo.ZoneInfo(job["timezone"]) if job.get("timezone") else UTC
+        ours = next_fire_times(job["schedule"], 6, tz, after)
+        assert ours == reference_cron(job["schedule"], after, tz, 6), line
+    assert [n for n, _ in problems] == [27, 28, 29, 30, 31]
+    reasons = dict(problems)
+    assert "minute field allows 0-59, got 61" in reasons[27]
+    assert "can never fire" in reasons[28]
+    assert "too few fields" in reasons[29]
+    assert "unknown special string '@often'" in reasons[30]
+    assert "too few fields" in reasons[31]
+
+
+def test_a_converted_job_gets_what_cron_gives(harness, tmp_path):
+    jobs, _problems = converted(USER_CRONTAB, tmp_path)
+    [job] = [j for j in jobs if j["schedule"] == "5 4 * * *"]
+    assert job["cwd"] == str(tmp_path)
+    h = harness()
+    h.sched.put_job(validate_job(job))
+    run = h.sched.trigger(job["name"])
+    h.wait_idle()
+    assert h.store.get_run(run["id"])["status"] == "succeeded"
+    assert (tmp_path / "stdin.txt").read_text() == "line one\nline two% and more"
+    assert (tmp_path / "cwd.txt").read_text().strip() == str(tmp_path)
+    env = dict(
+        line.split("=", 1)
+        for line in (tmp_path / "env.txt").read_text().splitlines()
+        if "=" in line
+    )
+    assert env["PATH"] == "/usr/local/bin:/usr/bin:/bin"
+    assert env["MAILTO"] == "ops@example.com" and env["HOME"] == str(tmp_path)
+    assert env["SHELL"] == "/bin/bash"
+
+
+def test_a_system_crontab_runs_each_line_as_its_user(tmp_path, capsys):
+    path = tmp_path / "crontab"
+    path.write_text(SYSTEM_CRONTAB)
+    code, out, err = run_cli(capsys, "import-crontab", "--system", path)
+    assert code == 1
+    jobs = {job["name"]: job for job in json.loads(out)["jobs"]}
+    assert sorted(jobs) == [
+        "at-boot",
+        "run-parts-cron.daily",
+        "run-parts-cron.hourly",
+        "run-parts-cron.monthly",
+        "run-parts-cron.weekly",
+        "true",
+    ]
+    daily = jobs["run-parts-cron.daily"]
+    assert daily["user"] == "root" and daily["schedule"] == "25 6 * * *"
+    assert daily["command"] == (
+        "test -x /usr/sbin/anacron || { cd / && run-parts --report /etc/cron.daily; }"
+    )
+    assert daily["env"]["PATH"].startswith("/usr/local/sbin:")
+    assert jobs["true"]["user"] == "nobody"
+    assert f"{path}:10: not converted: unknown user 'nosuchuser'" in err
+    assert f"{path}:11: not converted:" in err
+    assert run_cli(capsys, "validate", _written(tmp_path, out))[0] == 0
+    # Stable from run to run: the same file gives the same names.
+    assert run_cli(capsys, "import-crontab", "--system", path)[1] == out
+
+
+def _written(tmp_path, text):
+    path = tmp_path / "converted.json"
+    path.write_text(text)
+    return path
+
+
+def test_import_crontab_applies_to_a_running_server(
+    live, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.delenv("MINISCHED_TOKEN", raising=False)
+    srv = live()
+    path = tmp_path / "crontab"
+    path.write_text("0 3 * * * /bin/true\n@daily /bin/date\n")
+    code, out, err = run_cli(
+        capsys, "import-crontab", "--apply", "--url", srv.url, path
+    )
+    assert code == 0, err
+    assert out.splitlines()[0] == "created: 2 (true, date)"
+    code, out, _err = run_cli(
+        capsys, "import-crontab", "--apply", "--url", srv.url, path
+    )
+    assert "unchanged: 2" in out
+    assert srv.ok("GET", "/api/jobs/true")["schedule"] == "0 3 * * *"
+
+
+def test_cron_percent_rule():
+    split = minisched.split_cron_command
+    assert split("echo a") == ("echo a", None)
+    assert split("mail root%Hi%there") == ("mail root", "Hi\nthere")
+    assert split(r"date +\%F%") == ("date +%F", "")
+    assert split(r"printf 'a\%b'%x\%y%z") == ("printf 'a%b'", "x%y\nz")
+
+
+# -- running as a service (issue 10) ---------------------------------------------
+
+
+@pytest.mark.skipif(
+    not shutil.which("systemd-analyze"),
+    reason="systemd-analyze missing (apt install systemd)",
+)
+def test_the_systemd_unit_passes_systemd_analyze_verify(tmp_path, capsys):
+    code, out, _err = run_cli(
+        capsys,
+        "systemd-unit",
+        "--user",
+        "root",
+        "--jobs",
+        "/etc/minisched/jobs.json",
+        "--shutdown-grace",
+        "60",
+    )
+    assert code == 0
+    assert (
+        f"ExecStart={sys.executable} {os.path.join(HERE, 'minisched.py')} serve " in out
+    )
+    assert (
+        "--db /var/lib/minisched/minisched.db" in out
+        and "StateDirectory=minisched" in out
+    )
+    assert "Restart=on-failure" in out and "KillMode=mixed" in out
+    assert "TimeoutStopSec=75" in out  # above the 60 s grace
+    assert "EnvironmentFile=-/etc/minisched/env" in out and "User=root" in out
+    unit = tmp_path / "minisched.service"
+    unit.write_text(out)
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert verify.returncode == 0, verify.stderr
+    code, _out, err = run_cli(capsys, "systemd-unit", "--token", "t0ps3cret")
+    assert code == 2 and "EnvironmentFile" not in err and "/etc/minisched/env" in err
+    assert run_cli(capsys, "systemd-unit", "--bogus-flag")[0] == 2
+
+
+def run_cmd(*args, timeout=30, env=None):
+    environ = dict(os.environ, **(env or {}))
+    environ.pop("PYTHONUNBUFFERED", None)
+    return subprocess.run(
+        [sys.executable, os.path.join(HERE, "minisched.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environ,
+        check=False,
+    )
+
+
+def test_a_daemon_detaches_holds_its_pidfile_and_shuts_down(tmp_path):
+    pidfile, logfile = tmp_path / "m.pid", tmp_path / "m.log"
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(
+        json.dumps(
+            [{"name": "tick", "command": "echo tick", "schedule": "* * * * * *"}]
+        )
+    )
+    serve = ("serve", "--db", tmp_path / "m.db", "--port", "0", "--jobs", jobs)
+    flags = (
+        "--pidfile",
+        pidfile,
+        "--log-file",
+        logfile,
+        "--log-max-bytes",
+        1024,
+        "--log-backups",
+        2,
+    )
+    started = run_cmd(*serve, "--daemon", *flags)
+    assert started.returncode == 0, started.stderr
+    pid = int(pidfile.read_text())
+    assert started.stdout.strip() == f"minisched started in the background (pid {pid})"
+    daemon = psutil.Process(pid)
+    assert daemon.ppid() != os.getpid()  # detached: not our child
+    assert os.getsid(pid) == pid or os.getsid(pid) != os.getsid(0)
+    assert "minisched.py serve" in " ".join(daemon.cmdline())
+    guard = [c for c in daemon.children() if c.cmdline()[:1] == ["minisched-guard"]]
+    assert len(guard) == 1
+    again = run_cmd(*serve, "--daemon", *flags)
+    assert (
+        again.returncode == 2
+        and f"held by a running minisched (pid {pid})" in again.stderr
+    )
+    wait_for(lambda: (tmp_path / "m.log.1").exists(), 20)  # rotated at 1 KiB
+    rotated = (tmp_path / "m.log.1").read_text()
+    assert "INFO run " in rotated and len(rotated) <= 1024 + 200
+    stopped = run_cmd("shutdown", "--pidfile", pidfile, "--timeout", 20)
+    assert stopped.returncode == 0 and f"(pid {pid}) stopped" in stopped.stdout
+    assert not pidfile.exists() and gone(pid)
+    assert run_cmd("shutdown", "--pidfile", pidfile).returncode == 0  # not running
+
+
+def test_shutdown_says_when_the_server_does_not_stop(tmp_path):
+    pidfile = tmp_path / "m.pid"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import fcntl, os, signal, sys, time\n"
+                "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                f"fd = os.open({str(pidfile)!r}, os.O_RDWR | os.O_CREAT)\n"
+                "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                "os.write(fd, b'%d\\n' % os.getpid()); print('ready', flush=True)\n"
+                "time.sleep(60)\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout.readline() == b"ready\n"
+        result = run_cmd("shutdown", "--pidfile", pidfile, "--timeout", 0.5)
+        assert result.returncode == 1 and "still running after 0.5s" in result.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
+def test_ps_shows_the_server_and_the_guard_by_name(tmp_path):
+    server = start_serve(tmp_path)
+    try:
+        wait_for(lambda: serve_port(server))
+        process = psutil.Process(server.pid)
+        args = [a for a in process.cmdline() if a]
+        assert args[1:3] == [os.path.join(HERE, "minisched.py"), "serve"]
+        guard = wait_for(
+            lambda: [
+                c for c in process.children() if c.cmdline()[:1] == ["minisched-guard"]
+            ]
+        )
+        assert guard[0].memory_info().rss < 5 << 20  # a shell, not an interpreter
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(10) == 0
+    finally:
+        server.kill()
+        server.stdout.close()
+
+
+def test_serve_refuses_an_invalid_jobs_file_with_nothing_stored(tmp_path):
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(
+        json.dumps(
+            [
+                {"name": "a", "schedule": "@sometimes", "command": "true"},
+                {"name": "b", "timeout": -1, "command": "true"},
+            ]
+        )
+    )
+    result = run_cmd("serve", "--db", tmp_path / "m.db", "--port", 0, "--jobs", jobs)
+    assert result.returncode == 2
+    assert "jobs[0].schedule:" in result.stderr and "jobs[1].timeout:" in result.stderr
+    # With earlier definitions from that file stored, it starts with those.
+    jobs.write_text(
+        json.dumps([{"name": "a", "schedule": "@daily", "command": "true"}])
+    )
+    engine = Engine(
+        Config(db=str(tmp_path / "m.db"), jobs=str(jobs), timezone="UTC")
+    ).start()
+    engine.shutdown(2)
+    jobs.write_text("{not json")
+    server = start_serve(tmp_path, "--jobs", str(jobs))
+    try:
+        port = wait_for(lambda: serve_port(server))
+        status = api_call(port, "GET", "/api/status")[1]
+        assert "invalid JSON" in status["jobs_file"]["error"]
+        assert status["counts"]["jobs"] == 1
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(10) == 0
+        assert any(
+            "WARNING jobs file not loaded, its previous definitions keep running"
+            in line
+            for line in _SERVE_LINES[server.pid]
+        )
+    finally:
+        server.kill()
+        server.stdout.close()
+
+
+def test_a_backup_taken_while_runs_are_written(tmp_path, capsys):
+    db = tmp_path / "live.db"
+    engine = Engine(Config(db=str(db), timezone="UTC")).start()
+    try:
+        engine.scheduler.put_job(
+            validate_job(
+                {
+                    "name": "busy",
+                    "command": "seq 1 2000",
+                    "schedule": "* * * * * *",
+                    "concurrency": "allow",
+                }
+            )
+        )
+        wait_for(lambda: engine.store.list_runs(limit=1)[1] >= 3)
+        for n in range(3):
+            code, out, err = run_cli(
+                capsys, "backup", tmp_path / f"copy{n}.db", "--db", db
+            )
+            assert code == 0, err
+            assert "integrity ok" in out
+    finally:
+        engine.shutdown(2)
+    copy = tmp_path / "copy2.db"
+    conn = sqlite3.connect(str(copy))
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    kept = conn.execute(
+        "SELECT count(*) FROM runs WHERE status = 'succeeded'"
+    ).fetchone()[0]
+    conn.close()
+    assert kept >= 1
+    restored = Engine(Config(db=str(copy), timezone="UTC")).start()
+    try:
+        assert restored.scheduler.get_job("busy") is not None
+        assert (
+            restored.store.list_runs(job="busy", status="succeeded", limit=1)[1] >= kept
+        )
+    finally:
+        restored.shutdown(2)
+    assert (
+        run_cli(capsys, "backup", tmp_path / "x.db", "--db", tmp_path / "none.db")[0]
+        == 2
+    )
+
+
+# -- daily use from the shell (issue 10) -----------------------------------------
+
+
+def test_runs_upcoming_list_and_logs_for_humans(live, capsys, monkeypatch):
+    monkeypatch.delenv("MINISCHED_TOKEN", raising=False)
+    srv = live()
+    url = ("--url", srv.url)
+    srv.ok(
+        "POST",
+        "/api/jobs",
+        {
+            "name": "often",
+            "command": "echo hi; exit 3",
+            "schedule": "0 */6 * * *",
+            "timezone": "Asia/Tokyo",
+        },
+        201,
+    )
+    srv.ok(
+        "POST",
+        "/api/jobs",
+        {"name": "daily", "command": "true", "schedule": "@daily"},
+        201,
+    )
+    run = srv.ok("POST", "/api/jobs/often/run", status=202)
+    srv.wait_run(run["id"])
+    code, out, _err = run_cli(capsys, "runs", *url)
+    header, row = out.splitlines()[:2]
+    assert header.split() == [
+        "ID",
+        "JOB",
+        "STATUS",
+        "TRIGGER",
+        "STARTED",
+        "DURATION",
+        "EXIT",
+    ]
+    assert row.split()[:4] == [str(run["id"]), "often", "failed", "manual"]
+    assert row.split()[-1] == "3"
+    code, out, _err = run_cli(capsys, "runs", "often", "--status", "succeeded", *url)
+    assert out.splitlines()[1:] == []
+    code, out, _err = run_cli(capsys, "list", *url)
+    line = next(ln for ln in out.splitlines() if ln.startswith("often"))
+    assert " JST (in " in line  # the next run in the job's own zone, and how soon
+    code, out, _err = run_cli(capsys, "upcoming", "--hours", 24, *url)
+    rows = out.splitlines()[1:]
+    assert [r.split()[-1] for r in rows].count("often") == 4
+    assert [r.split()[-1] for r in rows].count("daily") == 1
+    upcoming = srv.ok("GET", "/api/upcoming?hours=24")
+    times = [f["at"] for f in upcoming["fires"]]
+    assert times == sorted(times) and len(times) == 5
+    assert srv.request("GET", "/api/upcoming?hours=0")[0] == 400
+    code, out, _err = run_cli(capsys, "logs", run["id"], "--json", *url)
+    chunks = json.loads(out)["chunks"]
+    assert chunks[0]["text"] == "hi\n" and chunks[0]["stream"] == "stdout"
+    code, out, _err = run_cli(capsys, "show", "often", *url)
+    assert re.search(
+        r"^next run +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d JST \(in ", out, re.MULTILINE
+    )
+    assert re.search(r"^last run +#\d+ failed", out, re.MULTILINE)
+    code, out, _err = run_cli(capsys, "status", *url)
+    assert re.search(r"^jobs +2 \(0 paused\)", out, re.MULTILINE)
+
+
+def test_a_busy_job_from_the_cli_says_force(live, capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv("MINISCHED_TOKEN", raising=False)
+    srv = live()
+    srv.ok(
+        "POST",
+        "/api/jobs",
+        {"name": "hang", "command": blocking_command(tmp_path), "kill_grace": 1},
+        201,
+    )
+    run = srv.ok("POST", "/api/jobs/hang/run", status=202)
+    srv.wait_running(run["id"])
+    code, _out, err = run_cli(capsys, "trigger", "hang", "--url", srv.url)
+    assert code == 1 and "--force" in err and "?force=1" not in err
+    srv.ok("POST", "/api/jobs/hang/stop")
+
+
+def test_ctrl_c_while_following_leaves_the_run_going(live, tmp_path):
+    srv = live()
+    srv.ok(
+        "POST",
+        "/api/jobs",
+        {"name": "slow", "command": "echo started; sleep 30", "kill_grace": 1},
+        201,
+    )
+    env = dict(os.environ)
+    env.pop("PYTHONUNBUFFERED", None)
+    follower = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(HERE, "minisched.py"),
+            "trigger",
+            "slow",
+            "--follow",
+            "--url",
+            srv.url,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        # As from a terminal: a shell running this in the background ignores SIGINT.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert follower.stdout.readline() == b"started\n"
+        follower.send_signal(signal.SIGINT)
+        _out, err = follower.communicate(timeout=10)
+        assert follower.returncode == 130
+        assert b"Traceback" not in err
+        assert err.decode().strip().startswith("stopped following run ")
+        assert b"goes on" in err
+    finally:
+        follower.kill()
+        follower.stdout.close()
+        follower.stderr.close()
+    [run] = srv.ok("GET", "/api/jobs/slow/runs")["runs"]
+    assert run["status"] == "running"
+    srv.ok("POST", "/api/jobs/slow/stop")
+
+
+def test_next_says_what_a_schedule_does_in_words(capsys):
+    code, out, err = run_cli(capsys, "next", "@reboot")
+    assert code == 0 and out == "" and "fires once each time the server starts" in err
+    code, out, err = run_cli(capsys, "next", "@at 2020-01-01T00:00:00Z")
+    assert code == 0 and "will not fire: the time has passed" in err
+    code, out, err = run_cli(capsys, "next", "@every 5m", "-n", 2)
+    assert code == 0 and "every 5 minutes" in err
+    assert all(
+        re.fullmatch(r"\S+T\d\d:\d\d:\d\d[+-]\d\d:\d\d  \S+\.000Z", line)
+        for line in out.splitlines()
+    )
+    code, _out, err = run_cli(capsys, "next", "0", "9", "*", "*", "1")
+    assert code == 2 and "quote the expression" in err and "next '0 9 * * 1'" in err
+    code, _out, err = run_cli(capsys, "next", "61 * * * *")
+    assert code == 2 and "the minute field allows 0-59, got 61" in err
+    code, _out, err = run_cli(capsys, "next", "0 0 31 2 *")
+    assert code == 2 and "can never fire" in err
+    code, _out, err = run_cli(capsys, "next", "* * * * * * *")
+    assert code == 2 and "5 cron fields" in err
+
+
+def test_messages_name_what_is_valid():
+    with pytest.raises(InvalidError) as caught:
+        validate_job({"name": "my job", "command": "true"})
+    assert (
+        "letters, digits" in caught.value.message and "'my job'" in caught.value.message
+    )
+    with pytest.raises(InvalidError) as caught:
+        validate_job({"command": "true"})
+    assert caught.value.message.startswith("name: required")
+    with pytest.raises(InvalidError) as caught:
+        validate_job({"name": "x", "command": "true", "schedule": "0 25 * * *"})
+    assert "the hour field allows 0-23, got 25" in caught.value.message
+    with pytest.raises(InvalidError) as caught:
+        validate_job({"name": "x", "command": "true", "schedule": "0 0 * 13 *"})
+    assert "the month field allows 1-12 or jan-dec, got 13" in caught.value.message
+
+
+def test_validate_takes_what_add_takes(tmp_path, capsys):
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"name": "solo", "command": "true"}))
+    code, out, _err = run_cli(capsys, "validate", one)
+    assert code == 0 and out.strip() == f"{one}: 1 job, valid"
+    one.write_text(
+        json.dumps({"name": "solo", "command": "true", "timeout": -1, "kind": "ftp"})
+    )
+    code, _out, err = run_cli(capsys, "validate", one)
+    assert code == 1 and "timeout: must be" in err and "kind: must be one of" in err
+
+
+def test_page_lists_upcoming_fires(browser, site):
+    engine, url = site
+    for name, schedule in (("quarter", "*/15 * * * *"), ("nightly", "@daily")):
+        engine.scheduler.put_job(
+            validate_job({"name": name, "command": "true", "schedule": schedule})
+        )
+    page, errors = open_page(browser, url + "#/upcoming")
+    page.wait_for_selector("table.upcoming tbody tr td a")
+    jobs = page.eval_on_selector_all(
+        "table.upcoming tbody td a", "els => els.map(e => e.textContent)"
+    )
+    assert jobs.count("quarter") in (95, 96, 97) and jobs.count("nightly") == 1
+    page.select_option("select[aria-label='How far ahead']", "6")
+    page.wait_for_function(
+        "document.querySelectorAll('table.upcoming tbody tr').length < 30"
+    )
+    shot(page, "upcoming")
+    assert not errors
