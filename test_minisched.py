@@ -5006,7 +5006,7 @@ def test_runs_upcoming_list_and_logs_for_humans(live, capsys, monkeypatch):
     )
     assert re.search(r"^last run +#\d+ failed", out, re.MULTILINE)
     code, out, _err = run_cli(capsys, "status", *url)
-    assert re.search(r"^jobs +2 \(0 paused\)", out, re.MULTILINE)
+    assert code == 0 and re.search(r"^jobs +2 \(0 paused\)", out, re.MULTILINE)
 
 
 def test_a_busy_job_from_the_cli_says_force(live, capsys, monkeypatch, tmp_path):
@@ -5035,21 +5035,24 @@ def test_ctrl_c_while_following_leaves_the_run_going(live, tmp_path):
     )
     env = dict(os.environ)
     env.pop("PYTHONUNBUFFERED", None)
+    # As from a terminal: a shell running the tests in the background makes
+    # its children ignore SIGINT, so the follower restores Python's handler.
+    restore = (
+        "import runpy, signal, sys; "
+        "signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "sys.argv.pop(0); runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
     follower = subprocess.Popen(
         [
             sys.executable,
+            "-c",
+            restore,
             os.path.join(HERE, "minisched.py"),
-            "trigger",
-            "slow",
-            "--follow",
-            "--url",
-            srv.url,
+            *("trigger", "slow", "--follow", "--url", srv.url),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
-        # As from a terminal: a shell running this in the background ignores SIGINT.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert follower.stdout.readline() == b"started\n"
