@@ -103,12 +103,17 @@ except ImportError as exc:  # said in one line below, never as a traceback
 else:
     _IMPORT_ERROR = None
 
+#: The public surface, for programs that embed minisched (see README,
+#: "Embedding"): build an :class:`Engine`, ``start()`` it, manage jobs and read
+#: runs through its methods, serve it with :func:`serve_engine` or mount it with
+#: :func:`wsgi_app`, ``shutdown()`` it.  The rest is importable but internal.
 __all__ = [
     "Api",
     "Config",
     "ConflictError",
     "Engine",
     "EventBus",
+    "HttpServer",
     "InvalidError",
     "Job",
     "MinischedError",
@@ -117,10 +122,14 @@ __all__ = [
     "Schedule",
     "Scheduler",
     "Store",
+    "UnavailableError",
     "main",
     "make_app",
     "next_fire_times",
+    "parse_crontab",
+    "serve_engine",
     "validate_job",
+    "wsgi_app",
 ]
 
 log = logging.getLogger("minisched")
@@ -4900,9 +4909,25 @@ class Hooks:
 class Engine:
     """Everything but HTTP: store, bus, runner, scheduler, jobs file and hooks,
     wired together.  ``start()`` repairs what a crashed server left behind
-    first.  Used by ``serve`` and by tests."""
+    first.  Used by ``serve``, by tests, and by programs that embed minisched::
 
-    def __init__(self, config: Config, clock=time.time):
+        engine = Engine(db="jobs.db", timezone="UTC").start()
+        engine.add_job({"name": "hello", "command": "echo hi", "schedule": "@hourly"})
+        run = engine.wait(engine.trigger("hello")["id"])
+        engine.shutdown()
+
+    Settings are a :class:`Config` or its fields as keywords.  The methods
+    below ``start`` may be called from any thread (each is documented); they
+    validate as the API does and raise :class:`InvalidError`,
+    :class:`NotFoundError`, :class:`ConflictError` or
+    :class:`UnavailableError`.  To serve the API and page, see
+    :func:`serve_engine` and :func:`wsgi_app`."""
+
+    def __init__(self, config: Config | None = None, clock=time.time, **settings):
+        if config is None:
+            config = Config(**settings)
+        elif settings:
+            raise TypeError("give a Config or settings, not both")
         self.config = config
         self.started_at = clock()
         self.tz = config.zone()
@@ -5002,7 +5027,98 @@ class Engine:
                 self.hooks.fire("on_failure", run_public(row), job)
         return rows
 
+    # -- the embedding surface (any thread) ------------------------------------
+
+    def add_job(self, definition: dict) -> Job:
+        """Create a job (validated as ``POST /api/jobs``); ConflictError if
+        the name is taken."""
+        return self.scheduler.put_job(
+            validate_job(definition, self.tz), "api", create_only=True
+        )
+
+    def update_job(self, name: str, changes: dict) -> Job:
+        """Change some fields of a job (``PATCH``: None resets a field)."""
+        job = self.scheduler.get_job(name)
+        if job is None:
+            raise NotFoundError(f"no job named {name!r}", "name")
+        definition = dict(job.definition)
+        for key, value in changes.items():
+            if value is None:
+                definition.pop(key, None)
+            else:
+                definition[key] = value
+        if definition.get("name") != name:
+            raise InvalidError("name: cannot be changed", "name")
+        return self.scheduler.put_job(validate_job(definition, self.tz), job.source)
+
+    def remove_job(self, name: str, purge=False, force=False) -> None:
+        """Delete a job (see :meth:`Scheduler.remove_job`)."""
+        self.scheduler.remove_job(name, purge=purge, force=force)
+
+    def trigger(self, name: str, force=False) -> dict:
+        """Run a job now; returns the new run (status ``queued``)."""
+        return self.scheduler.trigger(name, force=force)
+
+    def pause(self, name: str) -> None:
+        self.scheduler.set_paused(name, True)
+
+    def resume(self, name: str) -> None:
+        self.scheduler.set_paused(name, False)
+
+    def stop(self, name: str) -> int:
+        """Stop a job's active runs (``cancelled``); returns how many."""
+        return self.runner.stop_job(name)
+
+    def jobs(self) -> list:
+        """Every job's definition, by name."""
+        return [job.public() for job in self.scheduler.jobs()]
+
+    def run(self, run_id: int) -> dict | None:
+        """One run as the API shows it, or None."""
+        self.store.flush()
+        row = self.store.get_run(run_id)
+        return run_public(row) if row else None
+
+    def runs(self, job=None, status=None, limit=50) -> list:
+        """Runs, newest first (``job`` and ``status`` filter)."""
+        self.store.flush()
+        rows, _total = self.store.list_runs(job=job, status=status, limit=limit)
+        return [run_public(row) for row in rows]
+
+    def log(self, run_id: int) -> str:
+        """A run's stored output as text."""
+        self.store.flush()
+        return "".join(c["text"] for c in self.store.get_chunks(run_id))
+
+    def subscribe(self, kinds=("run",), maxsize=10000) -> Subscription:
+        """A queue of ``(kind, data)`` events: ``run`` (the run JSON on every
+        change), ``job``, ``log`` (output chunks).  Read it with ``.get(timeout)``
+        from your own thread; ``.close()`` when done.  One that falls
+        ``maxsize`` behind is marked ``lagged`` and gets nothing more."""
+        wanted = frozenset(kinds)
+        return self.bus.subscribe(maxsize, lambda kind, _data: kind in wanted)
+
+    def wait(self, run_id: int, timeout: float = 60.0) -> dict:
+        """Block until run ``run_id`` has ended; returns it (TimeoutError
+        after ``timeout``).  Not from an engine thread."""
+        sub = self.subscribe(("run",))
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                run = self.run(run_id)
+                if run is not None and run["status"] not in ACTIVE_STATUSES:
+                    return run
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"run {run_id} still {run and run['status']}")
+                sub.get(min(left, 1.0))
+        finally:
+            sub.close()
+
     def shutdown(self, grace=None) -> None:
+        """Stop scheduling, give running jobs ``grace`` seconds (default
+        ``shutdown_grace``), stop the rest and close the database.  Call it
+        once, from the thread that started the engine."""
         grace = self.config.shutdown_grace if grace is None else grace
         if self.jobs_file:
             self.jobs_file.stopping.set()
@@ -5271,6 +5387,9 @@ async function refreshStatus() {
 }
 
 // -- live updates ---------------------------------------------------------------------
+// Every route() starts a new view; a page checks that its view is still the
+// current one after each await, so a late answer never redraws another page.
+let view = 0;
 let events = null, refreshTimer = null, onChange = null;
 function connectEvents() {
   if (events) events.close();
@@ -5315,9 +5434,11 @@ async function dashboard() {
     if (!rows.length) body.append(h("tr", null, h("td", { colspan: 6, class: "muted" },
       all.length ? "No job matches the filters." : "No jobs yet. Create one with “New job”.")));
   };
+  const v = view;
   const load = async () => {
     let data;
     try { data = await api("GET", "/api/jobs"); } catch (e) { return; }
+    if (v !== view) return;
     all = data.jobs;
     const tags = [...new Set(all.flatMap(j => j.tags || []))].sort();
     const keep = filters.tag;
@@ -5381,14 +5502,17 @@ function jobRow(j) {
 async function jobPage(name) {
   const main = $("#main");
   let j;
+  const v = view;
   try { j = await api("GET", "/api/jobs/" + encodeURIComponent(name)); }
-  catch (e) { fill(main, h("h1", null, "Job"), h("p", { class: "error-box" }, e.message)); return; }
+  catch (e) { if (v === view) fill(main, h("h1", null, "Job"), h("p", { class: "error-box" }, e.message)); return; }
+  if (v !== view) return;
   const runsBox = h("div"), chartBox = h("div"), nextBox = h("ol", { class: "preview" });
   const cursors = [];
   let before = null;
   const loadRuns = async () => {
     const q = "?limit=20" + (before ? "&before=" + before : "");
     const data = await api("GET", "/api/jobs/" + encodeURIComponent(name) + "/runs" + q);
+    if (v !== view) return;
     const table = h("table", { class: "cards" },
       h("thead", null, h("tr", null, ["Run", "Status", "Trigger", "Attempt", "Started", "Duration", "Exit", "CPU", "Peak memory"].map(t => h("th", { scope: "col" }, t)))),
       h("tbody", null, data.runs.map(r => h("tr", null,
@@ -5422,7 +5546,7 @@ async function jobPage(name) {
       if (!data.times.length) fill(nextBox, h("li", { class: "muted" }, "none"));
     } catch (e) { fill(nextBox, h("li", { class: "error-box" }, e.message)); }
   };
-  const reload = async () => { try { j = await api("GET", "/api/jobs/" + encodeURIComponent(name)); } catch (e) { return; } draw(); loadRuns(); };
+  const reload = async () => { try { j = await api("GET", "/api/jobs/" + encodeURIComponent(name)); } catch (e) { return; } if (v !== view) return; draw(); loadRuns(); };
   const draw = () => fill(main, 
     h("p", { class: "small" }, h("a", { href: "#/" }, "← Jobs")),
     h("h1", null, j.name, " ", j.paused ? h("span", { class: "badge s-skipped" }, "paused") : null,
@@ -5463,10 +5587,11 @@ function durationChart(runs) {
 // -- run page: live log ---------------------------------------------------------------
 let stream = null;
 async function runPage(id) {
-  const main = $("#main");
+  const main = $("#main"), v = view;
   let run;
   try { run = await api("GET", "/api/runs/" + id); }
-  catch (e) { fill(main, h("h1", null, "Run"), h("p", { class: "error-box" }, e.message)); return; }
+  catch (e) { if (v === view) fill(main, h("h1", null, "Run"), h("p", { class: "error-box" }, e.message)); return; }
+  if (v !== view) return;
   const head = h("div"), log = h("pre", { class: "log", id: "log", tabindex: "0", "aria-label": "Run output" });
   const conn = h("span", { class: "muted small", role: "status" });
   const jump = h("button", { type: "button", class: "hidden", onclick: () => { follow = true; log.scrollTop = log.scrollHeight; jump.classList.add("hidden"); } }, "↓ New output");
@@ -5514,7 +5639,7 @@ async function runPage(id) {
 
 // -- upcoming: every fire of every job in the next hours ------------------------------
 async function upcomingPage() {
-  const main = $("#main");
+  const main = $("#main"), v = view;
   const hoursSel = h("select", { "aria-label": "How far ahead" },
     [6, 24, 72, 168].map(n => h("option", { value: n }, "next " + (n < 48 ? n + " hours" : n / 24 + " days"))));
   hoursSel.value = "24";
@@ -5526,6 +5651,7 @@ async function upcomingPage() {
   const load = async () => {
     let data;
     try { data = await api("GET", "/api/upcoming?hours=" + hoursSel.value); } catch (e) { return; }
+    if (v !== view) return;
     fill(body, ...data.fires.map(f => h("tr", null,
       h("td", { "data-label": "When" }, abs(f.at)),
       h("td", { "data-label": "In" }, when(f.at)),
@@ -5602,11 +5728,12 @@ function readField(type, el) {
   return raw;
 }
 async function editor(name) {
-  const main = $("#main");
+  const main = $("#main"), v = view;
   let job = { kind: "command", enabled: true };
   if (name) {
     try { job = await api("GET", "/api/jobs/" + encodeURIComponent(name)); }
-    catch (e) { fill(main, h("h1", null, "Edit"), h("p", { class: "error-box" }, e.message)); return; }
+    catch (e) { if (v === view) fill(main, h("h1", null, "Edit"), h("p", { class: "error-box" }, e.message)); return; }
+    if (v !== view) return;
   }
   const readOnly = job.source === "file";
   const inputs = {}, errs = {}, wraps = {};
@@ -5733,6 +5860,7 @@ $("#login-form").addEventListener("submit", async (ev) => {
   } catch (e) { $("#login-error").textContent = e.message; }
 });
 async function route() {
+  view++;  // answers still on their way to an earlier view are dropped
   if (stream && !location.hash.startsWith("#/run/")) { stream.close(); stream = null; }
   const parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
   onChange = null;
@@ -7740,6 +7868,33 @@ class HttpServer:
         self.engine.bus.publish("shutdown", None)
         self.server.shutdown()
         self.server.server_close()
+
+
+def serve_engine(engine, host="127.0.0.1", port=0, **settings) -> HttpServer:
+    """Serve ``engine``'s API and page on ``host``:``port`` (0: any free
+    port, then see ``.port``) from a thread of its own; ``.close()`` stops
+    it.  ``settings`` override the engine's (``token``, ``public_host``...)."""
+    values = {name: getattr(engine.config, name) for name, *_rest in Config.FIELDS}
+    values.update(settings, host=host, port=port)
+    return HttpServer(engine, Config(**values)).start()
+
+
+def wsgi_app(engine, fallback=None, **settings):
+    """A WSGI application serving ``engine``'s API (``/api/...``,
+    ``/metrics``) and page (``/``), for a host program's own server; any
+    other path goes to ``fallback`` (the host's own WSGI app), else 404."""
+    values = {name: getattr(engine.config, name) for name, *_rest in Config.FIELDS}
+    values.update(settings)
+    app = make_app(engine, Config(**values))
+
+    def dispatch(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        mine = path == "/" or path.startswith("/api/") or path == "/metrics"
+        if mine or fallback is None:
+            return app(environ, start_response)
+        return fallback(environ, start_response)
+
+    return dispatch
 
 
 ###############################################################################

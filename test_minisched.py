@@ -5134,8 +5134,53 @@ def test_page_lists_upcoming_fires(browser, site):
     )
     assert jobs.count("quarter") in (95, 96, 97) and jobs.count("nightly") == 1
     page.select_option("select[aria-label='How far ahead']", "6")
-    page.wait_for_function(
-        "document.querySelectorAll('table.upcoming tbody tr').length < 30"
-    )
+    wait_for(lambda: page.locator("table.upcoming tbody tr").count() < 30)
+
     shot(page, "upcoming")
     assert not errors
+
+
+def test_the_readme_embedding_example_runs(tmp_path):
+    """README's "Embedding" program, exactly as written, beside a copy of
+    minisched.py."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    block = readme.split("<!-- embedding example -->", 1)[1]
+    code = block.split("```python\n", 1)[1].split("```", 1)[0]
+    shutil.copy(os.path.join(HERE, "minisched.py"), tmp_path / "minisched.py")
+    (tmp_path / "app.py").write_text(code)
+    env = dict(os.environ)
+    env.pop("PYTHONUNBUFFERED", None)
+    result = subprocess.run(
+        [sys.executable, "app.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "succeeded hello from minisched",
+        "run hello queued",
+        "@hourly",
+        "my own page",
+        "ok",
+    ]
+    expected = re.findall(r"print\(.*\)  # (.*)", code)
+    assert expected == result.stdout.splitlines()  # the comments say what it prints
+
+
+def test_every_command_and_serve_flag_is_in_the_readme():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    parser = minisched._build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, sub in commands.items():
+        assert f"minisched.py {name}" in readme, name
+        if name == "serve":
+            for action in sub._actions:
+                for flag in action.option_strings:
+                    if flag.startswith("--") and flag != "--help":
+                        assert flag in readme, flag
