@@ -50,6 +50,7 @@ __version__ = "0.1.0"
 
 import argparse
 import base64
+import bisect
 import codecs
 import collections
 import concurrent.futures
@@ -76,6 +77,7 @@ import pwd
 import queue
 import random
 import re
+import resource
 import secrets
 import selectors
 import shlex
@@ -242,6 +244,9 @@ LOOKAHEAD = 0.25
 #: How long runs that come due while the launcher spawns a batch may join it
 #: (their output, timeouts and records wait until the batch ends).
 LAUNCH_JOIN_SECONDS = 0.5
+#: A scheduled run not started this long after its time (and without a
+#: ``starting_deadline`` of its own) is ``missed``, and alerts.
+LATE_AFTER = 60.0
 #: Longest single sleep of the scheduler, so wall-clock jumps are noticed.
 MAX_SLEEP = 60.0
 #: Seconds a client has to send a request's headers and body (and longest
@@ -287,6 +292,18 @@ class Config:
         ("log_file", None, str),
         ("log_max_bytes", LOG_MAX_BYTES, int),
         ("log_backups", LOG_BACKUPS, int),
+        ("public_url", None, str),
+        ("notify_url", [], list),
+        ("notify_email", [], list),
+        ("smtp_host", None, str),
+        ("smtp_port", 25, int),
+        ("smtp_user", None, str),
+        ("smtp_password", None, str),  # from MINISCHED_SMTP_PASSWORD only
+        ("smtp_starttls", False, bool),
+        ("smtp_from", None, str),
+        ("alert_cap", 30, int),
+        ("max_rss_default", None, int),
+        ("max_cpu_default", None, float),
     )
 
     def __init__(self, **values):
@@ -952,6 +969,7 @@ def next_fire_times(
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_EMAIL_RE = re.compile(r"[^@\s,<>]+@[^@\s,<>]+\.[^@\s,<>]+")
 _HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD")
 #: Environment variables minisched sets itself; a job may not override them.
 RESERVED_ENV = ("MINISCHED_RUN_ID", "MINISCHED_JOB", "MINISCHED_SERVER")
@@ -992,6 +1010,9 @@ JOB_DEFAULTS = {
     "on_start": [],
     "after": [],
     "leftovers": "kill",
+    "notify_email": [],
+    "max_rss": None,
+    "max_cpu": None,
 }
 #: Fields only meaningful for ``kind: http``.
 HTTP_FIELDS = ("url", "method", "headers", "body", "expect_status")
@@ -1028,6 +1049,8 @@ _NUMBER_FIELDS = {
     "max_runs": (0, None, True),
     "keep_runs": (1, 1000000, True),
     "max_output": (1024, 1 << 30, True),
+    "max_rss": (1 << 20, 1 << 50, True),
+    "max_cpu": (0.1, 31536000, False),
 }
 _CHOICES = {
     "kind": ("command", "http"),
@@ -1157,7 +1180,7 @@ def _field_problem(name, value):
     """What is wrong with one field's value, or None.  Cross-field rules live in
     :func:`validate_job`."""
     if name in _NUMBER_FIELDS:
-        if name == "starting_deadline" and value is None:
+        if name in ("starting_deadline", "max_rss", "max_cpu") and value is None:
             return None
         return _check_number(value, *_NUMBER_FIELDS[name])
     if name in _CHOICES:
@@ -1216,6 +1239,12 @@ def _field_problem(name, value):
         return None
     if name in ("on_success", "on_failure", "on_start"):
         return _check_hooks(value)
+    if name == "notify_email":
+        if not isinstance(value, list) or not all(
+            isinstance(a, str) and _EMAIL_RE.fullmatch(a) for a in value
+        ):
+            return "must be a list of mail addresses (name@example.com)"
+        return None
     if name == "after":
         if not isinstance(value, list) or not all(
             isinstance(n, str) and _NAME_RE.fullmatch(n) for n in value
@@ -1446,6 +1475,35 @@ MIGRATIONS = (
         last_seen REAL NOT NULL,
         expires_at REAL NOT NULL
     );
+    """,
+    """
+    CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id INTEGER,
+        job TEXT NOT NULL,
+        event TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        target TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        created_at REAL NOT NULL,
+        at REAL,
+        next_at REAL
+    );
+    CREATE INDEX deliveries_run ON deliveries (run_id);
+    CREATE INDEX deliveries_pending ON deliveries (next_at) WHERE status = 'pending';
+    CREATE TABLE incidents (
+        job TEXT PRIMARY KEY,
+        opened_at REAL NOT NULL,
+        failures INTEGER NOT NULL,
+        unsent INTEGER NOT NULL,
+        last_sent_at REAL,
+        last_run_id INTEGER
+    );
+    CREATE INDEX runs_job_finished ON runs (job, finished_at);
+    CREATE INDEX runs_finished ON runs (finished_at);
     """,
 )
 #: Columns of ``runs`` in API order.
@@ -1915,10 +1973,12 @@ class Store:
         def op(conn):
             conn.execute("DELETE FROM jobs WHERE name = ?", (name,))
             if purge:
-                conn.execute(
-                    "DELETE FROM chunks WHERE run_id IN (SELECT id FROM runs WHERE job = ?)",
-                    (name,),
-                )
+                for table in ("chunks", "deliveries"):
+                    conn.execute(
+                        f"DELETE FROM {table} WHERE run_id IN "
+                        "(SELECT id FROM runs WHERE job = ?)",
+                        (name,),
+                    )
                 conn.execute("DELETE FROM runs WHERE job = ?", (name,))
 
         return self._submit(op)
@@ -1956,6 +2016,41 @@ class Store:
             )
         )
 
+    def add_delivery(self, row: dict):
+        """Record a hook or alert delivery; the future's result is its id."""
+        row = dict(row, spec=json.dumps(row["spec"]))
+        cols = [c for c in row if c != "id"]
+        sql = "INSERT INTO deliveries ({}) VALUES ({})".format(
+            ", ".join(cols), ", ".join("?" * len(cols))
+        )
+        return self._submit(
+            lambda conn: conn.execute(sql, [row[c] for c in cols]).lastrowid
+        )
+
+    def update_delivery(self, delivery_id: int, fields: dict):
+        fields = dict(fields)
+        if "spec" in fields:
+            fields["spec"] = json.dumps(fields["spec"])
+        sets = ", ".join(f"{key} = ?" for key in fields)
+        values = [*fields.values(), delivery_id]
+        return self._submit(
+            lambda conn: conn.execute(
+                f"UPDATE deliveries SET {sets} WHERE id = ?", values
+            )
+        )
+
+    def save_incident(self, row: dict):
+        cols = list(row)
+        sql = "INSERT OR REPLACE INTO incidents ({}) VALUES ({})".format(
+            ", ".join(cols), ", ".join("?" * len(cols))
+        )
+        return self._submit(lambda conn: conn.execute(sql, [row[c] for c in cols]))
+
+    def delete_incident(self, job: str):
+        return self._submit(
+            lambda conn: conn.execute("DELETE FROM incidents WHERE job = ?", (job,))
+        )
+
     def prune(self, job: str, keep_runs: int):
         """Retention: keep the newest ``keep_runs`` real runs and the newest
         ``KEEP_NOISE_RUNS`` skipped/missed records of ``job``.  Requests for a
@@ -1982,9 +2077,10 @@ class Store:
                 if row is None:
                     continue
                 ids = f"SELECT id FROM runs WHERE job = ? AND {where} AND id <= ?"
-                conn.execute(
-                    f"DELETE FROM chunks WHERE run_id IN ({ids})", (job, row[0])
-                )
+                for table in ("chunks", "deliveries"):
+                    conn.execute(
+                        f"DELETE FROM {table} WHERE run_id IN ({ids})", (job, row[0])
+                    )
                 conn.execute(f"DELETE FROM runs WHERE id IN ({ids})", (job, row[0]))
 
         return self._submit(op)
@@ -2041,6 +2137,119 @@ class Store:
                 item["file_definition"] = json.loads(item["file_definition"])
         return out
 
+    def pending_deliveries(self) -> list:
+        return self._query(
+            "SELECT * FROM deliveries WHERE status = 'pending' ORDER BY id"
+        )
+
+    def deliveries_for(self, run_ids: list) -> dict:
+        """``{run id: [delivery, ...]}`` as the API shows them, oldest first."""
+        if not run_ids:
+            return {}
+        marks = ", ".join("?" * len(run_ids))
+        rows = self._query(
+            "SELECT run_id, event, target, status, attempts, error, at FROM deliveries "
+            f"WHERE run_id IN ({marks}) ORDER BY id",
+            list(run_ids),
+        )
+        out = {}
+        for row in rows:
+            out.setdefault(row.pop("run_id"), []).append(
+                dict(row, at=iso_utc(row["at"]))
+            )
+        return out
+
+    def stats(self, since: float, job: str | None = None) -> dict:
+        """An account of ``job``'s runs (of every job's, with None) that ended
+        since ``since``: counts by status, duration percentiles, CPU and
+        memory, the longest run of failures, a per-day series (UTC days); the
+        last success and failure over the whole kept history; and, for every
+        job, its counts (the dashboard's success rates)."""
+        scope = "finished_at >= ?" + (" AND job = ?" if job else "")
+        args = [since, job] if job else [since]
+        every = " WHERE job = ?" if job else ""
+        fails = _SQL_FAILURES
+        timed = (
+            f"{scope} AND duration IS NOT NULL AND status NOT IN ('skipped', 'missed')"
+        )
+        q = self._query
+        by_status = {
+            r["status"]: r["n"]
+            for r in q(
+                f"SELECT status, count(*) AS n FROM runs WHERE {scope} GROUP BY status",
+                args,
+            )
+        }
+        agg = q(
+            "SELECT count(*) AS n, max(duration) AS dmax, avg(cpu_time) AS cpu, "
+            f"max(peak_rss) AS rss FROM runs WHERE {timed}",
+            args,
+            one=True,
+        )
+        percentiles = {}
+        for name, p in (("p50", 0.50), ("p95", 0.95)):
+            row = None
+            if agg["n"]:
+                row = q(
+                    f"SELECT duration FROM runs WHERE {timed} ORDER BY duration "
+                    "LIMIT 1 OFFSET ?",
+                    [*args, math.floor(p * (agg["n"] - 1))],
+                    one=True,
+                )
+            percentiles[name] = row["duration"] if row else None
+        last = q(
+            "SELECT max(CASE WHEN status = 'succeeded' THEN finished_at END) AS ok, "
+            f"max(CASE WHEN status IN {fails} THEN finished_at END) AS bad FROM runs{every}",
+            [job] if job else [],
+            one=True,
+        )
+        streak = q(
+            "SELECT coalesce(max(n), 0) AS n FROM (SELECT count(*) AS n FROM ("
+            f"SELECT job, status, sum(status NOT IN {fails}) OVER "
+            "(PARTITION BY job ORDER BY id) AS grp FROM runs "
+            f"WHERE {scope} AND status NOT IN ('skipped', 'cancelled', 'queued', 'running')"
+            f") WHERE status IN {fails} GROUP BY job, grp)",
+            args,
+            one=True,
+        )["n"]
+        per_day = {}
+        for r in q(
+            "SELECT CAST(finished_at / 86400 AS INTEGER) AS day, status, count(*) AS n "
+            f"FROM runs WHERE {scope} GROUP BY day, status",
+            args,
+        ):
+            per_day.setdefault(r["day"], {})[r["status"]] = r["n"]
+        jobs = {
+            r["job"]: {k: r[k] for k in ("runs", "succeeded", "failures")}
+            for r in q(
+                "SELECT job, count(*) AS runs, sum(status = 'succeeded') AS succeeded, "
+                f"sum(status IN {fails}) AS failures FROM runs WHERE {scope} GROUP BY job",
+                args,
+            )
+        }
+        return {
+            "by_status": by_status,
+            "duration": {**percentiles, "max": agg["dmax"]},
+            "mean_cpu": agg["cpu"],
+            "peak_rss": agg["rss"],
+            "last_success": last["ok"],
+            "last_failure": last["bad"],
+            "longest_failure_streak": streak,
+            "per_day": per_day,
+            "jobs": jobs,
+        }
+
+    def last_successes(self) -> dict:
+        """Each job's last success (finished_at), from the kept history."""
+        rows = self._query(
+            "SELECT job, max(finished_at) AS at FROM runs WHERE status = 'succeeded' "
+            "GROUP BY job"
+        )
+        return {row["job"]: row["at"] for row in rows}
+
+    def load_incidents(self) -> list:
+        return self._query("SELECT * FROM incidents")
+
     def get_session(self, session_id: str) -> dict | None:
         return self._query(
             "SELECT * FROM sessions WHERE id = ?", (session_id,), one=True
@@ -2089,11 +2298,15 @@ class Store:
     def count_failed(self, since: float) -> int:
         """Runs that ended badly (failed, timed out, missed, lost) since ``since``."""
         return self._query(
-            "SELECT count(*) AS n FROM runs WHERE status IN "
-            "('failed', 'timed_out', 'missed', 'lost') AND finished_at >= ?",
+            f"SELECT count(*) AS n FROM runs WHERE status IN {_SQL_FAILURES} "
+            "AND finished_at >= ?",
             (since,),
             one=True,
         )["n"]
+
+
+#: The failure statuses, as an SQL list.
+_SQL_FAILURES = "({})".format(", ".join(f"'{s}'" for s in FAILURE_STATUSES))
 
 
 def _where(clauses) -> str:
@@ -2167,6 +2380,85 @@ class EventBus:
             except queue.Full:
                 sub.lagged = True
                 log.warning("an event subscriber lagged behind and was dropped")
+
+
+###############################################################################
+# Metrics #####################################################################
+###############################################################################
+
+#: Bucket bounds (seconds) of the run-duration and scheduling-lag histograms.
+DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 60.0)
+
+
+class Metrics:
+    """Counters and histograms since the server started, for ``/metrics``.
+    Updated by the runner and the notifier, read by the API: any thread; one
+    lock, held only to add or to copy."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.runs = collections.Counter()  # (job, status) -> runs ended
+        self.durations = {}  # job -> [count per bucket..., +Inf, sum]
+        self.lag = [0] * (len(LAG_BUCKETS) + 1) + [0.0]
+        self.output = collections.Counter()  # job -> bytes printed
+        self.last_success = {}  # job -> finished_at of its last success
+        self.deliveries = collections.Counter()  # (job, "ok" | "failed")
+
+    def ended(self, job, status, duration, output_bytes, finished_at) -> None:
+        with self._lock:
+            self.runs[(job, status)] += 1
+            self.output[job] += output_bytes or 0
+            if status == "succeeded" and finished_at:
+                self.last_success[job] = finished_at
+            if duration is not None:
+                buckets = self.durations.get(job)
+                if buckets is None:
+                    buckets = self.durations[job] = [0] * (
+                        len(DURATION_BUCKETS) + 1
+                    ) + [0.0]
+                _observe(buckets, DURATION_BUCKETS, duration)
+
+    def started(self, lateness: float) -> None:
+        """A scheduled run started ``lateness`` seconds after its slot."""
+        with self._lock:
+            _observe(self.lag, LAG_BUCKETS, max(0.0, lateness))
+
+    def delivered(self, job, result) -> None:
+        with self._lock:
+            self.deliveries[(job, result)] += 1
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {
+                "runs": dict(self.runs),
+                "durations": {k: list(v) for k, v in self.durations.items()},
+                "lag": list(self.lag),
+                "output": dict(self.output),
+                "last_success": dict(self.last_success),
+                "deliveries": dict(self.deliveries),
+            }
+
+
+def _observe(buckets, bounds, value) -> None:
+    """Count ``value`` in the first bucket whose bound holds it (the last one is
+    +Inf); the final slot keeps the sum.  Caller holds the lock."""
+    buckets[bisect.bisect_left(bounds, value)] += 1
+    buckets[-1] += value
+
+
+def prometheus_histogram(name, labels, buckets, bounds) -> list:
+    """The text lines of one histogram: cumulative ``_bucket``s, ``_sum``, ``_count``."""
+    lines, total = [], 0
+    prefix = labels + "," if labels else ""
+    for bound, count in zip((*bounds, math.inf), buckets):
+        total += count
+        le = "+Inf" if bound == math.inf else repr(float(bound))
+        lines.append(f'{name}_bucket{{{prefix}le="{le}"}} {total}')
+    braces = f"{{{labels}}}" if labels else ""
+    lines.append(f"{name}_sum{braces} {buckets[-1]:.6f}")
+    lines.append(f"{name}_count{braces} {total}")
+    return lines
 
 
 ###############################################################################
@@ -2529,6 +2821,7 @@ class Run:
         self.output_truncated = False
         self.leftovers_stopped = None
         self.force = False  # a forced manual trigger ignores the job's concurrency
+        self.deadline_armed = False
         self.counted = False  # counted in the Runner's live/busy totals
         self.persisted = None  # Future of the insert; launch waits on it
         self.not_before = None
@@ -2575,10 +2868,21 @@ class Runner:
     there).
     """
 
-    def __init__(self, store, bus, max_concurrent=0, clock=time.time, job_lookup=None):
+    def __init__(
+        self,
+        store,
+        bus,
+        max_concurrent=0,
+        clock=time.time,
+        job_lookup=None,
+        limits=(None, None),
+        metrics=None,
+    ):
         self.store = store
         self.bus = bus
         self.max_concurrent = max_concurrent
+        #: Server-wide ``max_rss`` and ``max_cpu`` for jobs without their own.
+        self.default_rss, self.default_cpu = limits
         self.clock = clock
         self.job_lookup = job_lookup or (lambda name: None)
         self.on_finished = lambda run, job: None
@@ -2601,9 +2905,7 @@ class Runner:
         os.set_blocking(self._wake_w, False)
         self._threads = []
         self.stopping = threading.Event()
-        #: (job, status) -> runs ended since start; job -> [seconds, count].
-        self.stats = collections.Counter()
-        self.durations = {}
+        self.metrics = metrics or Metrics()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -2730,13 +3032,18 @@ class Runner:
             # Due now or in a moment: queue it; the launcher holds it until then.
             run.due = time.monotonic() + max(0.0, delay)
             self._enqueue(run)
-        deadline = self._deadline(run)
-        if deadline is not None:
-            # Held back (--max-concurrent, a queue) past its deadline: missed.
-            ref = weakref.ref(run)
-            left = max(0.0, deadline - self.clock())
-            self._io_command(("timer", left, lambda: self._expire(ref())))
         return run.public()
+
+    def _arm_deadline(self, run) -> None:
+        """A scheduled run has to wait (``--max-concurrent``, a queue): at its
+        deadline, if it still waits, it is ``missed``.  Lock held."""
+        deadline = self._deadline(run)
+        if deadline is None or run.deadline_armed:
+            return
+        run.deadline_armed = True
+        ref = weakref.ref(run)
+        left = max(0.0, deadline - self.clock())
+        self._io_command(("timer", left, lambda: self._expire(ref())))
 
     @staticmethod
     def _policy(job, active, trigger, force) -> tuple:
@@ -2781,10 +3088,15 @@ class Runner:
 
     @staticmethod
     def _deadline(run):
-        """The latest start of a scheduled run (``starting_deadline``), or None."""
-        limit = run.job.starting_deadline
-        if limit is None or run.slot is None or run.scheduled_at is None:
+        """The latest start of a scheduled run (``starting_deadline``, else
+        ``LATE_AFTER`` for a slot handled on time), or None for other runs."""
+        if run.slot is None or run.scheduled_at is None:
             return None
+        limit = run.job.starting_deadline
+        if limit is None:
+            if run.trigger != "schedule":
+                return None  # catch-up runs follow catch_up, not lateness
+            limit = LATE_AFTER
         return run.scheduled_at + limit
 
     def _expire(self, run) -> None:
@@ -2800,12 +3112,13 @@ class Runner:
             if full
             else "an earlier run of this job was still active"
         )
-        self._end_unstarted(
-            run,
-            "missed",
-            f"not started within starting_deadline {_num(run.job.starting_deadline)}s: "
-            f"{why}",
+        limit = run.job.starting_deadline
+        within = (
+            f"starting_deadline {_num(limit)}s"
+            if limit is not None
+            else f"{_num(LATE_AFTER)}s of its time"
         )
+        self._end_unstarted(run, "missed", f"not started within {within}: {why}")
 
     def record(
         self,
@@ -2830,12 +3143,9 @@ class Runner:
 
     def _count(self, run) -> None:
         """Update the counters ``/metrics`` reports (since server start)."""
-        with self._lock:
-            self.stats[(run.job.name, run.status)] += 1
-            if run.duration is not None:
-                total = self.durations.setdefault(run.job.name, [0.0, 0])
-                total[0] += run.duration
-                total[1] += 1
+        self.metrics.ended(
+            run.job.name, run.status, run.duration, run.output_bytes, run.finished_at
+        )
 
     def _published(self, run, job) -> None:
         """Announce a terminal record; prune history; fire hooks."""
@@ -2882,6 +3192,7 @@ class Runner:
                 ok = not self._busy[name]
             if not ok:
                 keep.append(run)
+                self._arm_deadline(run)
                 continue
             run.status = "starting"
             run.counted = True
@@ -3103,6 +3414,11 @@ class Runner:
                 # slow to read.  Not reaped yet (the io thread has not seen it).
                 run.pid_create_time = _create_time(run.pid)
                 self.guard.register(run.id, run.pid)
+                cpu = self.limits(run.job)[1]
+                if cpu:  # the kernel holds the main process to it too
+                    _limit_cpu(run.pid, cpu, run.job.kill_grace)
+            if run.slot is not None and run.started_at is not None:
+                self.metrics.started(run.started_at - run.scheduled_at)
         with self._lock:
             for run in runs:
                 run.status = "running"
@@ -3709,6 +4025,9 @@ class Runner:
         elif status is None:
             run.error = _exit_description(run.exit_code, run.signal)
             status = "failed" if run.error else "succeeded"
+            if run.signal == getattr(signal, "SIGXCPU", None):
+                limit = self.limits(run.job)[1]
+                run.error = f"max_cpu: the main process used its {_num(limit)}s of CPU (killed by SIGXCPU)"
         run.status = status
         if run.pid and not run.guard_held:
             self.guard.unregister(run.id)
@@ -3785,9 +4104,36 @@ class Runner:
             if runs:
                 try:
                     self._sample(runs)
+                    self._check_limits(runs)
                 except Exception:
                     log.exception("sampling process trees failed")
             self.stopping.wait(1.0)
+
+    def limits(self, job) -> tuple:
+        """``(max_rss, max_cpu)`` that apply to ``job`` (None: no limit)."""
+        rss = job.max_rss if job.max_rss is not None else self.default_rss
+        cpu = job.max_cpu if job.max_cpu is not None else self.default_cpu
+        return rss, cpu
+
+    def _check_limits(self, runs) -> None:
+        """Sampler thread: a run whose tree is over ``max_rss`` or ``max_cpu``
+        is stopped as a timeout is (SIGTERM, ``kill_grace``, SIGKILL) and ends
+        ``failed``, its error naming the limit and what was measured."""
+        for run in runs:
+            rss, cpu = self.limits(run.job)
+            if rss and run.peak_rss and run.peak_rss > rss:
+                message = (
+                    f"max_rss: its processes used {_bytes(run.peak_rss)} of memory, "
+                    f"over the limit of {_bytes(rss)}"
+                )
+            elif cpu and run.cpu_time and run.cpu_time > cpu:
+                message = (
+                    f"max_cpu: its processes used {run.cpu_time:.1f}s of CPU, over "
+                    f"the limit of {_num(cpu)}s"
+                )
+            else:
+                continue
+            self._kill(run, "failed", "stopped: " + message)
 
     @staticmethod
     def _sample(runs) -> None:
@@ -3823,6 +4169,24 @@ class Runner:
                     cpu += item["cpu_times"].user + item["cpu_times"].system
                 stack.extend(children.get(pid, ()))
             _note_usage(run, cpu, rss)
+
+
+def _limit_cpu(pid: int, seconds: float, grace: float) -> None:
+    """``RLIMIT_CPU`` on a running process (Linux ``prlimit``): SIGXCPU at
+    ``seconds``, SIGKILL ``grace`` later.  Quietly nothing where unsupported."""
+    soft = max(1, math.ceil(seconds))
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        resource.prlimit(
+            pid, resource.RLIMIT_CPU, (soft, soft + max(1, math.ceil(grace)))
+        )
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
 
 
 def _note_usage(run, cpu, rss) -> None:
@@ -3981,6 +4345,16 @@ class Scheduler:
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def on_time(self) -> bool:
+        """False when the scheduler handles slots more than ``LATE_AFTER``
+        late, or has not ticked for that long beyond its longest sleep."""
+        if self.lag > LATE_AFTER:
+            return False
+        return (
+            self.last_tick is None
+            or self.clock() - self.last_tick < MAX_SLEEP + LATE_AFTER
+        )
 
     def run(self) -> None:
         """The scheduler loop: tick, sleep until the next slot or a change."""
@@ -4248,6 +4622,8 @@ class Scheduler:
         deadline = job.starting_deadline
         if deadline is not None:
             fire = [s for s in fire if now - s <= deadline]
+        else:  # a slot that came due while up is late past LATE_AFTER
+            fire = [s for s in fire if s <= self.started_at or now - s <= LATE_AFTER]
         missed = count - len(fire)
         state.last_slot = latest
         update = {"last_slot": latest}
@@ -4255,7 +4631,12 @@ class Scheduler:
             if first <= self.started_at:
                 why = "the server was down"
             elif count == 1:
-                why = f"it could not start within starting_deadline {_num(deadline)}s"
+                limit = (
+                    f"starting_deadline {_num(deadline)}s"
+                    if deadline is not None
+                    else f"{_num(LATE_AFTER)}s of its time"
+                )
+                why = f"it could not start within {limit}"
             else:
                 why = "the scheduler was late (clock jump, suspend or overload)"
             plural = "" if missed == 1 else "s"
@@ -4809,96 +5190,494 @@ def _cron_entry(line, system, default_user, env, shell, zone) -> dict:
 # Notifications ###############################################################
 ###############################################################################
 
+#: Delays before the 2nd, 3rd and 4th attempt of a URL hook, a webhook alert
+#: or a mail; after that the delivery is ``failed``.
+RETRY_DELAYS = (1.0, 5.0, 30.0)
+#: Seconds one HTTP or SMTP attempt may take.
+DELIVERY_TIMEOUT = 10.0
+#: Seconds a command hook may run before its process group is stopped.
+HOOK_COMMAND_TIMEOUT = 60.0
+#: Attempts in flight at once, each on a thread of its own, so a slow receiver
+#: delays nothing but itself.
+MAX_IN_FLIGHT = 32
+#: An open incident sends at most one summary this often.
+SUMMARY_EVERY = 3600.0
+#: Bytes of a run's output a hook or an alert carries (its end).
+OUTPUT_TAIL = 4096
 
-class Hooks:
-    """Delivers ``on_start``/``on_success``/``on_failure`` hooks in order on
-    ``minisched-hooks``, so a slow webhook never delays a run.  ``fire`` may be
-    called from any thread."""
 
-    def __init__(self, store):
+class Notifier:
+    """Delivers job hooks (``on_start``, ``on_success``, ``on_failure``) and
+    server-wide alerts (``--notify-url``, mail to ``--notify-email`` and a
+    job's ``notify_email``), records every delivery on its run, retries, and
+    resumes pending deliveries after a restart.
+
+    Alerts are per incident, not per run: a job's first failure sends one
+    message, further failures at most one summary per ``SUMMARY_EVERY``, and
+    the next success one "back to normal".  ``alert_cap`` messages an hour
+    at most, whatever happens; what the cap held back is counted and said in
+    the next message.
+
+    ``fire`` may be called from any thread and never blocks.  Everything else
+    happens on ``minisched-notify`` (the owner of the queue, the retry heap
+    and the incidents) and on one ``minisched-deliver`` thread per attempt.
+    """
+
+    def __init__(self, store, config, clock=time.time, metrics=None):
         self.store = store
-        self._queue = queue.Queue(maxsize=10000)
+        self.config = config
+        self.clock = clock
+        self.metrics = metrics or Metrics()
+        self.host = socket.gethostname()
+        self.base_url = (config.public_url or "").rstrip("/") or _default_url(config)
+        self._emails = list(config.notify_email)
+        self._urls = list(config.notify_url)
+        self._queue = queue.SimpleQueue()
+        self._heap = []  # (due, seq, delivery): attempts waiting for their time
+        self._seq = itertools.count()
+        self._in_flight = 0
+        self._incidents = {}  # job -> incident row (dict)
+        self._sent = collections.deque()  # times of alert messages in the last hour
+        self._held = 0  # alert messages the cap held back
+        self._lock = threading.Lock()
         self._thread = threading.Thread(
-            target=self._loop, name="minisched-hooks", daemon=True
+            target=self._loop, name="minisched-notify", daemon=True
         )
-        self._thread.start()
 
-    def fire(self, event: str, run: dict, job) -> None:
-        for hook in getattr(job, event, None) or []:
-            try:
-                self._queue.put_nowait((hook, run, job.name))
-            except queue.Full:
-                log.warning("hook queue full, %s hook of %s dropped", event, job.name)
+    # -- lifecycle (main thread) ---------------------------------------------
+
+    def start(self) -> None:
+        """Resume what a previous server left pending, then start delivering."""
+        for row in self.store.load_incidents():
+            self._incidents[row["job"]] = row
+        for row in self.store.pending_deliveries():
+            self._schedule(dict(row, spec=json.loads(row["spec"])), row["next_at"])
+        self._thread.start()
 
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
+    def close(self, timeout=5.0) -> None:
+        """Stop; attempts in flight get ``timeout``; pending deliveries stay in
+        the database for the next start."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+    # -- events (any thread) ---------------------------------------------------
+
+    def fire(self, event: str, run: dict, job) -> None:
+        """A run started (``on_start``), ended well (``on_success``) or badly
+        (``on_failure``, also ``missed`` and ``lost``).  Never blocks."""
+        hooks = getattr(job, event, None) or ()
+        alerting = event != "on_start" and self._wants_alerts(job)
+        if hooks or alerting:
+            self._queue.put(("event", event, run, job))
+
+    def _wants_alerts(self, job) -> bool:
+        return bool(self._urls or self._emails or job.notify_email)
+
+    # -- the dispatcher thread -------------------------------------------------
 
     def _loop(self) -> None:
+        last_tick = self.clock()
         while True:
-            item = self._queue.get()
+            timeout = 60.0
+            if self._heap and self._in_flight < MAX_IN_FLIGHT:
+                timeout = max(0.0, min(timeout, self._heap[0][0] - self.clock()))
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                item = ()
             if item is None:
                 return
-            hook, run, name = item
             try:
-                self._deliver(hook, run, name)
-            except Exception as exc:  # noqa: BLE001 - a hook never stops the others
-                log.warning("hook of %s failed: %s", name, exc)
+                if item:
+                    getattr(self, "_on_" + item[0])(*item[1:])
+                self._launch_due()
+                if self.clock() - last_tick >= 60:
+                    last_tick = self.clock()
+                    self._summaries()
+            except Exception:
+                log.exception("delivering notifications failed; going on")
 
-    def _deliver(self, hook, run, name) -> None:
-        if "url" in hook:
-            chunks = self.store.get_chunks(run["id"]) if run.get("id") else []
-            tail = "".join(c["text"] for c in chunks)[-4000:]
-            payload = {
-                "job": name,
-                "run": run,
-                "status": run["status"],
-                "exit_code": run["exit_code"],
-                "duration": run["duration"],
-                "output_tail": tail,
-            }
-            headers = {"Content-Type": "application/json"}
-            headers.update(hook.get("headers", {}))
-            request = urllib.request.Request(
-                hook["url"],
-                json.dumps(payload).encode(),
-                headers=headers,
-                method=hook.get("method", "POST"),
+    def _on_event(self, event, run, job) -> None:
+        for hook in getattr(job, event, None) or ():
+            kind = "url" if "url" in hook else "command"
+            target = hook.get("url") or _command_text(hook["command"])
+            self._create(run, job, event, kind, target, {"hook": hook})
+        if event == "on_failure" and self._wants_alerts(job):
+            self._failure(run, job)
+        elif event == "on_success" and job.name in self._incidents:
+            self._recovered(run, job)
+
+    def _on_done(self, delivery, error) -> None:
+        """Minisched-notify: an attempt ended (``error`` None: delivered)."""
+        self._in_flight -= 1
+        now = self.clock()
+        delivery["attempts"] += 1
+        delivery["at"] = now
+        retries = RETRY_DELAYS if delivery["kind"] != "command" else ()
+        if error is None:
+            delivery.update(status="ok", error=None, next_at=None)
+        elif delivery["attempts"] <= len(retries):
+            delay = retries[delivery["attempts"] - 1]
+            delivery.update(status="pending", error=error, next_at=now + delay)
+            self._schedule(delivery, now + delay)
+        else:
+            delivery.update(status="failed", error=error, next_at=None)
+            log.warning(
+                "%s delivery to %s for run %s of %s failed after %d attempt%s: %s",
+                delivery["event"],
+                delivery["target"],
+                delivery["run_id"],
+                delivery["job"],
+                delivery["attempts"],
+                "" if delivery["attempts"] == 1 else "s",
+                error,
             )
-            with urllib.request.urlopen(request, timeout=10) as response:
-                response.read(65536)
+        if delivery["status"] != "pending":
+            self.metrics.delivered(delivery["job"], delivery["status"])
+        self.store.update_delivery(
+            delivery["id"],
+            {
+                k: delivery[k]
+                for k in ("status", "attempts", "error", "at", "next_at", "spec")
+            },
+        )
+
+    def _create(self, run, job, event, kind, target, spec) -> None:
+        """Record a new delivery (pending) and queue its first attempt."""
+        now = self.clock()
+        row = {
+            "run_id": run.get("id"),
+            "job": job.name,
+            "event": event,
+            "kind": kind,
+            "target": target,
+            "spec": dict(spec, run=run),
+            "status": "pending",
+            "attempts": 0,
+            "error": None,
+            "created_at": now,
+            "at": None,
+            "next_at": now,
+        }
+        try:
+            row["id"] = self.store.result(self.store.add_delivery(row))
+        except MinischedError as exc:
+            log.warning("a %s delivery of %s is not recorded: %s", event, job.name, exc)
             return
+        self._schedule(row, now)
+
+    def _schedule(self, delivery, due) -> None:
+        heapq.heappush(self._heap, (due or 0.0, next(self._seq), delivery))
+
+    def _launch_due(self) -> None:
+        now = self.clock()
+        while (
+            self._heap and self._heap[0][0] <= now and self._in_flight < MAX_IN_FLIGHT
+        ):
+            _due, _seq, delivery = heapq.heappop(self._heap)
+            self._in_flight += 1
+            threading.Thread(
+                target=self._attempt,
+                args=(delivery,),
+                name="minisched-deliver",
+                daemon=True,
+            ).start()
+
+    # -- one attempt (a minisched-deliver thread) ---------------------------
+
+    def _attempt(self, delivery) -> None:
+        try:
+            send = {
+                "url": self._send_url,
+                "command": self._run_command,
+                "mail": self._send_mail,
+            }
+            error = send[delivery["kind"]](delivery)
+        except Exception as exc:  # noqa: BLE001 - any failure is the delivery's
+            error = f"{type(exc).__name__}: {exc}"
+        self._queue.put(("done", delivery, error))
+
+    def _send_url(self, delivery) -> str | None:
+        spec = delivery["spec"]
+        if "body" not in spec:  # made once, then kept for every retry
+            spec["body"] = self._payload(spec["run"], delivery, spec.get("message"))
+        hook = spec.get("hook", {})
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"minisched/{__version__}",
+        }
+        headers.update(hook.get("headers", {}))
+        request = urllib.request.Request(
+            delivery["target"],
+            json.dumps(spec["body"]).encode(),
+            headers=headers,
+            method=hook.get("method", "POST"),
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=DELIVERY_TIMEOUT) as response:
+                response.read(65536)
+        except urllib.error.HTTPError as exc:
+            return f"HTTP {exc.code} {exc.reason}"
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            return f"{getattr(exc, 'reason', exc)}"
+        return None
+
+    def _run_command(self, delivery) -> str | None:
+        """A command hook, in a session of its own: stopped with its whole
+        group (SIGTERM, then SIGKILL) after ``HOOK_COMMAND_TIMEOUT``."""
+        run = delivery["spec"]["run"]
+        command = delivery["spec"]["hook"]["command"]
+        argv = ["/bin/sh", "-c", command] if isinstance(command, str) else command
         env = dict(
             os.environ,
-            MINISCHED_JOB=name,
-            MINISCHED_RUN_ID=str(run["id"]),
-            MINISCHED_STATUS=run["status"],
+            MINISCHED_JOB=delivery["job"],
+            MINISCHED_RUN_ID=str(run.get("id", "")),
+            MINISCHED_STATUS=run.get("status") or "",
             MINISCHED_EXIT_CODE=""
-            if run["exit_code"] is None
+            if run.get("exit_code") is None
             else str(run["exit_code"]),
+            MINISCHED_DURATION=""
+            if run.get("duration") is None
+            else str(run["duration"]),
         )
-        command = hook["command"]
-        argv = ["/bin/sh", "-c", command] if isinstance(command, str) else command
-        result = subprocess.run(
+        proc = subprocess.Popen(
             argv,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            timeout=60,
             start_new_session=True,
-            check=False,
         )
-        if result.returncode:
+        try:
+            _out, err = proc.communicate(timeout=HOOK_COMMAND_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, None)):
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, sig)
+                try:
+                    proc.communicate(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            return f"stopped after the hook timeout of {_num(HOOK_COMMAND_TIMEOUT)}s"
+        if proc.returncode:
+            tail = err[-300:].decode("utf-8", "replace").strip()
+            return _exit_description(
+                max(proc.returncode, 0), max(-proc.returncode, 0)
+            ) + (f": {tail}" if tail else "")
+        return None
+
+    def _send_mail(self, delivery) -> str | None:
+        import email.message
+        import smtplib
+
+        config, spec = self.config, delivery["spec"]
+        message = email.message.EmailMessage()
+        message["From"] = config.smtp_from or f"minisched@{self.host}"
+        message["To"] = ", ".join(spec["to"])
+        message["Subject"] = spec["subject"]
+        message.set_content(spec["text"])
+        try:
+            with smtplib.SMTP(
+                config.smtp_host, config.smtp_port, timeout=DELIVERY_TIMEOUT
+            ) as smtp:
+                if config.smtp_starttls:
+                    smtp.starttls()
+                if config.smtp_user:
+                    smtp.login(config.smtp_user, config.smtp_password or "")
+                smtp.send_message(message)
+        except (smtplib.SMTPException, OSError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    # -- what is sent --------------------------------------------------------
+
+    def _tail(self, run_id) -> str:
+        if not run_id:
+            return ""
+        text = "".join(c["text"] for c in self.store.get_chunks(run_id))
+        return text.encode()[-OUTPUT_TAIL:].decode("utf-8", "ignore")
+
+    def _payload(self, run, delivery, message=None) -> dict:
+        """The JSON body of a URL hook or webhook alert; ``text`` reads well
+        in Slack-compatible receivers."""
+        output = self._tail(run.get("id"))
+        return {
+            "job": delivery["job"],
+            "event": delivery["event"],
+            "run_id": run.get("id"),
+            "run": run,
+            "status": run.get("status"),
+            "exit_code": run.get("exit_code"),
+            "duration": run.get("duration"),
+            "output_tail": output,
+            "host": self.host,
+            "link": self._link(run),
+            "text": message
+            or self._headline(delivery["job"], run) + f" <{self._link(run)}>",
+        }
+
+    def _link(self, run) -> str:
+        return f"{self.base_url}/#/run/{run.get('id')}"
+
+    def _headline(self, job, run) -> str:
+        return f"[minisched {self.host}] {job} {_what_happened(run)}"
+
+    # -- incidents (minisched-notify) --------------------------------------
+
+    def _failure(self, run, job) -> None:
+        now = self.clock()
+        incident = self._incidents.get(job.name)
+        if incident is None:
+            incident = {
+                "job": job.name,
+                "opened_at": now,
+                "failures": 1,
+                "unsent": 0,
+                "last_sent_at": now,
+                "last_run_id": run.get("id"),
+            }
+            self._incidents[job.name] = incident
+            self._alert(job, run, "failure", self._headline(job.name, run))
+        else:
+            incident["failures"] += 1
+            incident["unsent"] += 1
+            incident["last_run_id"] = run.get("id")
+            if now - incident["last_sent_at"] >= SUMMARY_EVERY:
+                self._summary(job, run, incident)
+        self.store.save_incident(incident)
+
+    def _summaries(self) -> None:
+        """Each minute: open incidents with failures not yet told, due a summary."""
+        now = self.clock()
+        for incident in list(self._incidents.values()):
+            if incident["unsent"] and now - incident["last_sent_at"] >= SUMMARY_EVERY:
+                job = _JobRef(incident["job"])
+                run = {"id": incident["last_run_id"], "status": "failed"}
+                row = self.store.get_run(incident["last_run_id"] or 0)
+                self._summary(job, run_public(row) if row else run, incident)
+                self.store.save_incident(incident)
+
+    def _summary(self, job, run, incident) -> None:
+        since = _clock_time(incident["opened_at"], self.config.zone())
+        count = incident["failures"]
+        subject = (
+            f"[minisched {self.host}] {job.name} failed {count} times since {since}"
+        )
+        self._alert(job, run, "summary", subject)
+        incident["unsent"] = 0
+        incident["last_sent_at"] = self.clock()
+
+    def _recovered(self, run, job) -> None:
+        incident = self._incidents.pop(job.name)
+        since = _clock_time(incident["opened_at"], self.config.zone())
+        failures = incident["failures"]
+        subject = (
+            f"[minisched {self.host}] {job.name} is back to normal "
+            f"({failures} failure{'' if failures == 1 else 's'} since {since})"
+        )
+        self._alert(job, run, "recovered", subject)
+        self.store.delete_incident(job.name)
+
+    def _alert(self, job, run, kind, subject) -> None:
+        """One alert message to every target, within the cap."""
+        now = self.clock()
+        while self._sent and now - self._sent[0] >= 3600:
+            self._sent.popleft()
+        if len(self._sent) >= self.config.alert_cap:
+            self._held += 1
             log.warning(
-                "hook command of %s exited %d: %s",
-                name,
-                result.returncode,
-                result.stderr[-500:].decode("utf-8", "replace").strip(),
+                "alert cap of %d an hour reached: %s held back",
+                self.config.alert_cap,
+                subject,
             )
+            return
+        self._sent.append(now)
+        held, self._held = self._held, 0
+        output = self._tail(run.get("id")) if kind != "recovered" else ""
+        lines = [subject, ""]
+        if run.get("id"):
+            lines += [
+                f"run:      #{run['id']} ({run.get('trigger') or 'schedule'})",
+                f"status:   {run.get('status')}",
+            ]
+            for key, label in (
+                ("started_at", "started:  "),
+                ("finished_at", "finished: "),
+            ):
+                if run.get(key):
+                    lines.append(
+                        label
+                        + _clock_time(
+                            parse_iso(run[key], datetime.timezone.utc),
+                            self.config.zone(),
+                            full=True,
+                        )
+                    )
+            if run.get("error"):
+                lines.append(f"error:    {run['error']}")
+            lines.append(f"link:     {self._link(run)}")
+        if output:
+            last = output.splitlines()[-20:]
+            lines += ["", "last output:", *("  " + line for line in last)]
+        if held:
+            lines += [
+                "",
+                f"({held} alert message{'' if held == 1 else 's'} held back by the cap of {self.config.alert_cap} an hour)",
+            ]
+        text = "\n".join(lines) + "\n"
+        event = "alert:" + kind
+        emails = sorted(set(self._emails) | set(job.notify_email or ()))
+        for url in self._urls:
+            slack = subject + (f" <{self._link(run)}>" if run.get("id") else "")
+            if held:
+                slack += f" ({held} held back by the cap)"
+            self._create(run, job, event, "url", url, {"message": slack, "alert": kind})
+        if emails and self.config.smtp_host:
+            spec = {"to": emails, "subject": subject, "text": text}
+            self._create(run, job, event, "mail", ", ".join(emails), spec)
+
+
+class _JobRef:
+    """A job known by name only (an incident whose job may be gone)."""
+
+    def __init__(self, name):
+        self.name = name
+        self.notify_email = ()
+
+
+def _command_text(command) -> str:
+    return command if isinstance(command, str) else shlex.join(command)
+
+
+def _default_url(config) -> str:
+    host = config.host
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config.port}"
+
+
+def _clock_time(ts, tz, full=False) -> str:
+    moment = datetime.datetime.fromtimestamp(ts, tz)
+    return moment.strftime("%Y-%m-%d %H:%M:%S %Z" if full else "%H:%M")
+
+
+def _what_happened(run) -> str:
+    """``failed (exit 3)``, ``timed out``, ``missed``, ``succeeded``..."""
+    status = run.get("status")
+    if status == "failed":
+        if run.get("signal"):
+            return f"failed ({_exit_description(None, run['signal'])})"
+        if run.get("exit_code") is not None:
+            return f"failed (exit {run['exit_code']})"
+        return "failed" + (f" ({run['error']})" if run.get("error") else "")
+    return (status or "ended").replace("_", " ")
 
 
 ###############################################################################
@@ -4933,14 +5712,22 @@ class Engine:
         self.tz = config.zone()
         self.store = Store(config.db)
         self.bus = EventBus()
-        self.runner = Runner(self.store, self.bus, config.max_concurrent, clock=clock)
+        self.metrics = Metrics()
+        self.runner = Runner(
+            self.store,
+            self.bus,
+            config.max_concurrent,
+            clock=clock,
+            limits=(config.max_rss_default, config.max_cpu_default),
+            metrics=self.metrics,
+        )
         self.scheduler = Scheduler(
             self.store, self.runner, self.bus, self.tz, clock=clock
         )
         self.jobs_file = (
             JobsFile(config.jobs, self.scheduler, self.bus) if config.jobs else None
         )
-        self.hooks = None
+        self.notifier = None
         self._last_lock = threading.Lock()
         self._last_runs = {}  # job -> (run id, public run, its JSON)
         self.bus.listen(self._track_last_run)
@@ -4973,22 +5760,23 @@ class Engine:
         out.update(self.runner.threads_alive())
         if self.jobs_file:
             out["jobsfile"] = self.jobs_file.alive()
-        if self.hooks:
-            out["hooks"] = self.hooks.alive()
+        if self.notifier:
+            out["notify"] = self.notifier.alive()
         return out
 
     def start(self) -> Engine:
         self.store.open()
         for name, row in self.store.last_runs().items():
             self._last_runs[name] = (row["id"], run_public(row))
-        self.hooks = Hooks(self.store)
-        self.runner.on_hook = self.hooks.fire
+        self.notifier = Notifier(self.store, self.config, metrics=self.metrics)
+        self.metrics.last_success.update(self.store.last_successes())
+        self.runner.on_hook = self.notifier.fire
         self.scheduler.load()
         loaded = self.jobs_file.load() if self.jobs_file else True
         if not loaded and not any(j.source == "file" for j in self.scheduler.jobs()):
             # Nothing from this file ran before: a service manager user
             # expects a refusal, not a server with no jobs.
-            self.hooks.close()
+            self.notifier.close()
             self.store.close()
             raise UsageError(
                 f"--jobs: {self.jobs_file.path} is invalid and no earlier "
@@ -4996,6 +5784,7 @@ class Engine:
                 + "\n  ".join(self.jobs_file.errors)
             )
         self.repair()
+        self.notifier.start()
         self.runner.start()
         self.scheduler.load_reboot()
         self.scheduler.start()
@@ -5023,8 +5812,8 @@ class Engine:
                 error="the server stopped while this run was " + row["status"],
             )
             self.bus.publish("run", run_public(row))
-            if self.hooks and job:
-                self.hooks.fire("on_failure", run_public(row), job)
+            if self.notifier and job:
+                self.notifier.fire("on_failure", run_public(row), job)
         return rows
 
     # -- the embedding surface (any thread) ------------------------------------
@@ -5125,8 +5914,8 @@ class Engine:
             self.jobs_file.reload_event.set()
         self.scheduler.stop()
         self.runner.shutdown(grace)
-        if self.hooks:
-            self.hooks.close()
+        if self.notifier:
+            self.notifier.close()
         self.store.close()
 
 
@@ -5219,6 +6008,7 @@ pre { margin: 0; white-space: pre-wrap; overflow-wrap: anywhere; font: 13px/1.45
 .logbar { display: flex; flex-wrap: wrap; gap: .5rem; align-items: center; margin: .5rem 0; }
 .legend span { margin-right: .8rem; font-size: .85rem; }
 .hidden { display: none !important; }
+ul.hooks { margin: .3rem 0; padding-left: 1.2rem; } .hook-failed { color: var(--bad); } .hook-pending { color: var(--warn); }
 form.editor { max-width: 56rem; }
 .field { margin-bottom: .8rem; }
 .field label { display: block; font-weight: 600; font-size: .9rem; margin-bottom: .2rem; }
@@ -5255,7 +6045,7 @@ summary { cursor: pointer; font-weight: 600; }
 <body>
 <header>
   <a class="brand" href="#/">minisched</a>
-  <nav class="nav"><a href="#/">Jobs</a> <a href="#/upcoming">Upcoming</a></nav>
+  <nav class="nav"><a href="#/">Jobs</a> <a href="#/upcoming">Upcoming</a> <a href="#/system">System</a></nav>
   <div class="counts" id="counts" aria-live="polite"></div>
   <div class="sys" id="sys"></div>
 </header>
@@ -5436,9 +6226,10 @@ async function dashboard() {
   };
   const v = view;
   const load = async () => {
-    let data;
-    try { data = await api("GET", "/api/jobs"); } catch (e) { return; }
+    let data, stats = null;
+    try { [data, stats] = await Promise.all([api("GET", "/api/jobs"), api("GET", "/api/stats?days=7").catch(() => null)]); } catch (e) { return; }
     if (v !== view) return;
+    rates = stats ? stats.jobs : {};
     all = data.jobs;
     const tags = [...new Set(all.flatMap(j => j.tags || []))].sort();
     const keep = filters.tag;
@@ -5477,10 +6268,15 @@ function jobActions(j, after) {
       onclick: () => { if (confirm("Delete job " + name + "? Its run history is kept.")) {
         act(() => api("DELETE", path), "Deleted " + name).then(() => { location.hash = "#/"; done(); }); } } }, "Delete"));
 }
-function lastRunCell(r) {
-  if (!r) return h("span", { class: "muted" }, "never");
+let rates = {};  // job -> its counts and success rate over 7 days (/api/stats)
+function rate(x) { return x === null || x === undefined ? "—" : Math.round(x * 1000) / 10 + "%"; }
+function lastRunCell(r, name) {
+  const week = rates[name];
+  const ok = week && week.success_rate !== null
+    ? h("div", { class: "muted small rate" }, rate(week.success_rate) + " ok in 7 d (" + week.runs + " runs)") : null;
+  if (!r) return h("span", { class: "muted" }, "never", ok);
   return h("span", null, h("a", { href: "#/run/" + r.id }, badge(r.status)), " ",
-    when(r.started_at || r.finished_at), r.duration !== null ? h("span", { class: "muted small" }, " · " + dur(r.duration)) : null);
+    when(r.started_at || r.finished_at), r.duration !== null ? h("span", { class: "muted small" }, " · " + dur(r.duration)) : null, ok);
 }
 function jobRow(j) {
   return h("tr", { "data-job": j.name },
@@ -5493,7 +6289,7 @@ function jobRow(j) {
     h("td", { "data-label": "Next run" }, j.paused ? h("span", { class: "badge s-skipped" }, "paused")
       : j.enabled === false ? h("span", { class: "muted" }, "disabled") : when(j.next_run_at),
       j.next_run_at && !j.paused ? h("div", { class: "muted small" }, abs(j.next_run_at)) : null),
-    h("td", { "data-label": "Last run" }, lastRunCell(j.last_run)),
+    h("td", { "data-label": "Last run" }, lastRunCell(j.last_run, j.name)),
     h("td", { "data-label": j.running ? "State" : null }, j.running ? h("span", { class: "s-running" }, h("span", { class: "dot", "aria-hidden": "true" }), "running") : ""),
     h("td", { "data-label": "Actions" }, jobActions(j)));
 }
@@ -5506,7 +6302,7 @@ async function jobPage(name) {
   try { j = await api("GET", "/api/jobs/" + encodeURIComponent(name)); }
   catch (e) { if (v === view) fill(main, h("h1", null, "Job"), h("p", { class: "error-box" }, e.message)); return; }
   if (v !== view) return;
-  const runsBox = h("div"), chartBox = h("div"), nextBox = h("ol", { class: "preview" });
+  const runsBox = h("div"), chartBox = h("div"), nextBox = h("ol", { class: "preview" }), statsBox = h("div");
   const cursors = [];
   let before = null;
   const loadRuns = async () => {
@@ -5560,15 +6356,46 @@ async function jobPage(name) {
         h("h2", null, "Next five fire times"), nextBox),
       h("div", { class: "card" }, h("h2", { style: "margin-top:0" }, "Recent durations"), chartBox,
         h("div", { class: "legend muted" }, h("span", { class: "s-succeeded" }, "■ succeeded"), h("span", { class: "s-failed" }, "■ failed / timed out"), h("span", { class: "s-cancelled" }, "■ cancelled / missed"))),
+      h("div", { class: "card" }, h("h2", { style: "margin-top:0" }, "Last 14 days"), statsBox),
       h("div", { class: "card" }, h("h2", { style: "margin-top:0" }, "Definition"), h("pre", null, JSON.stringify(maskEnv(definitionOf(j)), null, 2)))),
     h("h2", null, "Run history"), runsBox);
+  const loadStats = async () => {
+    let st;
+    try { st = await api("GET", "/api/jobs/" + encodeURIComponent(name) + "/stats?days=14"); } catch (e) { return; }
+    if (v !== view) return;
+    fill(statsBox,
+      h("p", { class: "success-rate" }, h("b", null, rate(st.success_rate)), " succeeded of " + st.runs + " runs"),
+      h("p", { class: "muted small" }, "duration p50 " + dur(st.duration.p50) + " · p95 " + dur(st.duration.p95) + " · max " + dur(st.duration.max),
+        st.longest_failure_streak ? " · longest failure streak " + st.longest_failure_streak : ""),
+      dayChart(st.per_day),
+      h("p", { class: "muted small" }, "last success ", when(st.last_success), " · last failure ", when(st.last_failure)));
+  };
   draw();
+  loadStats();
   loadNext();
   await loadRuns();
   onChange = () => { if (!before) reload(); };
 }
 const STATE_KEYS = ["source", "paused", "next_run_at", "last_run", "running", "schedule_description", "created_at"];
 function definitionOf(j) { const d = Object.assign({}, j); for (const k of STATE_KEYS) delete d[k]; return d; }
+const DAY_STATUSES = [["succeeded", "succeeded"], ["failed", "failed"], ["timed_out", "failed"], ["lost", "failed"], ["missed", "missed"], ["cancelled", "cancelled"], ["skipped", "skipped"]];
+function dayChart(days) {
+  // One bar per day, stacked by outcome.
+  const W = 400, H = 70, bw = W / Math.max(days.length, 1);
+  const box = svg("svg", { class: "chart days", viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "Outcomes per day" });
+  const most = Math.max(1, ...days.map(d => DAY_STATUSES.reduce((n, [s]) => n + d[s], 0)));
+  days.forEach((d, i) => {
+    let y = H;
+    for (const [status, colour] of DAY_STATUSES) {
+      if (!d[status]) continue;
+      const bh = Math.max(2, d[status] / most * (H - 4));
+      y -= bh;
+      box.append(svg("rect", { x: i * bw + 1, y, width: Math.max(1, bw - 2), height: bh, class: "s-" + colour },
+        svg("title", null, d.day + ": " + d[status] + " " + status.replace("_", " "))));
+    }
+  });
+  return box;
+}
 function durationChart(runs) {
   runs = runs.filter(r => r.duration !== null);
   const W = 400, H = 120;
@@ -5592,6 +6419,7 @@ async function runPage(id) {
   try { run = await api("GET", "/api/runs/" + id); }
   catch (e) { if (v === view) fill(main, h("h1", null, "Run"), h("p", { class: "error-box" }, e.message)); return; }
   if (v !== view) return;
+  let hooks = run.hooks || [];  // deliveries of its hooks and alerts
   const head = h("div"), log = h("pre", { class: "log", id: "log", tabindex: "0", "aria-label": "Run output" });
   const conn = h("span", { class: "muted small", role: "status" });
   const jump = h("button", { type: "button", class: "hidden", onclick: () => { follow = true; log.scrollTop = log.scrollHeight; jump.classList.add("hidden"); } }, "↓ New output");
@@ -5608,6 +6436,9 @@ async function runPage(id) {
       run.exit_code !== null ? " · exit code " + run.exit_code : "", run.signal ? " · signal " + run.signal : "",
       run.output_truncated ? " · output truncated" : ""),
     run.error ? h("p", { class: "error-box" }, run.error) : null,
+    hooks.length ? h("ul", { class: "hooks small" }, hooks.map(d => h("li", { class: "hook-" + d.status },
+      h("b", null, d.event), " → ", h("code", null, d.target), ": ", d.status,
+      d.attempts > 1 ? " after " + d.attempts + " attempts" : "", d.error ? " (" + d.error + ")" : ""))) : null,
     h("div", { class: "logbar" },
       ["running", "queued"].includes(run.status)
         ? h("button", { type: "button", class: "danger", onclick: () => act(() => api("POST", "/api/runs/" + run.id + "/stop"), "Stopping run " + run.id) }, "Stop")
@@ -5627,10 +6458,13 @@ async function runPage(id) {
   if (stream) stream.close();
   const es = stream = new EventSource("/api/runs/" + id + "/stream");
   es.addEventListener("log", (e) => append(JSON.parse(e.data)));
+  const refreshHooks = async () => {
+    try { const r = await api("GET", "/api/runs/" + id); if (v === view) { hooks = r.hooks || []; drawHead(); } } catch (e) { /* keep */ }
+  };
   es.addEventListener("status", (e) => { run = JSON.parse(e.data); drawHead(); });
   es.addEventListener("end", (e) => {
     const d = JSON.parse(e.data);
-    if (d && d.status) { run = d; drawHead(); es.close(); conn.textContent = ""; }
+    if (d && d.status) { run = d; drawHead(); es.close(); conn.textContent = ""; setTimeout(refreshHooks, 1500); }
   });
   es.onopen = () => { conn.textContent = ""; };
   es.onerror = () => { if (es.readyState !== EventSource.CLOSED) conn.textContent = "reconnecting…"; };
@@ -5661,6 +6495,32 @@ async function upcomingPage() {
     note.textContent = data.fires.length + " fires" + (data.truncated ? " (only the first 10000)" : "");
   };
   hoursSel.addEventListener("change", load);
+  onChange = load;
+  await load();
+}
+
+// -- system: the host's busiest processes, and the runs they belong to ---------------
+async function systemPage() {
+  const main = $("#main"), v = view;
+  const sortSel = h("select", { "aria-label": "Sort processes by" },
+    h("option", { value: "cpu" }, "by CPU"), h("option", { value: "mem" }, "by memory"));
+  const body = h("tbody");
+  fill(main, h("h1", null, "Busiest processes"), h("div", { class: "toolbar" }, sortSel),
+    h("table", { class: "cards processes" },
+      h("thead", null, h("tr", null, ["PID", "CPU", "Memory", "User", "Command", "Run"].map(t => h("th", { scope: "col" }, t)))), body));
+  const load = async () => {
+    let data;
+    try { data = await api("GET", "/api/system/processes?limit=20&sort=" + sortSel.value); } catch (e) { return; }
+    if (v !== view) return;
+    fill(body, ...data.processes.map(p => h("tr", { "data-pid": p.pid },
+      h("td", { "data-label": "PID" }, p.pid),
+      h("td", { "data-label": "CPU" }, p.cpu_percent + "%"),
+      h("td", { "data-label": "Memory" }, bytes(p.rss)),
+      h("td", { "data-label": "User" }, p.user || "—"),
+      h("td", { "data-label": "Command" }, h("code", null, p.command || p.name)),
+      h("td", { "data-label": "Run" }, p.run ? h("a", { href: "#/run/" + p.run.id }, p.run.job + " #" + p.run.id) : h("span", { class: "muted" }, "—")))));
+  };
+  sortSel.addEventListener("change", load);
   onChange = load;
   await load();
 }
@@ -5701,6 +6561,9 @@ const FIELDS = [
   ["on_success", "json", "On success hooks", "JSON list of hooks", false],
   ["on_failure", "json", "On failure hooks", "JSON list of hooks", false],
   ["after", "list", "Run after", "Comma-separated job names: run when one of them succeeds", false],
+  ["notify_email", "list", "Mail on failure", "Comma-separated addresses, besides the server's --notify-email", false],
+  ["max_rss", "number", "Max memory (bytes)", "The whole tree; over it the run is stopped and fails", false, "command"],
+  ["max_cpu", "number", "Max CPU (s)", "The whole tree's CPU seconds; over it the run is stopped and fails", false, "command"],
   ["leftovers", ["", "kill", "keep"], "Leftover processes", "When the job exits: stop what it left running (kill, default) or keep it, as cron does (for jobs that start daemons)", false, "command"],
 ];
 function fieldValue(type, v) {
@@ -5868,6 +6731,7 @@ async function route() {
   else if (parts[0] === "run" && parts[1]) await runPage(parts[1]);
   else if (parts[0] === "new") await editor(null);
   else if (parts[0] === "upcoming") await upcomingPage();
+  else if (parts[0] === "system") await systemPage();
   else if (parts[0] === "edit" && parts[1]) await editor(parts[1]);
   else await dashboard();
   document.title = "minisched" + (parts[1] ? " · " + parts[1] : "");
@@ -5967,6 +6831,9 @@ QUERY_PARAMS = {
     "expr": ("expr", {"type": "string"}, "a schedule, e.g. */5 * * * *"),
     "n": ("n", _int_schema(1, 100, 5), "how many fire times"),
     "hours": ("hours", _int_schema(1, 24 * 31, 24), "how far ahead"),
+    "days": ("days", _int_schema(1, 366, 7), "how far back"),
+    "proc_sort": ("sort", {"type": "string", "enum": ["cpu", "mem"]}, "busiest by"),
+    "proc_limit": ("limit", _int_schema(1, 200, 15), "at most this many"),
     "timezone": ("timezone", {"type": "string"}, "an IANA zone"),
     "after": ("after", {"type": "string"}, "ISO 8601 time (default: now)"),
     "anchor": ("anchor", {"type": "string"}, "where @every counts from"),
@@ -6187,6 +7054,22 @@ API_ROUTES = (
     ),
     _route(
         "GET",
+        "/api/jobs/{name}/stats",
+        "job_stats",
+        "An account of a job's runs over the last days",
+        ("days",),
+        response="Stats",
+    ),
+    _route(
+        "GET",
+        "/api/stats",
+        "all_stats",
+        "The same across all jobs, with each job's counts",
+        ("days",),
+        response="Stats",
+    ),
+    _route(
+        "GET",
         "/api/upcoming",
         "upcoming",
         "Every fire of every job in the next hours, in time order",
@@ -6195,6 +7078,14 @@ API_ROUTES = (
     ),
     _route(
         "GET", "/api/system", "system", "Host and server metrics", response="System"
+    ),
+    _route(
+        "GET",
+        "/api/system/processes",
+        "processes",
+        "The host's busiest processes, with the runs they belong to",
+        ("proc_sort", "proc_limit"),
+        response="Processes",
     ),
     _route(
         "POST",
@@ -6230,6 +7121,11 @@ _CSV_TEXT_FIELDS = (
     "concurrency",
     "catch_up",
 )
+
+
+def _rate(good: int, bad: int):
+    """``good / (good + bad)`` rounded, or None when there is neither."""
+    return round(good / (good + bad), 4) if good + bad else None
 
 
 def _token_hash(secret: str) -> str:
@@ -6306,6 +7202,7 @@ class Api:
         self._streams = 0
         self._logins = {}
         self._hosts = _allowed_hosts(config)
+        self._sampler = _ProcessTable()
         self._networks = config.networks("allow_ip")
         #: What a session opened with the current token records: one made
         #: with another token (the server restarted with a new one) is void.
@@ -6500,6 +7397,7 @@ class Api:
         engine = self.engine
         checks = {"database": engine.store.healthy}
         checks.update(engine.threads_alive())
+        checks["scheduler_lag"] = engine.scheduler.on_time()
         ok = all(checks.values()) and not self.closing.is_set()
         return _json(
             {
@@ -6667,7 +7565,7 @@ class Api:
             limit=self.int_param("run_limit"),
             offset=self.int_param("offset"),
         )
-        return {"runs": [run_public(r) for r in rows], "total": total}
+        return {"runs": self._with_hooks(rows), "total": total}
 
     def job_runs(self, name):
         if (
@@ -6681,7 +7579,12 @@ class Api:
         return self._runs(bottle.request.query.get("job") or None)
 
     def get_run(self, id):
-        return run_public(self.run_or_404(id))
+        return self._with_hooks([self.run_or_404(id)])[0]
+
+    def _with_hooks(self, rows) -> list:
+        """Public runs, each with the deliveries of its hooks and alerts."""
+        hooks = self.engine.store.deliveries_for([r["id"] for r in rows])
+        return [dict(run_public(r), hooks=hooks.get(r["id"], [])) for r in rows]
 
     def stop_run(self, id):
         row = self.run_or_404(id)
@@ -6901,6 +7804,53 @@ class Api:
             return {"valid": False, "errors": exc.errors}
         return {"valid": True, "errors": []}
 
+    def job_stats(self, name):
+        if (
+            self.engine.scheduler.get_job(name) is None
+            and not self.engine.store.list_runs(job=name, limit=1)[1]
+        ):
+            raise NotFoundError(f"no job named {name!r}", "name")
+        return self._stats(name)
+
+    def all_stats(self):
+        return self._stats(None)
+
+    def _stats(self, job):
+        days = self.int_param("days")
+        since = time.time() - days * 86400
+        raw = self.engine.store.stats(since, job)
+        out = {"job": job, "days": days, "since": iso_utc(since)}
+        counts = raw["by_status"]
+        out["runs"] = sum(counts.values())
+        out["by_status"] = {
+            status: counts.get(status, 0)
+            for status in RUN_STATUSES
+            if status not in ACTIVE_STATUSES
+        }
+        out["success_rate"] = _rate(
+            counts.get("succeeded", 0), sum(counts.get(s, 0) for s in FAILURE_STATUSES)
+        )
+        out["duration"] = raw["duration"]
+        out["mean_cpu"] = None if raw["mean_cpu"] is None else round(raw["mean_cpu"], 3)
+        out["peak_rss"] = raw["peak_rss"]
+        out["last_success"] = iso_utc(raw["last_success"])
+        out["last_failure"] = iso_utc(raw["last_failure"])
+        out["longest_failure_streak"] = raw["longest_failure_streak"]
+        first = math.floor(since / 86400)
+        out["per_day"] = [
+            dict(
+                {s: raw["per_day"].get(day, {}).get(s, 0) for s in out["by_status"]},
+                day=time.strftime("%Y-%m-%d", time.gmtime(day * 86400)),
+            )
+            for day in range(first, math.floor(time.time() / 86400) + 1)
+        ]
+        if job is None:
+            out["jobs"] = {
+                name: dict(c, success_rate=_rate(c["succeeded"], c["failures"]))
+                for name, c in sorted(raw["jobs"].items())
+            }
+        return out
+
     def upcoming(self):
         hours = self.int_param("hours")
         fires, truncated = self.engine.scheduler.upcoming(time.time() + hours * 3600)
@@ -7019,50 +7969,107 @@ class Api:
     def system(self):
         return _system_details(self.engine.config.db)
 
+    def processes(self):
+        sort = bottle.request.query.get("sort") or "cpu"
+        if sort not in ("cpu", "mem"):
+            raise InvalidError("sort: must be cpu or mem", "sort")
+        runs = {}  # pid -> run, for every process of every running run
+        for run in self.engine.runner.active_runs():
+            if run.pid:
+                for pid in _tree_pids(run.pid):
+                    runs[pid] = {"id": run.id, "job": run.job.name}
+        rows = self._sampler.sample()
+        key = "cpu_percent" if sort == "cpu" else "rss"
+        rows.sort(key=lambda row: row[key] or 0, reverse=True)
+        limit = self.int_param("proc_limit")
+        for row in rows[:limit]:
+            row["run"] = runs.get(row["pid"])
+        return {"sort": sort, "total": len(rows), "processes": rows[:limit]}
+
     def metrics(self):
         engine = self.engine
-        with engine.runner._lock:
-            stats = dict(engine.runner.stats)
-            durations = {k: list(v) for k, v in engine.runner.durations.items()}
+        snap = engine.metrics.snapshot()
         counts = engine.runner.counts()
-        lines = [
-            "# HELP minisched_up 1 while the scheduler and database are healthy.",
-            "# TYPE minisched_up gauge",
-            f"minisched_up {int(engine.scheduler.alive() and engine.store.healthy)}",
-            "# HELP minisched_jobs Jobs defined.",
-            "# TYPE minisched_jobs gauge",
-            f"minisched_jobs {len(engine.scheduler.jobs())}",
-            "# HELP minisched_runs_total Runs ended since the server started.",
-            "# TYPE minisched_runs_total counter",
-        ]
-        for (job, status), count in sorted(stats.items()):
+        up = all(engine.threads_alive().values()) and engine.store.healthy
+
+        def family(name, kind, text):
+            return [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+
+        def job_label(job):
+            return f'job="{_prom_label(job)}"'
+
+        lines = family(
+            "minisched_up",
+            "gauge",
+            "1 while every engine thread and the database are healthy.",
+        )
+        lines.append(f"minisched_up {int(up)}")
+        lines += family("minisched_jobs", "gauge", "Jobs defined.")
+        lines.append(f"minisched_jobs {len(engine.scheduler.jobs())}")
+        lines += family(
+            "minisched_runs_total",
+            "counter",
+            "Runs ended since the server started, by job and status.",
+        )
+        for (job, status), count in sorted(snap["runs"].items()):
             lines.append(
-                f'minisched_runs_total{{job="{_prom_label(job)}",'
-                f'status="{status}"}} {count}'
+                f'minisched_runs_total{{{job_label(job)},status="{status}"}} {count}'
             )
-        lines += [
-            "# HELP minisched_run_duration_seconds Duration of ended runs.",
-            "# TYPE minisched_run_duration_seconds summary",
-        ]
-        for job, (total, count) in sorted(durations.items()):
-            label = _prom_label(job)
+        lines += family(
+            "minisched_run_duration_seconds", "histogram", "Duration of ended runs."
+        )
+        for job, buckets in sorted(snap["durations"].items()):
+            lines += prometheus_histogram(
+                "minisched_run_duration_seconds",
+                job_label(job),
+                buckets,
+                DURATION_BUCKETS,
+            )
+        lines += family(
+            "minisched_job_last_success_timestamp_seconds",
+            "gauge",
+            "When each job last succeeded (Unix time).",
+        )
+        for job, at in sorted(snap["last_success"].items()):
             lines.append(
-                f'minisched_run_duration_seconds_sum{{job="{label}"}} {total:.6f}'
+                f"minisched_job_last_success_timestamp_seconds{{{job_label(job)}}} {at:.3f}"
             )
+        lines += family(
+            "minisched_schedule_lag_seconds",
+            "histogram",
+            "How late scheduled runs started after their slot.",
+        )
+        lines += prometheus_histogram(
+            "minisched_schedule_lag_seconds", "", snap["lag"], LAG_BUCKETS
+        )
+        lines += family(
+            "minisched_output_bytes_total",
+            "counter",
+            "Bytes of output runs printed, by job.",
+        )
+        for job, size in sorted(snap["output"].items()):
+            lines.append(f"minisched_output_bytes_total{{{job_label(job)}}} {size}")
+        lines += family(
+            "minisched_hook_deliveries_total",
+            "counter",
+            "Hook and alert deliveries ended, by job and result.",
+        )
+        for (job, result), count in sorted(snap["deliveries"].items()):
             lines.append(
-                f'minisched_run_duration_seconds_count{{job="{label}"}} {count}'
+                f'minisched_hook_deliveries_total{{{job_label(job)},result="{result}"}} {count}'
             )
-        lines += [
-            "# HELP minisched_running Runs running now.",
-            "# TYPE minisched_running gauge",
-            f"minisched_running {counts['running']}",
-            "# HELP minisched_queued Runs waiting to start.",
-            "# TYPE minisched_queued gauge",
-            f"minisched_queued {counts['queued']}",
-            "# HELP minisched_scheduler_lag_seconds How late the last slots were handled.",
-            "# TYPE minisched_scheduler_lag_seconds gauge",
-            f"minisched_scheduler_lag_seconds {engine.scheduler.lag:.6f}",
-        ]
+        lines += family("minisched_running", "gauge", "Runs running now.")
+        lines.append(f"minisched_running {counts['running']}")
+        lines += family(
+            "minisched_queued", "gauge", "Runs waiting to start (the queue)."
+        )
+        lines.append(f"minisched_queued {counts['queued']}")
+        lines += family(
+            "minisched_scheduler_lag_seconds",
+            "gauge",
+            "How late the scheduler handled its last slots.",
+        )
+        lines.append(f"minisched_scheduler_lag_seconds {engine.scheduler.lag:.6f}")
         response = bottle.HTTPResponse("\n".join(lines) + "\n")
         response.content_type = "text/plain; version=0.0.4; charset=utf-8"
         return response
@@ -7177,6 +8184,57 @@ def _parse_csv_jobs(text) -> list:
     return jobs
 
 
+class _ProcessTable:
+    """The host's processes with CPU use since the previous call (psutil keeps
+    per-process state for that); the first call measures over 0.2 s.  Request
+    threads; one lock, held for the sample."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._procs = {}  # pid -> psutil.Process, kept between calls
+        self._last = 0.0
+
+    def sample(self) -> list:
+        with self._lock:
+            seen = {}
+            for proc in psutil.process_iter():
+                seen[proc.pid] = self._procs.get(proc.pid, proc)
+            self._procs = seen
+            if time.monotonic() - self._last > 60:  # nothing to compare with
+                for proc in seen.values():
+                    with contextlib.suppress(psutil.Error):
+                        proc.cpu_percent(None)
+                time.sleep(0.2)
+            self._last = time.monotonic()
+            total = psutil.virtual_memory().total
+            rows = []
+            for proc in seen.values():
+                try:
+                    with proc.oneshot():
+                        rss = proc.memory_info().rss
+                        rows.append(
+                            {
+                                "pid": proc.pid,
+                                "name": proc.name(),
+                                "user": _safe(proc.username),
+                                "cpu_percent": round(proc.cpu_percent(None), 1),
+                                "rss": rss,
+                                "memory_percent": round(rss * 100 / total, 2),
+                                "command": " ".join(_safe(proc.cmdline) or [])[:300],
+                            }
+                        )
+                except psutil.Error:
+                    continue
+            return rows
+
+
+def _safe(method):
+    try:
+        return method()
+    except psutil.Error:
+        return None
+
+
 def _system_summary(db_path) -> dict:
     vm = psutil.virtual_memory()
     disk = psutil.disk_usage(os.path.dirname(os.path.abspath(db_path)))
@@ -7265,6 +8323,7 @@ _FIELD_SCHEMAS = {
         "type": "array",
         "items": {"type": "string", "pattern": _NAME_RE.pattern},
     },
+    "notify_email": {"type": "array", "items": {"type": "string", "format": "email"}},
 }
 
 
@@ -7279,7 +8338,7 @@ def _job_field_schema(name: str) -> dict:
         schema = {"type": "string", "enum": list(_CHOICES[name])}
     else:
         schema = dict(_FIELD_SCHEMAS[name])
-    if name == "starting_deadline":
+    if JOB_DEFAULTS[name] is None:
         schema["nullable"] = True
     default = JOB_DEFAULTS[name]
     if default is not None:
@@ -7327,6 +8386,18 @@ def _schemas() -> dict:
         "leftovers_stopped": _nullable({"type": "integer"}),
     }
     run = _object(run_types, run_types)
+    delivery = _object(
+        {
+            "event": _STR,
+            "target": _STR,
+            "status": {"type": "string", "enum": ["ok", "failed", "pending"]},
+            "attempts": {"type": "integer"},
+            "error": _nullable(_STR),
+            "at": _TIME,
+        },
+        ["event", "target", "status", "attempts", "error", "at"],
+    )
+    run["properties"]["hooks"] = {"type": "array", "items": delivery}
     state = {
         "source": {"type": "string", "enum": ["api", "file"]},
         "schedule_description": _STR,
@@ -7502,6 +8573,59 @@ def _schemas() -> dict:
             {"ok": {"type": "boolean"}, "token_required": {"type": "boolean"}}, ["ok"]
         ),
         "Object": {"type": "object"},
+        "Processes": _object(
+            {
+                "sort": {"type": "string", "enum": ["cpu", "mem"]},
+                "total": {"type": "integer"},
+                "processes": {
+                    "type": "array",
+                    "items": _object(
+                        {
+                            "pid": {"type": "integer"},
+                            "name": _STR,
+                            "user": _nullable(_STR),
+                            "cpu_percent": {"type": "number"},
+                            "rss": {"type": "integer"},
+                            "memory_percent": {"type": "number"},
+                            "command": _STR,
+                            "run": _nullable(
+                                _object(
+                                    {"id": {"type": "integer"}, "job": _STR},
+                                    ["id", "job"],
+                                )
+                            ),
+                        },
+                        ["pid", "name", "cpu_percent", "rss", "run"],
+                    ),
+                },
+            },
+            ["sort", "total", "processes"],
+        ),
+        "Stats": _object(
+            {
+                "job": _nullable(_STR),
+                "days": {"type": "integer"},
+                "since": _TIME,
+                "runs": {"type": "integer"},
+                "by_status": {
+                    "type": "object",
+                    "additionalProperties": {"type": "integer"},
+                },
+                "success_rate": _nullable({"type": "number"}),
+                "duration": _object(
+                    {k: _nullable({"type": "number"}) for k in ("p50", "p95", "max")},
+                    ["p50", "p95", "max"],
+                ),
+                "mean_cpu": _nullable({"type": "number"}),
+                "peak_rss": _nullable({"type": "integer"}),
+                "last_success": _TIME,
+                "last_failure": _TIME,
+                "longest_failure_streak": {"type": "integer"},
+                "per_day": {"type": "array", "items": {"type": "object"}},
+                "jobs": {"type": "object"},
+            },
+            ["job", "days", "runs", "by_status", "success_rate", "duration", "per_day"],
+        ),
         "Upcoming": _object(
             {
                 "hours": {"type": "integer"},

@@ -7,6 +7,7 @@ wait on conditions with deadlines; the scheduler is driven by a fake clock.
 import collections
 import contextlib
 import datetime
+import email
 import errno
 import http.client
 import http.server
@@ -20,6 +21,7 @@ import re
 import shutil
 import signal
 import socket
+import socketserver
 import sqlite3
 import subprocess
 import sys
@@ -564,7 +566,13 @@ def test_retention_keeps_real_runs_apart_from_noise(tmp_path):
 def test_a_day_of_every_five_minutes(harness):
     clock = FakeClock(ts("2026-06-01T00:00:00Z"))
     h = harness(clock=clock)
-    h.add(name="five", schedule="*/5 * * * *", concurrency="allow", keep_runs=1000)
+    h.add(
+        name="five",
+        schedule="*/5 * * * *",
+        concurrency="allow",
+        keep_runs=1000,
+        starting_deadline=3 * 86400,  # the fake day passes in real milliseconds
+    )
     ticks = 0
     end = clock.t + 86400
     while clock.t < end:
@@ -585,7 +593,13 @@ def test_a_day_of_every_five_minutes(harness):
 def test_exactly_once_across_a_restart(harness, tmp_path):
     clock = FakeClock(ts("2026-06-01T00:00:00Z"))
     h = harness(clock=clock)
-    h.add(name="five", schedule="*/5 * * * *", concurrency="allow", keep_runs=1000)
+    h.add(
+        name="five",
+        schedule="*/5 * * * *",
+        concurrency="allow",
+        keep_runs=1000,
+        starting_deadline=3 * 86400,  # the fake day passes in real milliseconds
+    )
     while clock.t < ts("2026-06-01T12:00:00Z"):
         clock.t += h.sched.tick()
     h.sched.tick()
@@ -1428,6 +1442,10 @@ class WsgiResponse:
         return data
 
 
+def without_hooks(run):
+    return {k: v for k, v in run.items() if k != "hooks"}
+
+
 class RunWaiting:
     """Waiting on runs through the API (``find_run`` is None until it is there)."""
 
@@ -1838,7 +1856,8 @@ def test_api_run_log_and_replayed_stream(api):
     events = parse_sse(stream.text)
     assert [e[0] for e in events] == ["log", "log", "log", "status", "end"]
     assert [int(e[1]) for e in events[:3]] == [c["seq"] for c in chunks]
-    assert events[-1][2] == run
+    # Live events carry the run without its deliveries (they may be pending).
+    assert events[-1][2] == without_hooks(run)
     resumed = parse_sse(
         api.get(
             f"/api/runs/{run['id']}/stream",
@@ -2607,7 +2626,7 @@ def test_sse_replays_a_finished_run_and_honours_last_event_id(live):
         ("stdout", "three\n"),
     ]
     assert [int(e.id) for e in events[:3]] == [e.data["seq"] for e in events[:3]]
-    assert events[-1].data == run
+    assert events[-1].data == without_hooks(run)
     resumed = srv.sse(path, headers={"Last-Event-ID": events[0].id}).rest()
     assert [e.data["text"] for e in resumed if e.event == "log"] == ["two\n", "three\n"]
     assert resumed[-1].event == "end"
@@ -4088,7 +4107,7 @@ def test_health_reports_every_engine_thread(engines):
     engine = engines()
     api = WsgiClient(make_app(engine), engine)
     checks = api.ok("GET", "/api/health")["checks"]
-    assert {"scheduler", "writer", "launcher", "io", "sampler", "hooks"} <= set(checks)
+    assert {"scheduler", "writer", "launcher", "io", "sampler", "notify"} <= set(checks)
     dead = threading.Thread(target=lambda: None, name="minisched-launcher")
     dead.start()
     dead.join()
@@ -4366,7 +4385,8 @@ def api_schema(tmp_path_factory, monkeypatch):
         return real_spawn(["/bin/true"], env, *args[:3])
 
     monkeypatch.setattr(minisched, "spawn_session", harmless)
-    monkeypatch.setattr(minisched.Hooks, "_deliver", lambda self, *args: None)
+    for sender in ("_send_url", "_run_command", "_send_mail"):
+        monkeypatch.setattr(minisched.Notifier, sender, lambda self, delivery: None)
     monkeypatch.chdir(tmp)
     engine = Engine(
         Config(db=str(tmp / "m.db"), timezone="UTC", max_concurrent=4)
@@ -4792,6 +4812,15 @@ def test_a_daemon_detaches_holds_its_pidfile_and_shuts_down(tmp_path):
     started = run_cmd(*serve, "--daemon", *flags)
     assert started.returncode == 0, started.stderr
     pid = int(pidfile.read_text())
+    try:
+        _check_daemon(tmp_path, pid, started, serve, flags)
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)  # never leave a daemon behind
+
+
+def _check_daemon(tmp_path, pid, started, serve, flags):
+    pidfile = tmp_path / "m.pid"
     assert started.stdout.strip() == f"minisched started in the background (pid {pid})"
     daemon = psutil.Process(pid)
     assert daemon.ppid() != os.getpid()  # detached: not our child
@@ -5184,3 +5213,540 @@ def test_every_command_and_serve_flag_is_in_the_readme():
                 for flag in action.option_strings:
                     if flag.startswith("--") and flag != "--help":
                         assert flag in readme, flag
+
+
+# -- alerts people read, limits that hold (issue 11) ------------------------------
+
+
+class Collector(http.server.ThreadingHTTPServer):
+    """A loopback webhook receiver: records every POST; ``/fail/N...``
+    answers 500 to the first N requests on that path, ``/slow`` takes 3 s."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _CollectorHandler)
+        self.received = []
+        self.failures = collections.Counter()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+    def bodies(self, path=None):
+        return [b for p, _h, b in self.received if path is None or p == path]
+
+
+class _CollectorHandler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        path = self.path
+        if path.startswith("/slow"):
+            time.sleep(3)
+        match = re.match(r"/fail/(\d+)", path)
+        if match and self.server.failures[path] < int(match.group(1)):
+            self.server.failures[path] += 1
+            self.send_response(500)
+            self.end_headers()
+            return
+        self.server.received.append((path, dict(self.headers), body))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def collector():
+    server = Collector()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def quick_retries(monkeypatch):
+    monkeypatch.setattr(minisched, "RETRY_DELAYS", (0.05, 0.1, 0.2))
+
+
+def hooks_of(engine, run_id):
+    api = WsgiClient(make_app(engine), engine)
+    return api.ok("GET", f"/api/runs/{run_id}")["hooks"]
+
+
+def test_hook_deliveries_are_recorded_and_retried(
+    engines, collector, quick_retries, tmp_path
+):
+    engine = engines()
+    out = tmp_path / "hook-env"
+    engine.add_job(
+        {
+            "name": "flaky",
+            "command": "echo doing; echo it broke >&2; exit 3",
+            "on_failure": [
+                {"url": collector.url + "/fail/2", "headers": {"X-Token": "t0k"}},
+                {"url": "http://127.0.0.1:9/nobody-listens"},
+                {"command": f"env > {out}"},
+            ],
+        }
+    )
+    run = engine.wait(engine.trigger("flaky")["id"])
+    assert run["status"] == "failed"  # hooks never change it
+    hooks = wait_for(
+        lambda: (
+            (h := hooks_of(engine, run["id"]))
+            and all(d["status"] != "pending" for d in h)
+            and h
+        )
+    )
+    by_target = {d["target"]: d for d in hooks}
+    ok = by_target[collector.url + "/fail/2"]
+    assert (ok["status"], ok["attempts"], ok["event"]) == ("ok", 3, "on_failure")
+    dead = by_target["http://127.0.0.1:9/nobody-listens"]
+    assert dead["status"] == "failed" and dead["attempts"] == 4 and dead["error"]
+    command = by_target[f"env > {out}"]
+    assert command["status"] == "ok" and command["attempts"] == 1
+    env = dict(
+        line.split("=", 1) for line in out.read_text().splitlines() if "=" in line
+    )
+    assert env["MINISCHED_JOB"] == "flaky" and env["MINISCHED_STATUS"] == "failed"
+    assert env["MINISCHED_EXIT_CODE"] == "3" and float(env["MINISCHED_DURATION"]) >= 0
+    assert env["MINISCHED_RUN_ID"] == str(run["id"])
+    [(_path, headers, body)] = collector.received
+    assert headers["X-Token"] == "t0k"
+    assert (
+        body["job"] == "flaky"
+        and body["run_id"] == run["id"]
+        and body["exit_code"] == 3
+    )
+    assert "it broke" in body["output_tail"] and body["host"] == socket.gethostname()
+    assert (
+        body["link"].endswith(f"/#/run/{run['id']}")
+        and "flaky failed (exit 3)" in body["text"]
+    )
+    assert engine.store.get_run(run["id"])["status"] == "failed"
+    metrics = WsgiClient(make_app(engine), engine).get("/metrics").text
+    assert 'minisched_hook_deliveries_total{job="flaky",result="ok"} 2' in metrics
+    assert 'minisched_hook_deliveries_total{job="flaky",result="failed"} 1' in metrics
+
+
+def test_a_slow_receiver_delays_no_one_else(engines, collector):
+    engine = engines()
+    engine.add_job(
+        {
+            "name": "slow",
+            "command": "true",
+            "on_success": [{"url": collector.url + "/slow"}],
+        }
+    )
+    engine.add_job(
+        {
+            "name": "fast",
+            "command": "true",
+            "on_success": [{"url": collector.url + "/fast"}],
+        }
+    )
+    engine.wait(engine.trigger("slow")["id"])
+    t0 = time.monotonic()
+    run = engine.wait(engine.trigger("fast")["id"])
+    wait_for(lambda: collector.bodies("/fast"), 5)
+    assert time.monotonic() - t0 < 2  # not after the 3 s one
+    assert run["status"] == "succeeded"
+
+
+def test_a_command_hook_is_stopped_with_its_tree(engines, monkeypatch):
+    monkeypatch.setattr(minisched, "HOOK_COMMAND_TIMEOUT", 0.5)
+    engine = engines()
+    engine.add_job(
+        {
+            "name": "j",
+            "command": "true",
+            "on_success": [{"command": "sleep 30 & sleep 31"}],
+        }
+    )
+    run = engine.wait(engine.trigger("j")["id"])
+    [hook] = wait_for(
+        lambda: [d for d in hooks_of(engine, run["id"]) if d["status"] != "pending"], 15
+    )
+    assert hook["status"] == "failed" and "hook timeout of 0.5s" in hook["error"]
+    leftover = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if p.info["cmdline"] in (["sleep", "30"], ["sleep", "31"])
+    ]
+    assert not leftover
+
+
+def test_a_pending_delivery_survives_a_restart(tmp_path, collector, monkeypatch):
+    monkeypatch.setattr(minisched, "RETRY_DELAYS", (2.0, 2.0, 2.0))
+    db = str(tmp_path / "m.db")
+    engine = Engine(Config(db=db, timezone="UTC")).start()
+    engine.add_job(
+        {
+            "name": "j",
+            "command": "true",
+            "on_success": [{"url": collector.url + "/fail/1"}],
+        }
+    )
+    run = engine.wait(engine.trigger("j")["id"])
+    wait_for(lambda: collector.failures["/fail/1"] == 1)
+    engine.shutdown(1)  # the retry was 2 s away
+    assert collector.bodies() == []
+    engine = Engine(Config(db=db, timezone="UTC")).start()
+    try:
+        wait_for(lambda: collector.bodies(), 10)
+        [hook] = wait_for(
+            lambda: [d for d in hooks_of(engine, run["id"]) if d["status"] == "ok"]
+        )
+        assert hook["attempts"] == 2
+    finally:
+        engine.shutdown(1)
+
+
+def alert_notifier(tmp_path, collector, clock, **settings):
+    store = Store(str(tmp_path / "alerts.db")).open()
+    config = Config(
+        db=str(tmp_path / "alerts.db"),
+        notify_url=[collector.url + "/alert"],
+        timezone="UTC",
+        **settings,
+    )
+    notifier = minisched.Notifier(store, config, clock=clock)
+    notifier.start()
+    return notifier, store
+
+
+def fake_run(run_id, status="failed", exit_code=3):
+    return {
+        "id": run_id,
+        "status": status,
+        "exit_code": exit_code,
+        "trigger": "schedule",
+    }
+
+
+def test_alerts_are_one_per_incident(tmp_path, collector):
+    clock = FakeClock(ts("2026-12-02T14:00:00+00:00"))
+    notifier, store = alert_notifier(tmp_path, collector, clock)
+    job = minisched.Job(validate_job({"name": "etl", "command": "true"}), UTC)
+    try:
+        notifier.fire("on_failure", fake_run(1), job)
+        wait_for(lambda: len(collector.bodies()) == 1)
+        assert collector.bodies()[0]["text"].startswith(
+            f"[minisched {socket.gethostname()}] etl failed (exit 3)"
+        )
+        for n in range(2, 12):  # failures within the hour: no message
+            clock.t += 60
+            notifier.fire("on_failure", fake_run(n), job)
+        time.sleep(0.3)
+        assert len(collector.bodies()) == 1
+        clock.t = ts("2026-12-02T15:00:30+00:00")
+        notifier.fire("on_failure", fake_run(12), job)
+        wait_for(lambda: len(collector.bodies()) == 2)
+        assert "etl failed 12 times since 14:00" in collector.bodies()[1]["text"]
+        notifier.fire("on_success", fake_run(13, "succeeded", 0), job)
+        wait_for(lambda: len(collector.bodies()) == 3)
+        assert (
+            "etl is back to normal (12 failures since 14:00)"
+            in collector.bodies()[2]["text"]
+        )
+        notifier.fire("on_success", fake_run(14, "succeeded", 0), job)
+        time.sleep(0.3)
+        assert len(collector.bodies()) == 3  # no incident: nothing to say
+        assert [b["event"] for b in collector.bodies()] == [
+            "alert:failure",
+            "alert:summary",
+            "alert:recovered",
+        ]
+    finally:
+        notifier.close()
+        store.close()
+
+
+def test_the_alert_cap_holds_and_says_what_it_held(tmp_path, collector):
+    clock = FakeClock(ts("2026-12-02T14:00:00+00:00"))
+    notifier, store = alert_notifier(tmp_path, collector, clock, alert_cap=2)
+    jobs = [
+        minisched.Job(validate_job({"name": n, "command": "true"}), UTC) for n in "abc"
+    ]
+    try:
+        for i, job in enumerate(jobs):
+            notifier.fire("on_failure", fake_run(i + 1), job)
+        wait_for(lambda: len(collector.bodies()) == 2)
+        time.sleep(0.3)
+        assert len(collector.bodies()) == 2  # c's failure is held back
+        clock.t += 3601
+        notifier.fire("on_success", fake_run(9, "succeeded", 0), jobs[0])
+        wait_for(lambda: len(collector.bodies()) == 3)
+        assert "(1 held back by the cap)" in collector.bodies()[2]["text"]
+    finally:
+        notifier.close()
+        store.close()
+
+
+class SmtpSink(socketserver.ThreadingTCPServer):
+    """A loopback SMTP receiver that refuses the first ``refuse`` connections."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, refuse=0):
+        super().__init__(("127.0.0.1", 0), _SmtpHandler)
+        self.refuse = refuse
+        self.messages = []
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+class _SmtpHandler(socketserver.StreamRequestHandler):
+    def reply(self, text):
+        self.wfile.write(text.encode() + b"\r\n")
+
+    def handle(self):
+        if self.server.refuse > 0:
+            self.server.refuse -= 1
+            self.reply("421 busy, try again later")
+            return
+        self.reply("220 sink ready")
+        envelope = {"to": []}
+        while line := self.rfile.readline():
+            command = line.decode("ascii", "replace").strip()
+            verb = command.upper()
+            if verb.startswith(("EHLO", "HELO")):
+                self.reply("250 sink")
+            elif verb.startswith("MAIL FROM:"):
+                envelope["from"] = command[10:].strip(" <>")
+                self.reply("250 ok")
+            elif verb.startswith("RCPT TO:"):
+                envelope["to"].append(command[8:].strip(" <>"))
+                self.reply("250 ok")
+            elif verb == "DATA":
+                self.reply("354 go on")
+                data = []
+                while (part := self.rfile.readline()) not in (b".\r\n", b""):
+                    data.append(part)
+                envelope["message"] = email.message_from_bytes(b"".join(data))
+                self.server.messages.append(envelope)
+                envelope = {"to": []}
+                self.reply("250 queued")
+            elif verb == "QUIT":
+                self.reply("221 bye")
+                return
+            else:
+                self.reply("250 ok")
+
+
+def test_mail_alerts_reach_a_real_smtp_receiver(engines, quick_retries):
+    sink = SmtpSink(refuse=1)
+    try:
+        engine = engines(
+            smtp_host="127.0.0.1",
+            smtp_port=sink.server_address[1],
+            smtp_from="minisched@example.com",
+            notify_email=["ops@example.com"],
+        )
+        engine.add_job(
+            {
+                "name": "backup",
+                "command": "echo step one; echo disk full >&2; exit 3",
+                "notify_email": ["dba@example.com"],
+            }
+        )
+        run = engine.wait(engine.trigger("backup")["id"])
+        [mail] = wait_for(lambda: sink.messages, 10)
+        message = mail["message"]
+        assert sorted(mail["to"]) == ["dba@example.com", "ops@example.com"]
+        assert (
+            message["Subject"]
+            == f"[minisched {socket.gethostname()}] backup failed (exit 3)"
+        )
+        assert message["From"] == "minisched@example.com"
+        body = message.get_payload(decode=True).decode()
+        assert f"run:      #{run['id']}" in body and "disk full" in body
+        assert f"/#/run/{run['id']}" in body and "finished:" in body
+        [alert] = [
+            d for d in hooks_of(engine, run["id"]) if d["event"] == "alert:failure"
+        ]
+        assert alert["status"] == "ok" and alert["attempts"] == 2  # refused once
+    finally:
+        sink.shutdown()
+        sink.server_close()
+
+
+def test_a_late_run_is_missed_and_alerts(engines, collector, tmp_path):
+    engine = engines(max_concurrent=1, notify_url=[collector.url + "/alert"])
+    engine.add_job(
+        {"name": "hog", "command": blocking_command(tmp_path), "kill_grace": 1}
+    )
+    engine.add_job({"name": "tight", "command": "true", "starting_deadline": 0.3})
+    engine.trigger("hog")
+    wait_for(lambda: engine.runner.counts()["running"] == 1)
+    now = time.time()
+    late = engine.runner.submit(
+        engine.scheduler.get_job("tight"), "schedule", slot=now, scheduled_at=now
+    )
+    wait_for(lambda: collector.bodies("/alert"), 5)
+    assert "tight missed" in collector.bodies("/alert")[0]["text"]
+    assert engine.run(late["id"])["status"] == "missed"
+    engine.stop("hog")
+
+
+def test_late_means_sixty_seconds_without_a_deadline(harness):
+    clock = FakeClock(ts("2026-12-02T13:59:00+00:00"))
+    h = harness(clock=clock)
+    h.sched.started_at = clock.t
+    h.add(name="hourly", command="true", schedule="0 * * * *")
+    h.add(name="other", command="true", schedule="0 * * * *", starting_deadline=120)
+    clock.t = ts("2026-12-02T14:01:05+00:00")  # the 14:00 slot is handled 65 s late
+    h.sched.tick()
+    h.wait_idle()
+    [missed] = h.runs("hourly")
+    assert missed["status"] == "missed"
+    assert missed["error"].endswith("it could not start within 60s of its time")
+    assert [r["status"] for r in h.runs("other")] == ["succeeded"]  # its own deadline
+
+
+def test_max_rss_and_max_cpu_stop_a_run(harness):
+    h = harness()
+    hog = f"{sys.executable} -c 'import time; b = bytearray(300 << 20); time.sleep(30)'"
+    h.add(name="fat", command=hog, max_rss=100 << 20, kill_grace=1)
+    h.add(name="busy", command="while :; do :; done", max_cpu=1.5, kill_grace=1)
+    fat, busy = h.sched.trigger("fat"), h.sched.trigger("busy")
+    h.wait_idle(20)
+    row = h.store.get_run(fat["id"])
+    assert row["status"] == "failed" and row["error"].startswith(
+        "stopped: max_rss: its processes used "
+    )
+    assert "over the limit of 100.0 MiB" in row["error"]
+    row = h.store.get_run(busy["id"])
+    assert row["status"] == "failed" and "max_cpu" in row["error"], row["error"]
+    assert row["duration"] < 10
+
+
+def test_server_wide_default_limits(harness):
+    h = harness()
+    h.runner.default_cpu = 1.0
+    h.add(name="spin", command="while :; do :; done", kill_grace=1)
+    run = h.sched.trigger("spin")
+    h.wait_idle(20)
+    assert "max_cpu" in h.store.get_run(run["id"])["error"]
+
+
+def insert_runs(store, job, rows):
+    now = time.time()
+    for i, (status, duration, age_days) in enumerate(rows):
+        finished = now - age_days * 86400 - i
+        store.insert_run(
+            {
+                "id": store.allocate_run_id(),
+                "job": job,
+                "status": status,
+                "trigger": "schedule",
+                "started_at": finished - (duration or 0),
+                "finished_at": finished,
+                "duration": duration,
+                "cpu_time": 0.5,
+                "peak_rss": 10 << 20,
+            }
+        )
+    store.flush()
+
+
+def test_job_stats(api):
+    engine = api.engine
+    api.ok("POST", "/api/jobs", {"name": "s", "command": "true"}, 201)
+    runs = [("succeeded", d, 0) for d in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)]
+    runs += [
+        ("failed", 1, 1),
+        ("timed_out", 30, 1),
+        ("failed", 1, 1),
+        ("succeeded", 2, 1),
+    ]
+    runs += [
+        ("skipped", None, 0),
+        ("cancelled", 3, 0),
+        ("succeeded", 100, 20),
+    ]  # the last is old
+    insert_runs(engine.store, "s", runs)
+    stats = api.ok("GET", "/api/jobs/s/stats?days=7")
+    assert stats["runs"] == 16
+    assert stats["by_status"]["succeeded"] == 11 and stats["by_status"]["failed"] == 2
+    assert stats["success_rate"] == round(11 / 14, 4)
+    assert stats["duration"]["max"] == 30
+    assert stats["duration"]["p50"] == 4 and stats["duration"]["p95"] == 10
+    assert stats["longest_failure_streak"] == 3
+    assert stats["mean_cpu"] == 0.5 and stats["peak_rss"] == 10 << 20
+    assert ISO_MS.match(stats["last_success"]) and ISO_MS.match(stats["last_failure"])
+    assert (
+        len(stats["per_day"]) == 8
+        and sum(d["succeeded"] for d in stats["per_day"]) == 11
+    )
+    api.get("/api/jobs/ghost/stats").error(404, "name")
+    api.get("/api/jobs/s/stats?days=0").error(400, "days")
+    everyone = api.ok("GET", "/api/stats")
+    assert everyone["job"] is None and everyone["jobs"]["s"]["success_rate"] == round(
+        11 / 14, 4
+    )
+
+
+@pytest.mark.skipif(
+    not shutil.which("promtool"), reason="promtool missing (apt install prometheus)"
+)
+def test_metrics_pass_promtool(api):
+    api.ok(
+        "POST",
+        "/api/jobs",
+        {"name": "m", "command": "echo out", "on_success": [{"command": "true"}]},
+        201,
+    )
+    api.wait_run(api.ok("POST", "/api/jobs/m/run", status=202)["id"])
+    wait_for(
+        lambda: (
+            "minisched_hook_deliveries_total"
+            in api.get("/metrics").text.split("# TYPE minisched_running")[0]
+            and 'result="ok"' in api.get("/metrics").text
+        )
+    )
+    text = api.get("/metrics").text
+    for name in (
+        'minisched_job_last_success_timestamp_seconds{job="m"}',
+        'minisched_run_duration_seconds_bucket{job="m",le="+Inf"} 1',
+        "minisched_schedule_lag_seconds_count",
+        'minisched_output_bytes_total{job="m"} 4',
+        "minisched_queued 0",
+    ):
+        assert name in text, name
+    check = subprocess.run(
+        ["promtool", "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_busiest_processes_name_their_runs(api, tmp_path):
+    api.ok(
+        "POST",
+        "/api/jobs",
+        {"name": "sleepy", "command": blocking_command(tmp_path), "kill_grace": 1},
+        201,
+    )
+    run = api.ok("POST", "/api/jobs/sleepy/run", status=202)
+    api.wait_running(run["id"])
+    data = api.ok("GET", "/api/system/processes?sort=mem&limit=200")
+    assert data["sort"] == "mem" and data["total"] >= len(data["processes"]) > 0
+    rss = [p["rss"] for p in data["processes"]]
+    assert rss == sorted(rss, reverse=True)
+    assert any(
+        p["run"] == {"id": run["id"], "job": "sleepy"} for p in data["processes"]
+    )
+    api.get("/api/system/processes?sort=name").error(400, "sort")
+    api.ok("POST", "/api/jobs/sleepy/stop")
+
+
+def test_health_is_503_when_the_scheduler_lags(api):
+    api.engine.scheduler.lag = 61
+    sick = api.get("/api/health")
+    assert sick.status == 503 and sick.json()["checks"]["scheduler_lag"] is False
+    api.engine.scheduler.lag = 0
+    assert api.get("/api/health").status == 200
