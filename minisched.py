@@ -353,6 +353,17 @@ class Config:
         except InvalidError as exc:
             raise UsageError("--timezone: " + exc.message) from None
         self.networks("allow_ip")
+        if self.notify_email and not self.smtp_host:
+            raise UsageError("--notify-email: needs --smtp-host (a mail relay)")
+        for url in self.notify_url:
+            problem = _url_problem(url)
+            if problem:
+                raise UsageError(f"--notify-url: {url!r} {problem}")
+        for address in self.notify_email:
+            if not _EMAIL_RE.fullmatch(address):
+                raise UsageError(f"--notify-email: {address!r} is not a mail address")
+        if self.alert_cap < 1:
+            raise UsageError("--alert-cap: must be at least 1")
         if self.daemon and not self.pidfile:
             raise UsageError("--daemon: needs --pidfile FILE (shutdown finds it there)")
         if self.log_max_bytes < 1024 or self.log_backups < 0:
@@ -1502,8 +1513,32 @@ MIGRATIONS = (
         last_sent_at REAL,
         last_run_id INTEGER
     );
-    CREATE INDEX runs_job_finished ON runs (job, finished_at);
-    CREATE INDEX runs_finished ON runs (finished_at);
+    CREATE TABLE run_days (
+        job TEXT NOT NULL,
+        day INTEGER NOT NULL,
+        runs INTEGER NOT NULL DEFAULT 0,
+        succeeded INTEGER NOT NULL DEFAULT 0,
+        failed INTEGER NOT NULL DEFAULT 0,
+        timed_out INTEGER NOT NULL DEFAULT 0,
+        cancelled INTEGER NOT NULL DEFAULT 0,
+        skipped INTEGER NOT NULL DEFAULT 0,
+        missed INTEGER NOT NULL DEFAULT 0,
+        lost INTEGER NOT NULL DEFAULT 0,
+        timed INTEGER NOT NULL DEFAULT 0,
+        duration_sum REAL NOT NULL DEFAULT 0,
+        duration_max REAL,
+        cpu_n INTEGER NOT NULL DEFAULT 0,
+        cpu_sum REAL NOT NULL DEFAULT 0,
+        rss_max INTEGER,
+        last_success REAL,
+        last_failure REAL,
+        streak INTEGER NOT NULL DEFAULT 0,
+        streak_max INTEGER NOT NULL DEFAULT 0,
+        hist TEXT NOT NULL DEFAULT '{}',
+        PRIMARY KEY (job, day)
+    ) WITHOUT ROWID;
+    CREATE INDEX run_days_counts
+        ON run_days (job, day, runs, succeeded, failed, timed_out, missed, lost);
     """,
 )
 #: Columns of ``runs`` in API order.
@@ -1571,6 +1606,110 @@ def run_public(row: dict) -> dict:
         out[key] = iso_utc(out[key])
     out["output_truncated"] = bool(out["output_truncated"])
     return out
+
+
+#: Duration histogram of the run statistics: ``HIST_PER_DECADE`` buckets a
+#: decade from 1 ms, so a percentile is known to within about 6 %.
+HIST_PER_DECADE = 20
+_ROLLUP_STATUSES = (
+    "succeeded",
+    "failed",
+    "timed_out",
+    "cancelled",
+    "skipped",
+    "missed",
+    "lost",
+)
+
+
+def _hist_bucket(duration: float) -> int:
+    return max(
+        0, math.floor(HIST_PER_DECADE * math.log10(max(duration, 0.001) / 0.001))
+    )
+
+
+def _hist_value(bucket: int) -> float:
+    """The middle (geometric) of a histogram bucket, in seconds."""
+    return round(0.001 * 10 ** ((bucket + 0.5) / HIST_PER_DECADE), 3)
+
+
+def _roll_up(conn, row) -> None:
+    """Count a run that just became terminal in ``run_days``: its job's row
+    of that UTC day and the ``*`` row (every job).  Writer thread, inside the
+    transaction that recorded the run; every change is one UPSERT, no read
+    back but the job's failure streak."""
+    status = row["status"]
+    if (
+        status in ACTIVE_STATUSES
+        or not row.get("finished_at")
+        or status not in _ROLLUP_STATUSES
+    ):
+        return
+    day = int(row["finished_at"] // 86400)
+    duration = row.get("duration") if status not in ("skipped", "missed") else None
+    cpu, rss = row.get("cpu_time"), row.get("peak_rss")
+    failure, success = status in FAILURE_STATUSES, status == "succeeded"
+    bucket = f'$."{_hist_bucket(duration)}"' if duration is not None else None
+    values = {
+        "job": row["job"],
+        "day": day,
+        "timed": int(duration is not None),
+        "dsum": duration or 0.0,
+        "dmax": duration,
+        "cpun": int(cpu is not None),
+        "cpu": cpu or 0.0,
+        "rss": rss,
+        "ok": row["finished_at"] if success else None,
+        "bad": row["finished_at"] if failure else None,
+        "hist": json.dumps({bucket[3:-1]: 1}) if bucket else "{}",
+    }
+    previous = (
+        "coalesce((SELECT streak FROM run_days WHERE job = :job AND day < :day "
+        "ORDER BY day DESC LIMIT 1), 0)"
+    )
+    if failure:
+        insert_streak, update_streak = (
+            f"{previous} + 1",
+            "streak = streak + 1, streak_max = max(streak_max, streak + 1),",
+        )
+    elif success:
+        insert_streak, update_streak = "0", "streak = 0,"
+    else:
+        insert_streak, update_streak = previous, ""
+    hist = (
+        f"hist = json_set(hist, '{bucket}', coalesce(json_extract(hist, '{bucket}'), 0) + 1),"
+        if bucket
+        else ""
+    )
+    common = f"""
+        runs = runs + 1, {status} = {status} + 1,
+        timed = timed + :timed, duration_sum = duration_sum + :dsum,
+        duration_max = max(coalesce(duration_max, :dmax), coalesce(:dmax, duration_max)),
+        cpu_n = cpu_n + :cpun, cpu_sum = cpu_sum + :cpu,
+        rss_max = max(coalesce(rss_max, :rss), coalesce(:rss, rss_max)),
+        last_success = max(coalesce(last_success, :ok), coalesce(:ok, last_success)),
+        last_failure = max(coalesce(last_failure, :bad), coalesce(:bad, last_failure)),
+        {hist}"""
+    columns = (
+        f"job, day, runs, {status}, timed, duration_sum, duration_max, cpu_n, "
+        "cpu_sum, rss_max, last_success, last_failure, hist, streak, streak_max"
+    )
+    conn.execute(
+        f"INSERT INTO run_days ({columns}) VALUES (:job, :day, 1, 1, :timed, :dsum, "
+        f":dmax, :cpun, :cpu, :rss, :ok, :bad, :hist, {insert_streak}, {insert_streak}) "
+        f"ON CONFLICT (job, day) DO UPDATE SET {common} {update_streak} job = job",
+        values,
+    )
+    streak = conn.execute(
+        "SELECT streak FROM run_days WHERE job = ? AND day = ?", (row["job"], day)
+    ).fetchone()[0]
+    conn.execute(
+        f"INSERT INTO run_days ({columns}) VALUES ('*', :day, 1, 1, :timed, :dsum, "
+        f":dmax, :cpun, :cpu, :rss, :ok, :bad, :hist, 0, :streak) "
+        f"ON CONFLICT (job, day) DO UPDATE SET {common} "
+        "streak_max = max(streak_max, :streak), job = job",
+        dict(values, streak=streak),
+    )
 
 
 class Store:
@@ -1641,6 +1780,10 @@ class Store:
             "SELECT seq FROM sqlite_sequence WHERE name='runs'"
         ).fetchone()
         self._next_run_id = (row[0] if row else 0) + 1
+        self._backfill_run_days(conn)
+        conn.execute(
+            "DELETE FROM run_days WHERE day < ?", (int(time.time() // 86400) - 400,)
+        )
         self._writer_conn = self._connect()
         self._thread = threading.Thread(
             target=self._write_loop, name="minisched-writer", daemon=True
@@ -1887,6 +2030,8 @@ class Store:
             inserted = conn.execute(sql, values).rowcount == 1
             if job_update:
                 self._update_job(conn, run["job"], job_update)
+            if inserted and run.get("status") not in ACTIVE_STATUSES:
+                _roll_up(conn, run)  # a record that never ran: skipped, missed
             return inserted
 
         return self._submit(op)
@@ -1896,12 +2041,23 @@ class Store:
         sets = ", ".join(f"{key} = ?" for key in fields)
         values = [*fields.values(), run_id]
 
+        ending = fields.get("status") not in (None, *ACTIVE_STATUSES)
+
         def op(conn):
+            if ending:
+                old = conn.execute(
+                    "SELECT status FROM runs WHERE id = ?", (run_id,)
+                ).fetchone()
             conn.execute(f"UPDATE runs SET {sets} WHERE id = ?", values)
             if job is not None:
                 conn.execute(
                     "UPDATE jobs SET last_run_id = ? WHERE name = ?", (run_id, job)
                 )
+            if ending and old is not None and old[0] in ACTIVE_STATUSES:
+                row = conn.execute(
+                    "SELECT * FROM runs WHERE id = ?", (run_id,)
+                ).fetchone()
+                _roll_up(conn, dict(row))
 
         return self._submit(op)
 
@@ -1973,6 +2129,7 @@ class Store:
         def op(conn):
             conn.execute("DELETE FROM jobs WHERE name = ?", (name,))
             if purge:
+                conn.execute("DELETE FROM run_days WHERE job = ?", (name,))
                 for table in ("chunks", "deliveries"):
                     conn.execute(
                         f"DELETE FROM {table} WHERE run_id IN "
@@ -2102,6 +2259,8 @@ class Store:
                 "WHERE status IN ('queued', 'running')",
                 (now,),
             )
+            for row in rows:
+                _roll_up(conn, dict(row, status="lost", finished_at=now))
             return rows
 
         return self._submit(op)
@@ -2159,85 +2318,98 @@ class Store:
             )
         return out
 
-    def stats(self, since: float, job: str | None = None) -> dict:
-        """An account of ``job``'s runs (of every job's, with None) that ended
-        since ``since``: counts by status, duration percentiles, CPU and
-        memory, the longest run of failures, a per-day series (UTC days); the
-        last success and failure over the whole kept history; and, for every
-        job, its counts (the dashboard's success rates)."""
-        scope = "finished_at >= ?" + (" AND job = ?" if job else "")
-        args = [since, job] if job else [since]
-        every = " WHERE job = ?" if job else ""
-        fails = _SQL_FAILURES
-        timed = (
-            f"{scope} AND duration IS NOT NULL AND status NOT IN ('skipped', 'missed')"
+    def stats(self, since: float, job: str | None = None, by_job=False) -> dict:
+        """An account of ``job``'s runs (every job's, with None) that ended
+        on the UTC days from ``since``'s to today, from ``run_days``: counts by
+        status, duration percentiles (from its histogram), CPU and memory, the
+        longest run of failures, a per-day series; the last success and
+        failure ever; and, for every job, its counts (the dashboard's rates).
+        A few hundred rows whatever the number of runs."""
+        key = job if job is not None else "*"
+        first = int(since // 86400)
+        rows = self._query(
+            "SELECT * FROM run_days WHERE job = ? AND day >= ? ORDER BY day",
+            (key, first),
         )
-        q = self._query
-        by_status = {
-            r["status"]: r["n"]
-            for r in q(
-                f"SELECT status, count(*) AS n FROM runs WHERE {scope} GROUP BY status",
-                args,
-            )
-        }
-        agg = q(
-            "SELECT count(*) AS n, max(duration) AS dmax, avg(cpu_time) AS cpu, "
-            f"max(peak_rss) AS rss FROM runs WHERE {timed}",
-            args,
-            one=True,
-        )
+        totals = collections.Counter()
+        hist = collections.Counter()
+        for row in rows:
+            for column in (
+                *_ROLLUP_STATUSES,
+                "runs",
+                "timed",
+                "duration_sum",
+                "cpu_n",
+                "cpu_sum",
+            ):
+                totals[column] += row[column]
+            for bucket, count in json.loads(row["hist"]).items():
+                hist[int(bucket)] += count
         percentiles = {}
         for name, p in (("p50", 0.50), ("p95", 0.95)):
-            row = None
-            if agg["n"]:
-                row = q(
-                    f"SELECT duration FROM runs WHERE {timed} ORDER BY duration "
-                    "LIMIT 1 OFFSET ?",
-                    [*args, math.floor(p * (agg["n"] - 1))],
-                    one=True,
-                )
-            percentiles[name] = row["duration"] if row else None
-        last = q(
-            "SELECT max(CASE WHEN status = 'succeeded' THEN finished_at END) AS ok, "
-            f"max(CASE WHEN status IN {fails} THEN finished_at END) AS bad FROM runs{every}",
-            [job] if job else [],
+            rank, seen, value = math.floor(p * (totals["timed"] - 1)), 0, None
+            for bucket in sorted(hist):
+                seen += hist[bucket]
+                if seen > rank:
+                    value = _hist_value(bucket)
+                    break
+            percentiles[name] = value
+        dmax = max(
+            (r["duration_max"] for r in rows if r["duration_max"] is not None),
+            default=None,
+        )
+        if dmax is not None:  # a bucket's middle may lie past the longest run
+            percentiles = {
+                k: v if v is None else min(v, dmax) for k, v in percentiles.items()
+            }
+        ever = self._query(
+            "SELECT max(last_success) AS ok, max(last_failure) AS bad FROM run_days WHERE job = ?",
+            (key,),
             one=True,
         )
-        streak = q(
-            "SELECT coalesce(max(n), 0) AS n FROM (SELECT count(*) AS n FROM ("
-            f"SELECT job, status, sum(status NOT IN {fails}) OVER "
-            "(PARTITION BY job ORDER BY id) AS grp FROM runs "
-            f"WHERE {scope} AND status NOT IN ('skipped', 'cancelled', 'queued', 'running')"
-            f") WHERE status IN {fails} GROUP BY job, grp)",
-            args,
-            one=True,
-        )["n"]
-        per_day = {}
-        for r in q(
-            "SELECT CAST(finished_at / 86400 AS INTEGER) AS day, status, count(*) AS n "
-            f"FROM runs WHERE {scope} GROUP BY day, status",
-            args,
-        ):
-            per_day.setdefault(r["day"], {})[r["status"]] = r["n"]
-        jobs = {
-            r["job"]: {k: r[k] for k in ("runs", "succeeded", "failures")}
-            for r in q(
-                "SELECT job, count(*) AS runs, sum(status = 'succeeded') AS succeeded, "
-                f"sum(status IN {fails}) AS failures FROM runs WHERE {scope} GROUP BY job",
-                args,
-            )
-        }
+        jobs = {}
+        if by_job:
+            for r in self._query(
+                "SELECT job, sum(runs) AS runs, sum(succeeded) AS succeeded, "
+                "sum(failed + timed_out + missed + lost) AS failures FROM run_days "
+                "WHERE day >= ? AND job != '*' GROUP BY job",
+                (first,),
+            ):
+                jobs[r.pop("job")] = r
         return {
-            "by_status": by_status,
-            "duration": {**percentiles, "max": agg["dmax"]},
-            "mean_cpu": agg["cpu"],
-            "peak_rss": agg["rss"],
-            "last_success": last["ok"],
-            "last_failure": last["bad"],
-            "longest_failure_streak": streak,
-            "per_day": per_day,
+            "by_status": {s: totals[s] for s in _ROLLUP_STATUSES},
+            "runs": totals["runs"],
+            "duration": {**percentiles, "max": dmax},
+            "mean_cpu": totals["cpu_sum"] / totals["cpu_n"]
+            if totals["cpu_n"]
+            else None,
+            "peak_rss": max(
+                (r["rss_max"] for r in rows if r["rss_max"] is not None), default=None
+            ),
+            "last_success": ever["ok"],
+            "last_failure": ever["bad"],
+            "longest_failure_streak": max((r["streak_max"] for r in rows), default=0),
+            "per_day": {r["day"]: {s: r[s] for s in _ROLLUP_STATUSES} for r in rows},
             "jobs": jobs,
         }
+
+    def _backfill_run_days(self, conn) -> None:
+        """Open: a database from before ``run_days`` (or one filled by other
+        means) gets its statistics built once from the kept runs."""
+        if conn.execute("SELECT 1 FROM run_days LIMIT 1").fetchone():
+            return
+        count = conn.execute(
+            "SELECT count(*) FROM runs WHERE status NOT IN ('queued', 'running')"
+        ).fetchone()[0]
+        if not count:
+            return
+        log.info("building run statistics from %d runs (once)", count)
+        conn.execute("BEGIN IMMEDIATE")
+        for row in conn.execute(
+            "SELECT * FROM runs WHERE status NOT IN ('queued', 'running') ORDER BY id"
+        ).fetchall():
+            _roll_up(conn, dict(row))
+        conn.execute("COMMIT")
 
     def last_successes(self) -> dict:
         """Each job's last success (finished_at), from the kept history."""
@@ -6227,7 +6399,7 @@ async function dashboard() {
   const v = view;
   const load = async () => {
     let data, stats = null;
-    try { [data, stats] = await Promise.all([api("GET", "/api/jobs"), api("GET", "/api/stats?days=7").catch(() => null)]); } catch (e) { return; }
+    try { [data, stats] = await Promise.all([api("GET", "/api/jobs"), api("GET", "/api/stats?days=7&by_job=1").catch(() => null)]); } catch (e) { return; }
     if (v !== view) return;
     rates = stats ? stats.jobs : {};
     all = data.jobs;
@@ -6824,6 +6996,7 @@ QUERY_PARAMS = {
         "run a busy forbid job anyway; delete a job others run after",
     ),
     "dry_run": ("dry_run", _FLAG, "report what would change, change nothing"),
+    "by_job": ("by_job", _FLAG, "also each job's counts and success rate"),
     "log_format": ("format", {"type": "string", "enum": ["text", "json"]}, ""),
     "export_format": ("format", {"type": "string", "enum": ["json", "csv"]}, ""),
     "import_format": ("format", {"type": "string", "enum": ["json", "csv"]}, ""),
@@ -7064,8 +7237,8 @@ API_ROUTES = (
         "GET",
         "/api/stats",
         "all_stats",
-        "The same across all jobs, with each job's counts",
-        ("days",),
+        "The same across all jobs (by_job: with each job's counts)",
+        ("days", "by_job"),
         response="Stats",
     ),
     _route(
@@ -7813,15 +7986,15 @@ class Api:
         return self._stats(name)
 
     def all_stats(self):
-        return self._stats(None)
+        return self._stats(None, self.flag("by_job"))
 
-    def _stats(self, job):
+    def _stats(self, job, by_job=False):
         days = self.int_param("days")
         since = time.time() - days * 86400
-        raw = self.engine.store.stats(since, job)
+        raw = self.engine.store.stats(since, job, by_job)
         out = {"job": job, "days": days, "since": iso_utc(since)}
         counts = raw["by_status"]
-        out["runs"] = sum(counts.values())
+        out["runs"] = raw["runs"]
         out["by_status"] = {
             status: counts.get(status, 0)
             for status in RUN_STATUSES
@@ -7844,7 +8017,7 @@ class Api:
             )
             for day in range(first, math.floor(time.time() / 86400) + 1)
         ]
-        if job is None:
+        if by_job:
             out["jobs"] = {
                 name: dict(c, success_rate=_rate(c["succeeded"], c["failures"]))
                 for name, c in sorted(raw["jobs"].items())
@@ -9526,6 +9699,49 @@ def _build_parser() -> argparse.ArgumentParser:
         help=f"connections served at once; more get 503 (default {MAX_CONNECTIONS})",
     )
 
+    alerts = serve.add_argument_group("alerts (every job's failures)")
+    alerts.add_argument(
+        "--notify-url",
+        action="append",
+        metavar="URL",
+        help="POST each alert as JSON to URL (Slack-compatible 'text'; repeatable)",
+    )
+    alerts.add_argument(
+        "--notify-email",
+        action="append",
+        metavar="ADDR",
+        help="mail alerts to ADDR (repeatable)",
+    )
+    alerts.add_argument("--smtp-host", help="mail relay (needed for mail)")
+    alerts.add_argument("--smtp-port", type=int, help="default 25")
+    alerts.add_argument(
+        "--smtp-user",
+        help="log in as this user; the password comes from MINISCHED_SMTP_PASSWORD",
+    )
+    alerts.add_argument(
+        "--smtp-starttls", action="store_true", help="STARTTLS before logging in"
+    )
+    alerts.add_argument("--smtp-from", metavar="ADDR", help="default minisched@HOST")
+    alerts.add_argument(
+        "--alert-cap", type=int, help="alert messages an hour at most (default 30)"
+    )
+    serve.add_argument(
+        "--public-url",
+        metavar="URL",
+        help="base of the links in alerts and hooks (default http://HOST:PORT)",
+    )
+    serve.add_argument(
+        "--max-rss-default",
+        type=int,
+        metavar="BYTES",
+        help="max_rss of jobs without one (default: none)",
+    )
+    serve.add_argument(
+        "--max-cpu-default",
+        type=float,
+        metavar="SECONDS",
+        help="max_cpu of jobs without one (default: none)",
+    )
     serve.add_argument(
         "--daemon",
         action="store_true",

@@ -5671,7 +5671,9 @@ def test_job_stats(api):
     assert stats["by_status"]["succeeded"] == 11 and stats["by_status"]["failed"] == 2
     assert stats["success_rate"] == round(11 / 14, 4)
     assert stats["duration"]["max"] == 30
-    assert stats["duration"]["p50"] == 4 and stats["duration"]["p95"] == 10
+    # From a histogram of 20 buckets a decade: to within 6 %.
+    assert stats["duration"]["p50"] == pytest.approx(4, rel=0.06)
+    assert stats["duration"]["p95"] == pytest.approx(10, rel=0.06)
     assert stats["longest_failure_streak"] == 3
     assert stats["mean_cpu"] == 0.5 and stats["peak_rss"] == 10 << 20
     assert ISO_MS.match(stats["last_success"]) and ISO_MS.match(stats["last_failure"])
@@ -5682,9 +5684,9 @@ def test_job_stats(api):
     api.get("/api/jobs/ghost/stats").error(404, "name")
     api.get("/api/jobs/s/stats?days=0").error(400, "days")
     everyone = api.ok("GET", "/api/stats")
-    assert everyone["job"] is None and everyone["jobs"]["s"]["success_rate"] == round(
-        11 / 14, 4
-    )
+    assert everyone["job"] is None and everyone["runs"] == 16 and "jobs" not in everyone
+    by_job = api.ok("GET", "/api/stats?by_job=1")
+    assert by_job["jobs"]["s"]["success_rate"] == round(11 / 14, 4)
 
 
 @pytest.mark.skipif(
@@ -5750,3 +5752,65 @@ def test_health_is_503_when_the_scheduler_lags(api):
     assert sick.status == 503 and sick.json()["checks"]["scheduler_lag"] is False
     api.engine.scheduler.lag = 0
     assert api.get("/api/health").status == 200
+
+
+def test_page_shows_stats_hooks_and_processes(browser, site, tmp_path):
+    engine, url = site
+    engine.add_job(
+        {"name": "mixed", "command": "exit 0", "on_success": [{"command": "true"}]}
+    )
+    insert_runs(engine.store, "mixed", [("succeeded", 1, 0)] * 3 + [("failed", 2, 1)])
+    run = engine.wait(engine.trigger("mixed")["id"])
+    wait_for(
+        lambda: [
+            d
+            for d in engine.store.deliveries_for([run["id"]]).get(run["id"], [])
+            if d["status"] == "ok"
+        ]
+    )
+    page, errors = open_page(browser, url)
+    rate = page.wait_for_selector("tr[data-job=mixed] .rate")
+    assert rate.inner_text().startswith("80% ok in 7 d (5 runs)")
+    page.goto(url + "#/job/mixed")
+    page.wait_for_selector(".success-rate")
+    assert page.inner_text(".success-rate").startswith("80%")
+    assert page.locator("svg.days rect").count() >= 2
+    shot(page, "job-stats")
+    page.goto(url + f"#/run/{run['id']}")
+    page.wait_for_selector("ul.hooks li.hook-ok")
+    assert "on_success" in page.inner_text("ul.hooks")
+    engine.add_job(
+        {"name": "sleepy", "command": blocking_command(tmp_path), "kill_grace": 1}
+    )
+    sleepy = engine.trigger("sleepy")
+    wait_for(lambda: engine.run(sleepy["id"])["status"] == "running")
+    page.goto(url + "#/system")
+    page.select_option("select[aria-label='Sort processes by']", "mem")
+    page.wait_for_selector("table.processes tbody tr")
+    shot(page, "system")
+    engine.stop("sleepy")
+    assert not errors
+
+
+def test_stats_outlive_keep_runs_and_are_built_for_old_databases(harness, tmp_path):
+    h = harness()
+    h.add(name="k", command="true", keep_runs=2)
+    for _ in range(5):
+        h.sched.trigger("k")
+        h.wait_idle()
+    assert len(h.runs("k")) == 2  # the history is pruned...
+    assert h.store.stats(time.time() - 86400, "k")["runs"] == 5  # ...the account is not
+    db = tmp_path / "old.db"
+    store = Store(str(db)).open()
+    insert_runs(store, "o", [("succeeded", 1, 0), ("failed", 2, 0)])
+    store.close()
+    conn = sqlite3.connect(str(db))
+    conn.execute("DELETE FROM run_days")  # as a database written before run_days
+    conn.commit()
+    conn.close()
+    store = Store(str(db)).open()
+    try:
+        stats = store.stats(time.time() - 86400, "o")
+        assert stats["runs"] == 2 and stats["by_status"]["failed"] == 1
+    finally:
+        store.close()

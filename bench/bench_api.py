@@ -53,6 +53,7 @@ NEVER = "0 0 1 1 *"  # fires once a year, at New Year: never during the bench
 MAX_STREAMS = 200
 JOBS_SAMPLES = 200
 RUNS_SAMPLES = 1000
+STATS_SAMPLES = 200
 MIX_CLIENTS = 4
 MIX_SECONDS = 10.0
 SSE_CLIENTS = 100
@@ -70,6 +71,7 @@ LISTEN_RE = re.compile(r"listening on http://127\.0\.0\.1:(\d+)/")
 TARGETS = {
     "jobs_p99": 30.0,
     "runs_p99": 20.0,
+    "stats_p99": 20.0,
     "sse_p99": 50.0,
     "sse_rss": 60.0,
 }
@@ -247,25 +249,26 @@ def bench_jobs(server, label, samples) -> list:
 
 
 def seed_runs(db) -> None:
-    """100 000 finished runs spread over the jobs, ids and times increasing."""
+    """100 000 finished runs spread over the jobs and the last 7 days (one every
+    6 s), ids and times increasing; one in ten failed."""
     minisched.Store(db).open().close()  # schema up to date; fails if the server runs
     now = time.time()
-    first = now - N_RUNS * 60 - 3600
+    first = now - N_RUNS * 6 - 600
     rows = []
     for i in range(N_RUNS):
-        slot = first + i * 60
+        slot = first + i * 6
         values = {
             "id": i + 1,
             "job": f"job-{i % N_JOBS:04d}",
-            "status": "succeeded",
+            "status": "failed" if i % 10 == 3 else "succeeded",
             "trigger": "schedule",
             "attempt": 1,
             "slot": slot,
             "scheduled_at": slot,
             "started_at": slot + 0.01,
             "finished_at": slot + 0.51,
-            "duration": 0.5,
-            "exit_code": 0,
+            "duration": 0.5 + (i % 97) / 10,
+            "exit_code": 3 if i % 10 == 3 else 0,
             "signal": None,
             "error": None,
             "pid": 1000 + i % 30000,
@@ -274,6 +277,7 @@ def seed_runs(db) -> None:
             "peak_rss": 3_500_000,
             "output_bytes": 12,
             "output_truncated": 0,
+            "leftovers_stopped": None,
         }
         rows.append(tuple(values[c] for c in minisched.RUN_COLUMNS))
     start = time.perf_counter()
@@ -320,6 +324,30 @@ def bench_runs(server) -> list:
         lat, _body = timed_get(server.port, extra, 100)
         print(f"GET {extra} (reference)\n  {dist(lat)}")
     return latencies
+
+
+def check_stats(doc) -> None:
+    if doc["runs"] <= 0 or doc["duration"]["p95"] is None:
+        problems.append(f"stats: {doc['runs']} runs, duration {doc['duration']}")
+
+
+def bench_stats(server) -> tuple:
+    """GET /api/stats (the dashboard's: 7 days, all 100 000 runs) and one job's."""
+    results = []
+    for path in (
+        "/api/stats?days=7",
+        "/api/jobs/job-0042/stats?days=7",
+        "/api/stats?days=7&by_job=1",
+    ):
+        timed_get(server.port, path, 10)  # warm up
+        cpu = server.cpu_seconds()
+        latencies, body = timed_get(server.port, path, STATS_SAMPLES, check_stats)
+        cpu = server.cpu_seconds() - cpu
+        print(f"GET {path} (response {len(body) / 1024:.0f} KiB)")
+        print(f"  {dist(latencies)}")
+        print(f"  server CPU per request: {cpu / STATS_SAMPLES * 1000:.2f} ms")
+        results.append(latencies)
+    return tuple(results)
 
 
 # -- 3. mixed load ----------------------------------------------------------------
@@ -787,6 +815,15 @@ def main() -> int:
                 "-",
                 None,
             )
+        )
+
+        heading("2b. stats: GET /api/stats and /api/jobs/NAME/stats, 100 000 runs")
+        every, one = bench_stats(server)
+        verdict(
+            "GET /api/stats p99 (100k runs)", pct(every, 99), TARGETS["stats_p99"], "ms"
+        )
+        verdict(
+            "GET /api/jobs/NAME/stats p99", pct(one, 99), TARGETS["stats_p99"], "ms"
         )
 
         heading("3. mixed load, 4 concurrent clients")
