@@ -4239,10 +4239,9 @@ def small_disk(tmp_path):
 
 def fill(path):
     """Write ``path`` until the disk is full."""
-    with open(path, "wb") as f, contextlib.suppress(OSError):
-        while True:
+    with open(path, "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:  # unbuffered: nothing is left to flush (and fail) on close
             f.write(b"\0" * 65536)
-            f.flush()
 
 
 def api_call(port, method, path, body=None):
@@ -5562,9 +5561,13 @@ def test_mail_alerts_reach_a_real_smtp_receiver(engines, quick_retries):
         body = message.get_payload(decode=True).decode()
         assert f"run:      #{run['id']}" in body and "disk full" in body
         assert f"/#/run/{run['id']}" in body and "finished:" in body
-        [alert] = [
-            d for d in hooks_of(engine, run["id"]) if d["event"] == "alert:failure"
-        ]
+        [alert] = wait_for(  # the sink has it before the delivery is recorded
+            lambda: [
+                d
+                for d in hooks_of(engine, run["id"])
+                if d["event"] == "alert:failure" and d["status"] != "pending"
+            ]
+        )
         assert alert["status"] == "ok" and alert["attempts"] == 2  # refused once
     finally:
         sink.shutdown()
