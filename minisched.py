@@ -415,10 +415,13 @@ def _parse_setting(name, raw, kind):
 
 
 class MinischedError(Exception):
-    """Root of minisched's errors.  ``status`` is the HTTP status it maps to and
-    ``field`` names the offending field, or is None."""
+    """Root of minisched's errors.  ``status`` is the HTTP status it maps to,
+    ``field`` names the offending field (or is None) and ``headers`` go on the
+    response.  Raise one anywhere below a route: the app's one error plugin
+    turns it into ``{"error", "field"}`` with that status."""
 
     status = 500
+    headers = ()  # (name, value) pairs
 
     def __init__(self, message: str, field: str | None = None, errors=None):
         super().__init__(message)
@@ -434,8 +437,31 @@ class InvalidError(MinischedError):
     status = 400
 
 
+class UnauthorizedError(MinischedError):
+    """No token, or a wrong one."""
+
+    status = 401
+    headers = (("WWW-Authenticate", 'Bearer realm="minisched"'),)
+
+
+class ForbiddenError(MinischedError):
+    """Refused whoever asks: address, Host header, origin."""
+
+    status = 403
+
+
 class NotFoundError(MinischedError):
     status = 404
+
+
+class MethodNotAllowedError(MinischedError):
+    status = 405
+
+
+class RequestTimeoutError(MinischedError):
+    """The client did not send its request in time."""
+
+    status = 408
 
 
 class ConflictError(MinischedError):
@@ -443,6 +469,18 @@ class ConflictError(MinischedError):
     the jobs file)."""
 
     status = 409
+
+
+class TooLargeError(MinischedError):
+    status = 413
+
+
+class UnsupportedMediaError(MinischedError):
+    status = 415
+
+
+class TooManyRequestsError(MinischedError):
+    status = 429
 
 
 class UsageError(MinischedError):
@@ -7306,9 +7344,10 @@ def _token_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8", "replace")).hexdigest()
 
 
-def _error(status: int, message: str, field=None, headers=None) -> bottle.HTTPResponse:
-    body = json.dumps({"error": message, "field": field})
-    response = bottle.HTTPResponse(body, status, headers or {})
+def _error_response(exc: MinischedError) -> bottle.HTTPResponse:
+    """The one rendering of an error: ``{"error", "field"}`` with its status."""
+    body = json.dumps({"error": exc.message, "field": exc.field})
+    response = bottle.HTTPResponse(body, exc.status, dict(exc.headers))
     response.content_type = "application/json"
     return response
 
@@ -7384,7 +7423,7 @@ class Api:
     # -- request checks (before every route) -----------------------------------
 
     def check_request(self) -> None:
-        """Security rules of SPEC §9; raises an HTTPResponse to refuse."""
+        """Security rules of SPEC §9; raises a :class:`MinischedError` to refuse."""
         request = bottle.request
         path = request.path
         if self._networks:
@@ -7393,28 +7432,23 @@ class Api:
             except ValueError:
                 client = None
             if client is None or not any(client in net for net in self._networks):
-                raise _error(403, "your address is not allowed (--allow-ip)")
+                raise ForbiddenError("your address is not allowed (--allow-ip)")
         host = _host_name(request.get_header("Host", ""))
         if host not in self._hosts:
-            raise _error(
-                403, "unknown Host header: add the name with --public-host", "Host"
+            raise ForbiddenError(
+                "unknown Host header: add the name with --public-host", "Host"
             )
         origin = request.get_header("Origin")
         if request.method in _STATE_CHANGING and origin is not None:
             expected = request.get_header("Host", "").lower()
             netloc = origin.lower().split("://", 1)[-1].rstrip("/")
             if origin == "null" or netloc != expected:
-                raise _error(403, "cross-origin request refused", "Origin")
+                raise ForbiddenError("cross-origin request refused", "Origin")
         protected = (path.startswith("/api/") or path == "/metrics") and (
             path not in _OPEN_PATHS
         )
         if self.config.token and protected and not self._authorized():
-            raise _error(
-                401,
-                "missing or wrong token",
-                None,
-                {"WWW-Authenticate": 'Bearer realm="minisched"'},
-            )
+            raise UnauthorizedError("missing or wrong token")
         if (
             request.method in _STATE_CHANGING
             and path not in _WRITE_FREE_PATHS
@@ -7422,8 +7456,7 @@ class Api:
             and self.engine.store.outage is not None
         ):
             # Stopping stays possible: the kill happens now, its record later.
-            raise _error(
-                503,
+            raise UnavailableError(
                 f"the database cannot be written now ({self.engine.store.outage}); "
                 "try again later",
             )
@@ -7431,17 +7464,17 @@ class Api:
             try:
                 length = request.content_length
             except ValueError:
-                raise _error(400, "invalid Content-Length", "Content-Length") from None
+                raise InvalidError("invalid Content-Length", "Content-Length") from None
             if length > MAX_BODY:
-                raise _error(413, f"request body larger than {MAX_BODY} bytes")
+                raise TooLargeError(f"request body larger than {MAX_BODY} bytes")
             ctype = (request.content_type or "").split(";")[0].strip().lower()
             allowed = ("application/json",)
             if path == "/api/import":
                 allowed += ("text/csv",)
             chunked = "chunked" in request.get_header("Transfer-Encoding", "").lower()
             if (length > 0 or chunked) and ctype not in allowed:
-                raise _error(
-                    415, "request bodies must be application/json", "Content-Type"
+                raise UnsupportedMediaError(
+                    "request bodies must be application/json", "Content-Type"
                 )
 
     def _authorized(self) -> bool:
@@ -7480,7 +7513,7 @@ class Api:
         """The request's JSON body (400 if malformed; None if empty)."""
         raw = bottle.request.body.read(MAX_BODY + 1)
         if len(raw) > MAX_BODY:
-            raise _error(413, f"request body larger than {MAX_BODY} bytes")
+            raise TooLargeError(f"request body larger than {MAX_BODY} bytes")
         if not raw.strip():
             return None
         try:
@@ -7659,7 +7692,7 @@ class Api:
         definition = self.body()
         if not isinstance(definition, dict):
             raise InvalidError("the body must be a job object")
-        return _json(self.save(definition, create=True), 201)
+        return self.save(definition, create=True)
 
     def get_job(self, name):
         return self.job_json(self.job_or_404(name))
@@ -7706,7 +7739,7 @@ class Api:
         self.job_or_404(name)
         run = self.engine.scheduler.trigger(name, force=self.flag("force"))
         self.engine.store.flush()  # so GET /api/runs/{id} finds it at once
-        return _json(run, 202)
+        return run
 
     def stop_job(self, name):
         self.job_or_404(name)
@@ -7789,8 +7822,7 @@ class Api:
     def _open_stream(self):
         with self._lock:
             if self._streams >= self.config.max_streams:
-                raise _error(
-                    503,
+                raise UnavailableError(
                     f"too many live streams (--max-streams "
                     f"{self.config.max_streams}); try again later",
                 )
@@ -7958,7 +7990,7 @@ class Api:
                 continue
             item = {"job": name, "ok": True}
             if action == "run":
-                item["run"] = json.loads(out.body)
+                item["run"] = out
             results.append(item)
         return {"results": results}
 
@@ -8260,7 +8292,7 @@ class Api:
             recent = [t for t in self._logins.get(client, []) if now - t < 60]
             self._logins[client] = recent
             if len(recent) >= LOGIN_ATTEMPTS:
-                raise _error(429, "too many failed logins; wait a minute")
+                raise TooManyRequestsError("too many failed logins; wait a minute")
         body = self.body()
         token = body.get("token") if isinstance(body, dict) else None
         if not isinstance(token, str) or not hmac.compare_digest(
@@ -8268,7 +8300,7 @@ class Api:
         ):
             with self._lock:
                 self._logins[client].append(now)
-            raise _error(401, "wrong token", "token")
+            raise UnauthorizedError("wrong token", "token")
         cookie = secrets.token_urlsafe(32)
         created = time.time()
         store = self.engine.store
@@ -8285,8 +8317,7 @@ class Api:
                 }
             )
         )
-        response = _json({"ok": True, "token_required": True})
-        response.set_cookie(
+        bottle.response.set_cookie(
             SESSION_COOKIE,
             cookie,
             httponly=True,
@@ -8294,7 +8325,7 @@ class Api:
             path="/",
             max_age=SESSION_MAX_AGE,
         )
-        return response
+        return {"ok": True, "token_required": True}
 
     def logout(self):
         """End the request's session (on the server, not only the cookie)."""
@@ -8302,9 +8333,8 @@ class Api:
         if cookie:
             store = self.engine.store
             store.result(store.delete_sessions(_token_hash(cookie)))
-        response = _json({"ok": True})
-        response.delete_cookie(SESSION_COOKIE, path="/")
-        return response
+        bottle.response.delete_cookie(SESSION_COOKIE, path="/")
+        return {"ok": True}
 
     def openapi(self):
         return openapi_document()
@@ -8971,6 +9001,56 @@ class _App(bottle.Bottle):
         return [_INTERNAL_ERROR] if failed else out
 
 
+def _answering_errors(fn):
+    """``fn`` with every failure turned into the JSON response it deserves:
+    a :class:`MinischedError` into its status, a client too slow into 408,
+    anything else (a bug) into a logged 500.  Used for routes and the request
+    checks alike, so an error is rendered in one place."""
+
+    @functools.wraps(fn)
+    def answering(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MinischedError as exc:
+            raise _error_response(exc) from None
+        except bottle.HTTPResponse:
+            raise
+        except (TimeoutError, socket.timeout):  # noqa: UP041 - 3.9 differs
+            exc = RequestTimeoutError("the request was not received in time")
+            raise _error_response(exc) from None
+        except Exception as exc:
+            log.exception("error in %s %s", bottle.request.method, bottle.request.path)
+            error = MinischedError(f"internal error: {type(exc).__name__}")
+            raise _error_response(error) from None
+
+    return answering
+
+
+class _JsonPlugin:
+    """The Bottle plugin every API route goes through: a route returns data (a
+    dict or list) and gets JSON with the status of its :data:`API_ROUTES` row
+    (``ok``), or an ``HTTPResponse`` for text, CSV, streams and a status that
+    depends on the answer; whatever it raises is rendered by
+    :func:`_answering_errors`."""
+
+    name = "minisched-json"
+    api = 2
+
+    def apply(self, callback, route):
+        ok = route.config.get("ok", 200)
+        callback = _answering_errors(callback)
+
+        def json_route(*args, **kwargs):
+            result = callback(*args, **kwargs)
+            if not isinstance(result, (dict, list)):
+                return result
+            bottle.response.status = ok
+            bottle.response.content_type = "application/json"
+            return json.dumps(result)
+
+        return json_route
+
+
 def make_app(engine, config=None, heartbeat=SSE_HEARTBEAT) -> bottle.Bottle:
     """A fresh Bottle app serving the API (and the page) over ``engine``."""
     config = config or engine.config
@@ -8978,32 +9058,11 @@ def make_app(engine, config=None, heartbeat=SSE_HEARTBEAT) -> bottle.Bottle:
     app = _App()
     app.config["json.enable"] = False
     app.config["minisched.api"] = api
-    app.add_hook("before_request", api.check_request)
-
-    def wrap(fn):
-        def handler(*args, **kwargs):
-            try:
-                result = fn(*args, **kwargs)
-            except MinischedError as exc:
-                return _error(exc.status, exc.message, exc.field)
-            except bottle.HTTPResponse:
-                raise
-            except (TimeoutError, socket.timeout):  # noqa: UP041 - 3.9 differs
-                return _error(408, "the request was not received in time")
-            except Exception as exc:
-                log.exception(
-                    "error in %s %s", bottle.request.method, bottle.request.path
-                )
-                return _error(500, f"internal error: {type(exc).__name__}")
-            if isinstance(result, (dict, list)):
-                return _json(result)
-            return result
-
-        return handler
-
+    app.add_hook("before_request", _answering_errors(api.check_request))
+    app.install(_JsonPlugin())
     for route in API_ROUTES:
         rule = re.sub(r"{(\w+)}", r"<\1>", route.path)
-        app.route(rule, route.method, wrap(getattr(api, route.handler)))
+        app.route(rule, route.method, getattr(api, route.handler), ok=route.ok)
 
     app.route("/", "GET", page)
     return app
