@@ -204,22 +204,33 @@ _refuse_without_dependencies()
 
 #: Default TCP port of ``serve`` and default ``--url`` of the client commands.
 DEFAULT_PORT = 8100
-#: Statuses that are not final.
-ACTIVE_STATUSES = ("queued", "running")
-#: Every run status, in the order the page shows them.
-RUN_STATUSES = (
-    "queued",
-    "running",
-    "succeeded",
-    "failed",
-    "timed_out",
-    "cancelled",
-    "skipped",
-    "missed",
-    "lost",
+#: Every run status, in the order the page shows them: whether it is final
+#: (``terminal``), whether it means something went wrong (``failure``:
+#: alerts, WARNING log lines, the success rate), whether its records are
+#: ``kept_apart`` (a job keeps :data:`KEEP_NOISE_RUNS` of them besides its
+#: ``keep_runs``), the page's colour and what it means.  The tuples below,
+#: the store's SQL, the API's enums and the page (through ``GET /api/meta``)
+#: are derived from this table.
+RunStatus = collections.namedtuple(
+    "RunStatus", "name terminal failure kept_apart colour meaning"
 )
-#: Statuses that mean something went wrong (alerts, WARNING log lines).
-FAILURE_STATUSES = ("failed", "timed_out", "missed", "lost")
+RUN_STATUS_TABLE = (
+    RunStatus("queued", False, False, False, "run", "waiting for a free slot"),
+    RunStatus("running", False, False, False, "run", "started, not finished"),
+    RunStatus("succeeded", True, False, False, "ok", "exited 0 / expected status"),
+    RunStatus("failed", True, True, False, "bad", "exited non-zero or could not start"),
+    RunStatus("timed_out", True, True, False, "bad", "killed at its timeout"),
+    RunStatus("cancelled", True, False, False, "warn", "stopped by someone"),
+    RunStatus("skipped", True, False, True, "warn", "not run: concurrency"),
+    RunStatus("missed", True, True, True, "warn", "not run in time"),
+    RunStatus("lost", True, True, False, "bad", "the server died during it"),
+)
+RUN_STATUSES = tuple(s.name for s in RUN_STATUS_TABLE)
+#: Statuses that are not final.
+ACTIVE_STATUSES = tuple(s.name for s in RUN_STATUS_TABLE if not s.terminal)
+TERMINAL_STATUSES = tuple(s.name for s in RUN_STATUS_TABLE if s.terminal)
+FAILURE_STATUSES = tuple(s.name for s in RUN_STATUS_TABLE if s.failure)
+KEPT_APART_STATUSES = tuple(s.name for s in RUN_STATUS_TABLE if s.kept_apart)
 #: What started a run.
 TRIGGERS = ("schedule", "manual", "retry", "catch_up", "reboot", "dependency")
 #: Slots beyond this many missed while down are summarised, never run.
@@ -1023,49 +1034,6 @@ _HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD")
 #: Environment variables minisched sets itself; a job may not override them.
 RESERVED_ENV = ("MINISCHED_RUN_ID", "MINISCHED_JOB", "MINISCHED_SERVER")
 
-#: Every job field and its default (SPEC §3).  ``name`` has none.
-JOB_DEFAULTS = {
-    "command": None,
-    "kind": "command",
-    "url": None,
-    "method": "GET",
-    "headers": {},
-    "body": None,
-    "expect_status": None,
-    "schedule": None,
-    "timezone": None,
-    "enabled": True,
-    "description": "",
-    "tags": [],
-    "cwd": None,
-    "env": {},
-    "user": None,
-    "timeout": 0,
-    "kill_grace": 10,
-    "retries": 0,
-    "retry_delay": 10,
-    "retry_backoff": 2,
-    "retry_max_delay": 3600,
-    "concurrency": "forbid",
-    "queue_max": 1,
-    "catch_up": "none",
-    "starting_deadline": None,
-    "jitter": 0,
-    "max_runs": 0,
-    "keep_runs": 100,
-    "max_output": 1048576,
-    "on_success": [],
-    "on_failure": [],
-    "on_start": [],
-    "after": [],
-    "leftovers": "kill",
-    "notify_email": [],
-    "max_rss": None,
-    "max_cpu": None,
-}
-#: Fields only meaningful for ``kind: http``.
-HTTP_FIELDS = ("url", "method", "headers", "body", "expect_status")
-
 
 def _is_number(value) -> bool:
     if isinstance(value, bool):
@@ -1082,31 +1050,6 @@ def _check_number(value, low, high, integer=False):
             return f"must be at least {low}"
         return f"must be between {low} and {high}"
     return None
-
-
-#: Numeric fields: (low, high or None, integer).
-_NUMBER_FIELDS = {
-    "timeout": (0, 31536000, False),
-    "kill_grace": (0, 3600, False),
-    "retries": (0, 100, True),
-    "retry_delay": (0, 31536000, False),
-    "retry_backoff": (1, 100, False),
-    "retry_max_delay": (0, 31536000, False),
-    "queue_max": (1, 10000, True),
-    "starting_deadline": (0.001, 31536000, False),
-    "jitter": (0, 86400, False),
-    "max_runs": (0, None, True),
-    "keep_runs": (1, 1000000, True),
-    "max_output": (1024, 1 << 30, True),
-    "max_rss": (1 << 20, 1 << 50, True),
-    "max_cpu": (0.1, 31536000, False),
-}
-_CHOICES = {
-    "kind": ("command", "http"),
-    "concurrency": ("forbid", "allow", "replace", "queue"),
-    "catch_up": ("none", "latest", "all"),
-    "leftovers": ("kill", "keep"),
-}
 
 
 #: Header names HTTP allows (RFC 9110 tokens).
@@ -1225,82 +1168,248 @@ def _valid_command(value) -> bool:
     )
 
 
-def _field_problem(name, value):
-    """What is wrong with one field's value, or None.  Cross-field rules live in
-    :func:`validate_job`."""
-    if name in _NUMBER_FIELDS:
-        if name in ("starting_deadline", "max_rss", "max_cpu") and value is None:
-            return None
-        return _check_number(value, *_NUMBER_FIELDS[name])
-    if name in _CHOICES:
-        if value not in _CHOICES[name]:
-            return "must be one of " + ", ".join(_CHOICES[name])
+def _command_problem(value):
+    if value is None or _valid_command(value):
         return None
-    if name == "command":
-        ok = value is None or _valid_command(value)
-        return None if ok else "must be a non-empty string or list of strings"
-    if name == "url":
-        return None if value is None else _url_problem(value)
-    if name in ("schedule", "timezone", "cwd", "user"):
-        if value is not None and not isinstance(value, str):
-            return "must be a string"
-        return None
-    if name == "description":
-        if not isinstance(value, str) or len(value) > 2000:
-            return "must be a string of at most 2000 characters"
-        return None
-    if name == "enabled":
-        return None if isinstance(value, bool) else "must be true or false"
-    if name == "method":
-        return (
-            None
-            if value in _HTTP_METHODS
-            else "must be one of " + ", ".join(_HTTP_METHODS)
-        )
-    if name == "headers":
-        return _headers_problem(value)
-    if name == "env":
-        problem = _check_str_map(value)
-        if problem:
-            return problem
-        for key in value:
-            if not _ENV_KEY_RE.fullmatch(key):
-                return f"has an invalid variable name {key!r}"
-            if key in RESERVED_ENV:
-                return f"must not set {key} (minisched sets it)"
-        return None
-    if name == "body":
-        return None  # a string, or any JSON value sent as JSON
-    if name == "expect_status":
-        if value is None:
-            return None
-        if not isinstance(value, list) or not value:
-            return "must be a non-empty list of HTTP status codes"
-        for code in value:
-            if _check_number(code, 100, 599, integer=True):
-                return "must contain HTTP status codes (100..599)"
-        return None
-    if name == "tags":
-        if not isinstance(value, list) or not all(
-            isinstance(t, str) and 0 < len(t) <= 64 for t in value
-        ):
-            return "must be a list of non-empty strings (at most 64 characters each)"
-        return None
-    if name in ("on_success", "on_failure", "on_start"):
-        return _check_hooks(value)
-    if name == "notify_email":
-        if not isinstance(value, list) or not all(
-            isinstance(a, str) and _EMAIL_RE.fullmatch(a) for a in value
-        ):
-            return "must be a list of mail addresses (name@example.com)"
-        return None
-    if name == "after":
-        if not isinstance(value, list) or not all(
-            isinstance(n, str) and _NAME_RE.fullmatch(n) for n in value
-        ):
-            return "must be a list of job names"
-        return None
+    return "must be a non-empty string or list of strings"
+
+
+def _optional_url_problem(value):
+    return None if value is None else _url_problem(value)
+
+
+def _optional_str_problem(value):
+    return None if value is None or isinstance(value, str) else "must be a string"
+
+
+def _description_problem(value):
+    if not isinstance(value, str) or len(value) > 2000:
+        return "must be a string of at most 2000 characters"
     return None
+
+
+def _bool_problem(value):
+    return None if isinstance(value, bool) else "must be true or false"
+
+
+def _env_problem(value):
+    problem = _check_str_map(value)
+    if problem:
+        return problem
+    for key in value:
+        if not _ENV_KEY_RE.fullmatch(key):
+            return f"has an invalid variable name {key!r}"
+        if key in RESERVED_ENV:
+            return f"must not set {key} (minisched sets it)"
+    return None
+
+
+def _expect_status_problem(value):
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        return "must be a non-empty list of HTTP status codes"
+    for code in value:
+        if _check_number(code, 100, 599, integer=True):
+            return "must contain HTTP status codes (100..599)"
+    return None
+
+
+def _tags_problem(value):
+    if not isinstance(value, list) or not all(
+        isinstance(t, str) and 0 < len(t) <= 64 for t in value
+    ):
+        return "must be a list of non-empty strings (at most 64 characters each)"
+    return None
+
+
+def _emails_problem(value):
+    if not isinstance(value, list) or not all(
+        isinstance(a, str) and _EMAIL_RE.fullmatch(a) for a in value
+    ):
+        return "must be a list of mail addresses (name@example.com)"
+    return None
+
+
+def _names_problem(value):
+    if not isinstance(value, list) or not all(
+        isinstance(n, str) and _NAME_RE.fullmatch(n) for n in value
+    ):
+        return "must be a list of job names"
+    return None
+
+
+#: One job field (SPEC §3): its default; how the editor shows it (``form``:
+#: text, textarea, number, checkbox, select, list, ints, json or env), its
+#: label and help; whether it is among the basic fields and which ``kind``
+#: it belongs to (None: both); and its rule: a ``check`` function (value ->
+#: problem or None), numeric ``limits`` (low, high or None, integer) or
+#: ``choices``.  ``schema`` is its OpenAPI schema where not derived from
+#: limits or choices; ``masked`` fields show ``***`` values to those who
+#: may not see secrets; ``csv_text`` fields are plain text in CSV (others
+#: JSON).  Validation, the CSV code, OpenAPI and the page's editor (through
+#: ``GET /api/meta``) are all derived from :data:`JOB_FIELDS`.
+JobField = collections.namedtuple(
+    "JobField",
+    "name default form label help basic kind check limits choices schema masked"
+    " csv_text",
+)
+
+
+def _field(
+    name,
+    default,
+    form,
+    label,
+    help="",
+    basic=False,
+    kind=None,
+    check=None,
+    limits=None,
+    choices=None,
+    schema=None,
+    masked=False,
+    csv_text=False,
+):
+    return JobField(
+        name, default, form, label, help, basic, kind, check, limits, choices,
+        schema, masked, csv_text,
+    )  # fmt: skip
+
+
+_STRING = {"type": "string"}
+_STRINGS = {"type": "array", "items": _STRING}
+_STRING_MAP = {"type": "object", "additionalProperties": _STRING}
+_HOOKS = {"type": "array", "items": {"$ref": "#/components/schemas/Hook"}}
+_HOOK_HELP = 'JSON list: [{"url": "https://…"}] or [{"command": "…"}]'
+
+JOB_FIELDS = (
+    _field("name", None, "text", "Name", "Letters, digits, _ . - (up to 64)", True,
+           csv_text=True),
+    _field("command", None, "textarea", "Command",
+           'Run by /bin/sh -c; or a JSON list like ["/usr/bin/env", "python3"] '
+           "for argv", True, "command", _command_problem, csv_text=True,
+           schema={"oneOf": [{"type": "string", "minLength": 1},
+                             dict(_STRINGS, minItems=1)]}),
+    _field("kind", "command", "select", "Kind", "A command, or an HTTP request",
+           True, choices=("command", "http"), csv_text=True),
+    _field("url", None, "text", "URL", "http:// or https://", True, "http",
+           _optional_url_problem, schema={"type": "string", "format": "uri"},
+           csv_text=True),
+    _field("method", "GET", "select", "Method", "", True, "http",
+           choices=_HTTP_METHODS, csv_text=True),
+    _field("headers", {}, "json", "Headers",
+           'JSON object, e.g. {"Authorization": "Bearer …"}', False, "http",
+           _headers_problem, schema=_STRING_MAP),
+    _field("body", None, "textarea", "Body", "Sent as is (JSON if it parses as JSON)",
+           False, "http", lambda value: None,
+           schema={"description": "a string, or any JSON value sent as JSON"}),
+    _field("expect_status", None, "ints", "Expected status",
+           "Comma-separated, e.g. 200, 204 (default: any 2xx)", True, "http",
+           _expect_status_problem,
+           schema={"type": "array", "minItems": 1,
+                   "items": {"type": "integer", "minimum": 100, "maximum": 599}}),
+    _field("schedule", None, "text", "Schedule",
+           "*/5 * * * *, 0 30 2 * * * (seconds first), @daily, @every 90s, "
+           "@at 2026-12-01T09:00, @reboot; empty = manual only", True,
+           check=_optional_str_problem, schema=_STRING, csv_text=True),
+    _field("timezone", None, "text", "Time zone",
+           "IANA name such as Europe/Berlin (default: the server's)", True,
+           check=_optional_str_problem, schema=_STRING, csv_text=True),
+    _field("enabled", True, "checkbox", "Enabled",
+           "Unticked: never fires on schedule (can still be run)", True,
+           check=_bool_problem, schema={"type": "boolean"}),
+    _field("description", "", "text", "Description", "", True,
+           check=_description_problem,
+           schema={"type": "string", "maxLength": 2000}, csv_text=True),
+    _field("tags", [], "list", "Tags", "Comma-separated", True, check=_tags_problem,
+           schema={"type": "array",
+                   "items": {"type": "string", "minLength": 1, "maxLength": 64}}),
+    _field("cwd", None, "text", "Working directory", "Default: the server's",
+           False, "command", _optional_str_problem, schema=_STRING, csv_text=True),
+    _field("env", {}, "env", "Environment", "One KEY=value per line", False,
+           "command", _env_problem, schema=_STRING_MAP, masked=True),
+    _field("user", None, "text", "Run as user", "Needs the server to run as root",
+           False, "command", _optional_str_problem, schema=_STRING, csv_text=True),
+    _field("timeout", 0, "number", "Timeout (s)",
+           "0 = none; then the whole tree is killed", limits=(0, 31536000, False)),
+    _field("kill_grace", 10, "number", "Kill grace (s)",
+           "Between SIGTERM and SIGKILL (default 10)", limits=(0, 3600, False)),
+    _field("retries", 0, "number", "Retries",
+           "Extra attempts after a failure or timeout", limits=(0, 100, True)),
+    _field("retry_delay", 10, "number", "Retry delay (s)", "Default 10",
+           limits=(0, 31536000, False)),
+    _field("retry_backoff", 2, "number", "Retry backoff",
+           "Multiplier per retry (default 2)", limits=(1, 100, False)),
+    _field("retry_max_delay", 3600, "number", "Retry max delay (s)", "Default 3600",
+           limits=(0, 31536000, False)),
+    _field("concurrency", "forbid", "select", "Concurrency",
+           "When a fire comes while a run is active (default forbid)",
+           choices=("forbid", "allow", "replace", "queue"), csv_text=True),
+    _field("queue_max", 1, "number", "Queue max",
+           "With queue: how many fires may wait (default 1)",
+           limits=(1, 10000, True)),
+    _field("catch_up", "none", "select", "Catch up",
+           "Slots missed while the server was down (default none)",
+           choices=("none", "latest", "all"), csv_text=True),
+    _field("starting_deadline", None, "number", "Starting deadline (s)",
+           "A slot that cannot start within this is missed",
+           limits=(0.001, 31536000, False)),
+    _field("jitter", 0, "number", "Jitter (s)",
+           "Random delay added to each scheduled start", limits=(0, 86400, False)),
+    _field("max_runs", 0, "number", "Max runs",
+           "Then the job disables itself (0 = unlimited)", limits=(0, None, True)),
+    _field("keep_runs", 100, "number", "Keep runs", "History kept (default 100)",
+           limits=(1, 1000000, True)),
+    _field("max_output", 1048576, "number", "Max output (bytes)",
+           "Default 1048576; beginning and end are kept",
+           limits=(1024, 1 << 30, True)),
+    _field("on_success", [], "json", "On success hooks", "JSON list of hooks",
+           check=_check_hooks, schema=_HOOKS),
+    _field("on_failure", [], "json", "On failure hooks", "JSON list of hooks",
+           check=_check_hooks, schema=_HOOKS),
+    _field("on_start", [], "json", "On start hooks", _HOOK_HELP,
+           check=_check_hooks, schema=_HOOKS),
+    _field("after", [], "list", "Run after",
+           "Comma-separated job names: run when one of them succeeds",
+           check=_names_problem,
+           schema={"type": "array",
+                   "items": {"type": "string", "pattern": _NAME_RE.pattern}}),
+    _field("leftovers", "kill", "select", "Leftover processes",
+           "When the job exits: stop what it left running (kill, default) or "
+           "keep it, as cron does (for jobs that start daemons)", False, "command",
+           choices=("kill", "keep")),
+    _field("notify_email", [], "list", "Mail on failure",
+           "Comma-separated addresses, besides the server's --notify-email",
+           check=_emails_problem,
+           schema={"type": "array", "items": {"type": "string", "format": "email"}}),
+    _field("max_rss", None, "number", "Max memory (bytes)",
+           "The whole tree; over it the run is stopped and fails", False,
+           "command", limits=(1 << 20, 1 << 50, True)),
+    _field("max_cpu", None, "number", "Max CPU (s)",
+           "The whole tree's CPU seconds; over it the run is stopped and fails",
+           False, "command", limits=(0.1, 31536000, False)),
+)  # fmt: skip
+FIELDS_BY_NAME = {f.name: f for f in JOB_FIELDS}
+#: Every job field but ``name`` and its default (SPEC §3).
+JOB_DEFAULTS = {f.name: f.default for f in JOB_FIELDS if f.name != "name"}
+#: Fields only meaningful for ``kind: http``.
+HTTP_FIELDS = tuple(f.name for f in JOB_FIELDS if f.kind == "http")
+
+
+def _field_problem(name, value):
+    """What is wrong with one field's value, or None, by its row of
+    :data:`JOB_FIELDS`.  Cross-field rules live in :func:`validate_job`."""
+    field = FIELDS_BY_NAME[name]
+    if field.limits is not None:
+        if value is None and field.default is None:
+            return None
+        return _check_number(value, *field.limits)
+    if field.choices is not None:
+        if value not in field.choices:
+            return "must be one of " + ", ".join(field.choices)
+        return None
+    return field.check(value)
 
 
 def validate_job(data, server_tz: datetime.tzinfo | None = None) -> dict:
@@ -1649,15 +1758,19 @@ def run_public(row: dict) -> dict:
 #: Duration histogram of the run statistics: ``HIST_PER_DECADE`` buckets a
 #: decade from 1 ms, so a percentile is known to within about 6 %.
 HIST_PER_DECADE = 20
-_ROLLUP_STATUSES = (
-    "succeeded",
-    "failed",
-    "timed_out",
-    "cancelled",
-    "skipped",
-    "missed",
-    "lost",
-)
+
+
+def _sql_list(names) -> str:
+    """``('a', 'b')``: a SQL list of status names (constants, never input)."""
+    return "({})".format(", ".join(f"'{n}'" for n in names))
+
+
+_SQL_ACTIVE = _sql_list(ACTIVE_STATUSES)
+_SQL_FAILURES = _sql_list(FAILURE_STATUSES)
+_SQL_KEPT_APART = _sql_list(KEPT_APART_STATUSES)
+_SQL_KEPT = _sql_list(s for s in TERMINAL_STATUSES if s not in KEPT_APART_STATUSES)
+#: Statuses counted in ``run_days`` (a column each).
+_ROLLUP_STATUSES = TERMINAL_STATUSES
 
 
 def _hist_bucket(duration: float) -> int:
@@ -2261,8 +2374,8 @@ class Store:
                 # A replay after a failed batch finds it popped already.
                 keep_real = self._prunes.pop(job, keep_runs)
             for where, keep in (
-                ("status NOT IN ('skipped', 'missed', 'queued', 'running')", keep_real),
-                ("status IN ('skipped', 'missed')", KEEP_NOISE_RUNS),
+                (f"status IN {_SQL_KEPT}", keep_real),
+                (f"status IN {_SQL_KEPT_APART}", KEEP_NOISE_RUNS),
             ):
                 row = conn.execute(
                     f"SELECT id FROM runs WHERE job = ? AND {where} ORDER BY id DESC "
@@ -2288,13 +2401,13 @@ class Store:
             rows = [
                 dict(r)
                 for r in conn.execute(
-                    "SELECT * FROM runs WHERE status IN ('queued', 'running')"
+                    f"SELECT * FROM runs WHERE status IN {_SQL_ACTIVE}"
                 )
             ]
             conn.execute(
                 "UPDATE runs SET status = 'lost', finished_at = ?, "
                 "error = 'the server stopped while this run was ' || status "
-                "WHERE status IN ('queued', 'running')",
+                f"WHERE status IN {_SQL_ACTIVE}",
                 (now,),
             )
             for row in rows:
@@ -2437,14 +2550,14 @@ class Store:
         if conn.execute("SELECT 1 FROM run_days LIMIT 1").fetchone():
             return
         count = conn.execute(
-            "SELECT count(*) FROM runs WHERE status NOT IN ('queued', 'running')"
+            f"SELECT count(*) FROM runs WHERE status NOT IN {_SQL_ACTIVE}"
         ).fetchone()[0]
         if not count:
             return
         log.info("building run statistics from %d runs (once)", count)
         conn.execute("BEGIN IMMEDIATE")
         for row in conn.execute(
-            "SELECT * FROM runs WHERE status NOT IN ('queued', 'running') ORDER BY id"
+            f"SELECT * FROM runs WHERE status NOT IN {_SQL_ACTIVE} ORDER BY id"
         ).fetchall():
             _roll_up(conn, dict(row))
         conn.execute("COMMIT")
@@ -2516,7 +2629,6 @@ class Store:
 
 
 #: The failure statuses, as an SQL list.
-_SQL_FAILURES = "({})".format(", ".join(f"'{s}'" for s in FAILURE_STATUSES))
 
 
 def _where(clauses) -> str:
@@ -6197,8 +6309,7 @@ td { overflow-wrap: anywhere; }
   border: 1px solid var(--line); border-radius: 999px; color: var(--muted); }
 .badge { display: inline-block; font-size: .78rem; font-weight: 600; padding: .05rem .45rem;
   border-radius: 4px; border: 1px solid currentColor; white-space: nowrap; }
-.s-succeeded { color: var(--ok); } .s-failed, .s-timed_out, .s-lost { color: var(--bad); }
-.s-missed, .s-skipped, .s-cancelled { color: var(--warn); } .s-running, .s-queued { color: var(--run); }
+.c-ok { color: var(--ok); } .c-bad { color: var(--bad); } .c-warn { color: var(--warn); } .c-run { color: var(--run); }
 .dot { display: inline-block; width: .6rem; height: .6rem; border-radius: 50%; background: var(--run);
   margin-right: .3rem; animation: pulse 1.2s infinite ease-in-out; }
 @keyframes pulse { 50% { opacity: .25; } }
@@ -6234,8 +6345,7 @@ summary { cursor: pointer; font-weight: 600; }
 .error-box { color: var(--bad); margin: .5rem 0; overflow-wrap: anywhere; }
 .preview li { font-family: ui-monospace, monospace; font-size: .85rem; }
 .chart { width: 100%; height: 120px; display: block; }
-.chart .s-succeeded { fill: var(--ok); } .chart .s-failed, .chart .s-timed_out, .chart .s-lost { fill: var(--bad); }
-.chart .s-cancelled, .chart .s-missed, .chart .s-skipped { fill: var(--warn); } .chart .s-running, .chart .s-queued { fill: var(--run); }
+.chart .c-ok { fill: var(--ok); } .chart .c-bad { fill: var(--bad); } .chart .c-warn { fill: var(--warn); } .chart .c-run { fill: var(--run); }
 #login { position: fixed; inset: 0; background: rgba(0,0,0,.45); display: flex; align-items: center; justify-content: center; padding: 1rem; }
 #login form { background: var(--bg); border: 1px solid var(--line); border-radius: 10px; padding: 1.2rem; width: 100%; max-width: 24rem; }
 #login input { width: 100%; margin: .4rem 0 .8rem; }
@@ -6355,7 +6465,19 @@ function bytes(n) {
   while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
   return (i ? n.toFixed(1) : n) + " " + u[i];
 }
-function badge(status) { return h("span", { class: "badge s-" + status }, status.replace("_", " ")); }
+// Run statuses and job fields come from the server's tables (GET /api/meta).
+let META = null;
+async function loadMeta() {
+  if (!META) {
+    const m = await api("GET", "/api/meta");
+    m.status = Object.fromEntries(m.statuses.map(s => [s.name, s]));
+    META = m;
+  }
+  return META;
+}
+const statusClass = s => "s-" + s + " c-" + ((META && META.status[s]) ? META.status[s].colour : "warn");
+const dayStatuses = () => META.statuses.filter(s => s.terminal).map(s => s.name);
+function badge(status) { return h("span", { class: "badge " + statusClass(status) }, status.replace("_", " ")); }
 function maskEnv(def) {
   const out = Object.assign({}, def);
   if (out.env) { out.env = {}; for (const k of Object.keys(def.env)) out.env[k] = "***"; }
@@ -6411,7 +6533,7 @@ async function dashboard() {
     "aria-label": "Search jobs", value: filters.q });
   const tagSel = h("select", { "aria-label": "Filter by tag" }, h("option", { value: "" }, "All tags"));
   const statusSel = h("select", { "aria-label": "Filter by status" },
-    ["", "running", "paused", "succeeded", "failed", "timed_out", "cancelled", "missed", "lost"].map(
+    ["", "running", "paused", ...META.statuses.filter(s => s.terminal && s.name !== "skipped").map(s => s.name)].map(
       s => h("option", { value: s }, s ? s.replace("_", " ") : "Any status")));
   statusSel.value = filters.status;
   const body = h("tbody");
@@ -6500,7 +6622,7 @@ function jobRow(j) {
       : j.enabled === false ? h("span", { class: "muted" }, "disabled") : when(j.next_run_at),
       j.next_run_at && !j.paused ? h("div", { class: "muted small" }, abs(j.next_run_at)) : null),
     h("td", { "data-label": "Last run" }, lastRunCell(j.last_run, j.name)),
-    h("td", { "data-label": j.running ? "State" : null }, j.running ? h("span", { class: "s-running" }, h("span", { class: "dot", "aria-hidden": "true" }), "running") : ""),
+    h("td", { "data-label": j.running ? "State" : null }, j.running ? h("span", { class: statusClass("running") }, h("span", { class: "dot", "aria-hidden": "true" }), "running") : ""),
     h("td", { "data-label": "Actions" }, jobActions(j)));
 }
 
@@ -6588,19 +6710,19 @@ async function jobPage(name) {
 }
 const STATE_KEYS = ["source", "paused", "next_run_at", "last_run", "running", "schedule_description", "created_at"];
 function definitionOf(j) { const d = Object.assign({}, j); for (const k of STATE_KEYS) delete d[k]; return d; }
-const DAY_STATUSES = [["succeeded", "succeeded"], ["failed", "failed"], ["timed_out", "failed"], ["lost", "failed"], ["missed", "missed"], ["cancelled", "cancelled"], ["skipped", "skipped"]];
+
 function dayChart(days) {
   // One bar per day, stacked by outcome.
   const W = 400, H = 70, bw = W / Math.max(days.length, 1);
   const box = svg("svg", { class: "chart days", viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "Outcomes per day" });
-  const most = Math.max(1, ...days.map(d => DAY_STATUSES.reduce((n, [s]) => n + d[s], 0)));
+  const most = Math.max(1, ...days.map(d => dayStatuses().reduce((n, s) => n + d[s], 0)));
   days.forEach((d, i) => {
     let y = H;
-    for (const [status, colour] of DAY_STATUSES) {
+    for (const status of dayStatuses()) {
       if (!d[status]) continue;
       const bh = Math.max(2, d[status] / most * (H - 4));
       y -= bh;
-      box.append(svg("rect", { x: i * bw + 1, y, width: Math.max(1, bw - 2), height: bh, class: "s-" + colour },
+      box.append(svg("rect", { x: i * bw + 1, y, width: Math.max(1, bw - 2), height: bh, class: statusClass(status) },
         svg("title", null, d.day + ": " + d[status] + " " + status.replace("_", " "))));
     }
   });
@@ -6614,7 +6736,7 @@ function durationChart(runs) {
   const max = Math.max(...runs.map(r => r.duration), 0.001), bw = W / Math.max(runs.length, 10);
   runs.forEach((r, i) => {
     const bh = Math.max(2, (r.duration / max) * (H - 16));
-    box.append(svg("rect", { x: i * bw + 1, y: H - bh, width: Math.max(1, bw - 2), height: bh, class: "s-" + r.status },
+    box.append(svg("rect", { x: i * bw + 1, y: H - bh, width: Math.max(1, bw - 2), height: bh, class: statusClass(r.status) },
       svg("title", null, "#" + r.id + " " + r.status + " " + dur(r.duration))));
   });
   box.append(svg("text", { x: 4, y: 12, fill: "currentColor", "font-size": 11 }, "max " + dur(max)));
@@ -6650,7 +6772,7 @@ async function runPage(id) {
       h("b", null, d.event), " → ", h("code", null, d.target), ": ", d.status,
       d.attempts > 1 ? " after " + d.attempts + " attempts" : "", d.error ? " (" + d.error + ")" : ""))) : null,
     h("div", { class: "logbar" },
-      ["running", "queued"].includes(run.status)
+      !META.status[run.status].terminal
         ? h("button", { type: "button", class: "danger", onclick: () => act(() => api("POST", "/api/runs/" + run.id + "/stop"), "Stopping run " + run.id) }, "Stop")
         : null,
       h("a", { class: "button", href: "/api/runs/" + run.id + "/log", download: "run-" + run.id + ".log" }, "Download log"),
@@ -6736,46 +6858,9 @@ async function systemPage() {
 }
 
 // -- editor ---------------------------------------------------------------------------
-const FIELDS = [
-  ["name", "text", "Name", "Letters, digits, _ . - (up to 64)", true],
-  ["kind", ["command", "http"], "Kind", "A command, or an HTTP request", true],
-  ["command", "textarea", "Command", "Run by /bin/sh -c; or a JSON list like [\"/usr/bin/env\", \"python3\"] for argv", true, "command"],
-  ["url", "text", "URL", "http:// or https://", true, "http"],
-  ["method", ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"], "Method", "", true, "http"],
-  ["expect_status", "ints", "Expected status", "Comma-separated, e.g. 200, 204 (default: any 2xx)", true, "http"],
-  ["headers", "json", "Headers", "JSON object, e.g. {\"Authorization\": \"Bearer …\"}", false, "http"],
-  ["body", "textarea", "Body", "Sent as is (JSON if it parses as JSON)", false, "http"],
-  ["schedule", "text", "Schedule", "*/5 * * * *, 0 30 2 * * * (seconds first), @daily, @every 90s, @at 2026-12-01T09:00, @reboot; empty = manual only", true],
-  ["timezone", "text", "Time zone", "IANA name such as Europe/Berlin (default: the server's)", true],
-  ["enabled", "checkbox", "Enabled", "Unticked: never fires on schedule (can still be run)", true],
-  ["description", "text", "Description", "", true],
-  ["tags", "list", "Tags", "Comma-separated", true],
-  ["cwd", "text", "Working directory", "Default: the server's", false, "command"],
-  ["env", "env", "Environment", "One KEY=value per line", false, "command"],
-  ["user", "text", "Run as user", "Needs the server to run as root", false, "command"],
-  ["timeout", "number", "Timeout (s)", "0 = none; then the whole tree is killed", false],
-  ["kill_grace", "number", "Kill grace (s)", "Between SIGTERM and SIGKILL (default 10)", false],
-  ["retries", "number", "Retries", "Extra attempts after a failure or timeout", false],
-  ["retry_delay", "number", "Retry delay (s)", "Default 10", false],
-  ["retry_backoff", "number", "Retry backoff", "Multiplier per retry (default 2)", false],
-  ["retry_max_delay", "number", "Retry max delay (s)", "Default 3600", false],
-  ["concurrency", ["", "forbid", "allow", "replace", "queue"], "Concurrency", "When a fire comes while a run is active (default forbid)", false],
-  ["queue_max", "number", "Queue max", "With queue: how many fires may wait (default 1)", false],
-  ["catch_up", ["", "none", "latest", "all"], "Catch up", "Slots missed while the server was down (default none)", false],
-  ["starting_deadline", "number", "Starting deadline (s)", "A slot that cannot start within this is missed", false],
-  ["jitter", "number", "Jitter (s)", "Random delay added to each scheduled start", false],
-  ["max_runs", "number", "Max runs", "Then the job disables itself (0 = unlimited)", false],
-  ["keep_runs", "number", "Keep runs", "History kept (default 100)", false],
-  ["max_output", "number", "Max output (bytes)", "Default 1048576; beginning and end are kept", false],
-  ["on_start", "json", "On start hooks", "JSON list: [{\"url\": \"https://…\"}] or [{\"command\": \"…\"}]", false],
-  ["on_success", "json", "On success hooks", "JSON list of hooks", false],
-  ["on_failure", "json", "On failure hooks", "JSON list of hooks", false],
-  ["after", "list", "Run after", "Comma-separated job names: run when one of them succeeds", false],
-  ["notify_email", "list", "Mail on failure", "Comma-separated addresses, besides the server's --notify-email", false],
-  ["max_rss", "number", "Max memory (bytes)", "The whole tree; over it the run is stopped and fails", false, "command"],
-  ["max_cpu", "number", "Max CPU (s)", "The whole tree's CPU seconds; over it the run is stopped and fails", false, "command"],
-  ["leftovers", ["", "kill", "keep"], "Leftover processes", "When the job exits: stop what it left running (kill, default) or keep it, as cron does (for jobs that start daemons)", false, "command"],
-];
+// [key, form (or the choices of a select), label, help, basic, kind], from GET /api/meta.
+const editorFields = () => META.fields.map(f => [f.name,
+  f.form === "select" ? (f.basic ? f.choices : ["", ...f.choices]) : f.form, f.label, f.help, f.basic, f.kind]);
 function fieldValue(type, v) {
   if (v === undefined || v === null) return type === "checkbox" ? true : "";
   if (type === "json") return JSON.stringify(v, null, 2);
@@ -6833,7 +6918,9 @@ async function editor(name) {
       h("div", { class: "help", id: id + "-help" }, help), errs[key]);
     return w;
   };
-  const basic = FIELDS.filter(f => f[4]).map(mk), adv = FIELDS.filter(f => !f[4]).map(mk);
+  const fields = editorFields();
+  const lead = f => (f[0] === "name" ? 2 : f[0] === "kind" ? 1 : 0);  // what the rest depends on
+  const basic = fields.filter(f => f[4]).sort((a, b) => lead(b) - lead(a)).map(mk), adv = fields.filter(f => !f[4]).map(mk);
   const schedWrap = wraps.schedule;
   schedWrap.append(h("div", { class: "help" }, "Next fire times:"), preview);
   const form = h("form", { class: "editor", novalidate: true },
@@ -6934,6 +7021,10 @@ $("#login-form").addEventListener("submit", async (ev) => {
 });
 async function route() {
   view++;  // answers still on their way to an earlier view are dropped
+  try { await loadMeta(); } catch (e) {
+    fill($("#main"), h("h1", null, "minisched"), h("p", { class: "error-box" }, "The server cannot be reached: " + e.message));
+    return;
+  }
   if (stream && !location.hash.startsWith("#/run/")) { stream.close(); stream = null; }
   const parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
   onChange = null;
@@ -7082,6 +7173,14 @@ API_ROUTES = (
         "health",
         "Liveness of the engine's threads and database",
         response="Health",
+    ),
+    _route(
+        "GET",
+        "/api/meta",
+        "meta",
+        "Run statuses and job fields with their rules (what the page's "
+        "editor and colours are built from)",
+        response="Meta",
     ),
     _route(
         "GET",
@@ -7313,25 +7412,12 @@ API_ROUTES = (
     ),
     _route("GET", "/metrics", "metrics", "Prometheus metrics", response="text/plain"),
 )
-_OPEN_PATHS = ("/api/health", "/api/login")
+_OPEN_PATHS = ("/api/health", "/api/login", "/api/meta")
 #: State-changing routes that write nothing to the database.
 _WRITE_FREE_PATHS = ("/api/validate", "/api/logout")
 _STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
 #: Fields of a job shown in CSV exports, in order.
-CSV_FIELDS = ("name", *JOB_DEFAULTS)
-_CSV_TEXT_FIELDS = (
-    "command",
-    "kind",
-    "url",
-    "method",
-    "schedule",
-    "timezone",
-    "description",
-    "cwd",
-    "user",
-    "concurrency",
-    "catch_up",
-)
+CSV_FIELDS = tuple(f.name for f in JOB_FIELDS)
 
 
 def _rate(good: int, bad: int):
@@ -7598,6 +7684,29 @@ class Api:
         return self.job_json(job)
 
     # -- jobs --------------------------------------------------------------------
+
+    @staticmethod
+    def meta():
+        """The tables other code derives from: run statuses, job fields."""
+        fields = []
+        for field in JOB_FIELDS:
+            out = {
+                k: getattr(field, k)
+                for k in ("name", "form", "label", "help", "basic", "kind", "masked")
+            }
+            out["default"] = field.default
+            out["choices"] = list(field.choices) if field.choices else None
+            out["schema"] = (
+                {"type": "string"}
+                if field.name == "name"
+                else _job_field_schema(field.name)
+            )
+            fields.append(out)
+        return {
+            "statuses": [dict(s._asdict()) for s in RUN_STATUS_TABLE],
+            "fields": fields,
+            "triggers": list(TRIGGERS),
+        }
 
     def health(self):
         engine = self.engine
@@ -8341,7 +8450,7 @@ class Api:
 
 
 def _csv_cell(key, value) -> str:
-    if (key == "name" or key in _CSV_TEXT_FIELDS) and isinstance(value, str):
+    if FIELDS_BY_NAME[key].csv_text and isinstance(value, str):
         return value
     return json.dumps(value)
 
@@ -8374,7 +8483,7 @@ def _parse_csv_jobs(text) -> list:
                     continue
                 except ValueError:
                     pass
-            if key == "name" or key in _CSV_TEXT_FIELDS:
+            if FIELDS_BY_NAME[key].csv_text:
                 job[key] = cell
                 continue
             try:
@@ -8490,62 +8599,26 @@ def _nullable(schema: dict) -> dict:
 
 
 _STR = {"type": "string"}
-_STRINGS = {"type": "array", "items": _STR}
 _STR_MAP = {"type": "object", "additionalProperties": _STR}
 _TIME = _nullable({"type": "string", "format": "date-time"})
-#: Schemas of the job fields that are neither numbers nor choices.
-_FIELD_SCHEMAS = {
-    "command": _nullable(
-        {"oneOf": [{"type": "string", "minLength": 1}, dict(_STRINGS, minItems=1)]}
-    ),
-    "url": _nullable({"type": "string", "format": "uri"}),
-    "method": {"type": "string", "enum": list(_HTTP_METHODS)},
-    "headers": _STR_MAP,
-    "body": {
-        "nullable": True,
-        "description": "a string, or any JSON value sent as JSON",
-    },
-    "expect_status": _nullable(
-        {"type": "array", "minItems": 1, "items": _int_schema(100, 599)}
-    ),
-    "schedule": _nullable(_STR),
-    "timezone": _nullable(_STR),
-    "enabled": {"type": "boolean"},
-    "description": {"type": "string", "maxLength": 2000},
-    "tags": {
-        "type": "array",
-        "items": {"type": "string", "minLength": 1, "maxLength": 64},
-    },
-    "cwd": _nullable(_STR),
-    "env": _STR_MAP,
-    "user": _nullable(_STR),
-    "on_success": {"type": "array", "items": {"$ref": "#/components/schemas/Hook"}},
-    "on_failure": {"type": "array", "items": {"$ref": "#/components/schemas/Hook"}},
-    "on_start": {"type": "array", "items": {"$ref": "#/components/schemas/Hook"}},
-    "after": {
-        "type": "array",
-        "items": {"type": "string", "pattern": _NAME_RE.pattern},
-    },
-    "notify_email": {"type": "array", "items": {"type": "string", "format": "email"}},
-}
 
 
 def _job_field_schema(name: str) -> dict:
-    """The OpenAPI schema of one job field, from the tables validation uses."""
-    if name in _NUMBER_FIELDS:
-        low, high, integer = _NUMBER_FIELDS[name]
+    """The OpenAPI schema of one job field, from its row of :data:`JOB_FIELDS`."""
+    field = FIELDS_BY_NAME[name]
+    if field.limits is not None:
+        low, high, integer = field.limits
         schema = {"type": "integer" if integer else "number", "minimum": low}
         if high is not None:
             schema["maximum"] = high
-    elif name in _CHOICES:
-        schema = {"type": "string", "enum": list(_CHOICES[name])}
+    elif field.choices is not None:
+        schema = {"type": "string", "enum": list(field.choices)}
     else:
-        schema = dict(_FIELD_SCHEMAS[name])
-    if JOB_DEFAULTS[name] is None:
+        schema = dict(field.schema)
+    if field.default is None:
         schema["nullable"] = True
-    default = JOB_DEFAULTS[name]
-    if default is not None:
-        schema["default"] = default
+    else:
+        schema["default"] = field.default
     return schema
 
 
@@ -8636,7 +8709,7 @@ def _schemas() -> dict:
                 "url": {"type": "string", "format": "uri"},
                 "method": {"type": "string", "enum": list(_HTTP_METHODS)},
                 "headers": _STR_MAP,
-                "command": _FIELD_SCHEMAS["command"],
+                "command": _job_field_schema("command"),
             }
         ),
         "JobDefinition": definition,
@@ -8732,6 +8805,30 @@ def _schemas() -> dict:
                 "description": _STR,
             },
             ["times", "description"],
+        ),
+        "Meta": _object(
+            {
+                "statuses": {
+                    "type": "array",
+                    "items": _object(
+                        {
+                            "name": _STR,
+                            "terminal": {"type": "boolean"},
+                            "failure": {"type": "boolean"},
+                            "kept_apart": {"type": "boolean"},
+                            "colour": _STR,
+                            "meaning": _STR,
+                        },
+                        ["name", "terminal", "failure", "kept_apart", "colour"],
+                    ),
+                },
+                "fields": {
+                    "type": "array",
+                    "items": _object({"name": _STR}, ["name"], extra=True),
+                },
+                "triggers": {"type": "array", "items": _STR},
+            },
+            ["statuses", "fields", "triggers"],
         ),
         "Health": _object(
             {

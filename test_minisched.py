@@ -2176,11 +2176,50 @@ def test_api_openapi_describes_exactly_the_served_routes(api):
     assert set(doc["components"]["schemas"]["Error"]["required"]) == {"error", "field"}
 
 
+def test_meta_serves_the_tables_everything_else_is_derived_from(api):
+    meta = api.ok("GET", "/api/meta")
+    statuses = {s["name"]: s for s in meta["statuses"]}
+    assert list(statuses) == list(minisched.RUN_STATUSES)
+    assert [n for n, s in statuses.items() if not s["terminal"]] == [
+        "queued",
+        "running",
+    ]
+    assert {n for n, s in statuses.items() if s["failure"]} == {
+        "failed", "timed_out", "missed", "lost"
+    }  # fmt: skip
+    assert minisched.ACTIVE_STATUSES == ("queued", "running")
+    assert minisched.KEPT_APART_STATUSES == ("skipped", "missed")
+    fields = {f["name"]: f for f in meta["fields"]}
+    assert (
+        list(fields) == list(minisched.CSV_FIELDS) == ["name", *minisched.JOB_DEFAULTS]
+    )
+    assert fields["concurrency"]["choices"] == ["forbid", "allow", "replace", "queue"]
+    assert fields["env"]["masked"] and not fields["tags"]["masked"]
+    assert fields["kill_grace"]["schema"] == {
+        "type": "number", "minimum": 0, "maximum": 3600, "default": 10
+    }  # fmt: skip
+    # OpenAPI, validation and CSV say what the tables say.
+    doc = api.ok("GET", "/api/openapi.json")["components"]["schemas"]
+    assert doc["Run"]["properties"]["status"]["enum"] == list(statuses)
+    properties = doc["JobDefinition"]["properties"]
+    for name, field in fields.items():
+        if name != "name":
+            assert properties[name] == field["schema"], name
+    problem = api.post("/api/jobs", {"name": "j", "command": "x", "kill_grace": -1})
+    assert problem.error(400, "kill_grace")["error"] == (
+        "kill_grace: must be between 0 and 3600"
+    )
+    problem = api.post("/api/jobs", {"name": "j", "command": "x", "catch_up": "x"})
+    assert problem.error(400, "catch_up")["error"] == (
+        "catch_up: must be one of none, latest, all"
+    )
+
+
 # -- security -------------------------------------------------------------------
 
 TOKEN = "s3cret-token-value"
 #: Open without the token (SPEC §9); the OpenAPI description is checked apart.
-OPEN_ROUTES = {("GET", "/api/health"), ("POST", "/api/login")}
+OPEN_ROUTES = {("GET", "/api/health"), ("POST", "/api/login"), ("GET", "/api/meta")}
 
 
 @pytest.fixture
