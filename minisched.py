@@ -10,30 +10,65 @@ zone, exactly once per slot, even across restarts.  Each run is a process tree i
 its own session; its output, exit status, CPU time and peak memory are recorded
 in one SQLite file.  ``python minisched.py --help`` lists the commands.
 
+Components
+----------
+::
+
+    HTTP server ── Api (routes from API_ROUTES, one error plugin) ──┐
+                                                                     │
+    JobsFile ──► Scheduler ──(decides under its lock, then)──► Runner ──► Store
+                  ▲   heap of due slots                        │  admission,   (SQLiteStore:
+                  │                                            │  launcher, io, all SQL,
+                  └──── run_finished (dependents) ◄────────────┘  completion   one writer)
+                                                                │
+                                       Notifier ◄── on_hook ────┤
+                                       EventBus ◄── events ─────┘ ──► SSE, page
+
+``Engine`` builds these and passes each what it needs as constructor
+arguments; the tables they share (``RUN_STATUS_TABLE``, ``JOB_FIELDS``,
+``API_ROUTES``) are constants.
+
 Threads
 -------
 All threads are daemons with a name; each loop ends on its owner's ``stopping``
 event (``Engine.shutdown`` stops them in order: jobs file, scheduler, runner,
-store).
+notifier, store).
 
 ``minisched-scheduler``  owns the job registry and the heap of due slots; sleeps
-                         until the next slot or a change; hands runs to the Runner.
+                         until the next slot or a change; decides under its lock
+                         what fires, then hands the runs to the Runner.
 ``minisched-launcher``   the only thread that spawns jobs (so the parent of every
                          child and of the guard process outlives them).
 ``minisched-io``         owns every child's pipes and pidfd: reads output, reaps
                          exits with ``os.wait4``, fires timeouts, kill escalation
-                         and retry timers.  Talks to others through a command queue
-                         and a wake pipe.
-``minisched-writer``     the only SQLite writer; batches queued operations into one
-                         ``BEGIN IMMEDIATE`` transaction and resolves their futures.
+                         and retry timers; completes runs (record, retry, hooks,
+                         prune, dependents).  Talks to others through a command
+                         queue and a wake pipe.
+``minisched-writer``     the only database writer; batches queued operations into
+                         one transaction and resolves their futures.
 ``minisched-sampler``    samples CPU and RSS of running process trees (``/proc``,
                          else psutil), once a second and only while runs are active.
 ``minisched-jobsfile``   re-reads the jobs file when it changes (or on SIGHUP).
-``minisched-hooks``      delivers ``on_start``/``on_success``/``on_failure`` hooks.
+``minisched-notify``     decides alerts (incidents, summaries, the hourly cap).
+``minisched-deliver``    makes hook and alert deliveries, with retries.
 ``minisched-http-run``   one short-lived thread per running ``http`` job.
 ``minisched-http``       the API server's accept loop (wsgiref + ThreadingMixIn).
 ``minisched-http-request`` one daemon thread per connection; an SSE stream holds
                          its thread and reads a bounded EventBus queue.
+
+Locks
+-----
+Each lock guards one component's state and is held for memory work only.
+Where one is held while taking another, the order is::
+
+    Scheduler._lock  →  Runner._lock  →  Store._lock / the writer's queue
+                                       →  EventBus._lock, Metrics._lock
+
+Nothing takes them the other way round.  No lock is held across a call out of
+its component that can block or reach foreign code: the scheduler calls the
+Runner after releasing its lock; the Runner publishes events, logs, calls hooks
+and ``on_finished`` with no lock held; the Store's writer commits without the
+lock that guards its queue.
 
 Readers (API requests) borrow pooled SQLite connections and never wait for the
 writer: WAL gives them a consistent snapshot.
@@ -48,6 +83,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import abc
 import argparse
 import base64
 import bisect
@@ -1863,7 +1899,185 @@ def _roll_up(conn, row) -> None:
     )
 
 
-class Store:
+class Store(abc.ABC):
+    """What the engine needs from a database, and all it may ask.
+
+    An implementation keeps jobs, runs, their output, sessions, deliveries
+    and incidents; every SQL statement and dialect choice is inside it.  Write
+    methods queue their change and return a :class:`concurrent.futures.Future`
+    resolved once it is committed (``result`` waits for one); reads never wait
+    for writes.  ``healthy`` is False while the database cannot be used,
+    ``outage`` says why writes cannot be committed now (None when they can)
+    and ``server_id`` marks this database's processes.  The contract tests
+    (``test_store_*`` in the test suite) are what an implementation must pass;
+    :class:`SQLiteStore` is today's.
+    """
+
+    healthy = True
+    outage = None
+    server_id = None
+
+    def data_dir(self) -> str | None:
+        """The local directory holding the data (for disk usage), or None."""
+        return None
+
+    @abc.abstractmethod
+    def open(self, exclusive=True) -> Store:
+        """Create or migrate the schema and start the writer thread."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flush queued writes, stop the writer and release the lock."""
+
+    @abc.abstractmethod
+    def result(self, future, timeout=None):
+        """A write's result, or :class:`UnavailableError` if it is not
+        committed within ``timeout`` (default ``WRITE_WAIT``: the database
+        cannot be written)."""
+
+    @abc.abstractmethod
+    def check_writable(self) -> None:
+        """:class:`UnavailableError` (503) while writes cannot be committed."""
+
+    @abc.abstractmethod
+    def flush(self, timeout=None) -> None:
+        """Wait until every write queued before this call is committed
+        (:class:`UnavailableError` after ``timeout``, default ``WRITE_WAIT``)."""
+
+    @abc.abstractmethod
+    def allocate_run_id(self) -> int:
+        """A fresh run id, handed out in memory so a run is known before commit."""
+
+    @abc.abstractmethod
+    def insert_run(self, run: dict, job_update: dict | None = None):
+        """Insert a run (and update its job's scheduling state in the same
+        transaction).  The future's result is False when the slot already had
+        a run: that slot must not run again."""
+
+    @abc.abstractmethod
+    def update_run(self, run_id: int, fields: dict, job: str | None = None):
+        """Change a run's columns; with ``job``, also make it that job's last run."""
+
+    @abc.abstractmethod
+    def mark_started(self, rows: list):
+        """Runs that started: ``[(started_at, pid, pid_create_time, id, job)]``;
+        each also becomes its job's last run.  One operation per batch."""
+
+    @abc.abstractmethod
+    def add_chunks(self, rows: list):
+        """Append output chunks: ``[(run_id, seq, stream, ts, text), ...]``."""
+
+    @abc.abstractmethod
+    def save_job(self, name: str, fields: dict):
+        """Insert or update a job row; ``fields`` are column values."""
+
+    @abc.abstractmethod
+    def delete_job(self, name: str, purge=False):
+        """Delete a job row; with ``purge`` its runs and their output too."""
+
+    @abc.abstractmethod
+    def add_session(self, row: dict):
+        """Record a page session: ``id`` (a hash of the cookie), ``token_name``,
+        ``token_check`` (a hash of the token it was opened with), ``address``,
+        ``created_at``, ``last_seen``, ``expires_at``.  Expired ones go."""
+
+    @abc.abstractmethod
+    def touch_session(self, session_id: str, now: float):
+        """Mark a session used at ``now`` (idle expiry counts from it)."""
+
+    @abc.abstractmethod
+    def delete_sessions(self, session_id=None, token_name=None):
+        """End one session, or every session of a token."""
+
+    @abc.abstractmethod
+    def add_delivery(self, row: dict):
+        """Record a hook or alert delivery; the future's result is its id."""
+
+    @abc.abstractmethod
+    def update_delivery(self, delivery_id: int, fields: dict):
+        """Change a delivery's columns (status, attempts, error, next try)."""
+
+    @abc.abstractmethod
+    def save_incident(self, row: dict):
+        """Insert or replace a job's open incident."""
+
+    @abc.abstractmethod
+    def delete_incident(self, job: str):
+        """Forget a job's incident (it recovered)."""
+
+    @abc.abstractmethod
+    def prune(self, job: str, keep_runs: int):
+        """Retention: keep the newest ``keep_runs`` real runs and the newest
+        ``KEEP_NOISE_RUNS`` skipped/missed records of ``job``.  Requests for a
+        job already waiting to be pruned are merged (a burst prunes once)."""
+
+    @abc.abstractmethod
+    def mark_lost(self, now: float):
+        """Startup repair: runs left active by a dead server become ``lost``.
+        The future's result is their rows (pid and create time let the caller
+        kill leftovers)."""
+
+    @abc.abstractmethod
+    def load_jobs(self) -> list:
+        """Every stored job: ``name``, ``definition``, ``source``, ``created_at``,
+        ``last_slot``, ``paused``, ``scheduled_runs``."""
+
+    @abc.abstractmethod
+    def pending_deliveries(self) -> list:
+        """Deliveries still to make (status ``pending``), oldest first."""
+
+    @abc.abstractmethod
+    def deliveries_for(self, run_ids: list) -> dict:
+        """``{run id: [delivery, ...]}`` as the API shows them, oldest first."""
+
+    @abc.abstractmethod
+    def stats(self, since: float, job: str | None = None, by_job=False) -> dict:
+        """An account of ``job``'s runs (every job's, with None) that ended
+        on the UTC days from ``since``'s to today, from ``run_days``: counts by
+        status, duration percentiles (from its histogram), CPU and memory, the
+        longest run of failures, a per-day series; the last success and
+        failure ever; and, for every job, its counts (the dashboard's rates).
+        A few hundred rows whatever the number of runs."""
+
+    @abc.abstractmethod
+    def last_successes(self) -> dict:
+        """Each job's last success (finished_at), from the kept history."""
+
+    @abc.abstractmethod
+    def load_incidents(self) -> list:
+        """Every open incident."""
+
+    @abc.abstractmethod
+    def get_session(self, session_id: str) -> dict | None:
+        """A session row by id (a hash of the cookie), or None."""
+
+    @abc.abstractmethod
+    def get_run(self, run_id: int) -> dict | None:
+        """A run row by id, or None."""
+
+    @abc.abstractmethod
+    def list_runs(self, job=None, status=None, before=None, limit=50, offset=0):
+        """Newest first, with the total count of matches (``before`` is a
+        cursor, not a filter: it does not change the total)."""
+
+    @abc.abstractmethod
+    def last_runs(self) -> dict:
+        """Each job's last run (the newest started or ended one), by job name."""
+
+    @abc.abstractmethod
+    def get_chunks(self, run_id: int, after_seq: int = 0, limit: int = 100000) -> list:
+        """A run's output chunks with ``seq > after_seq``, in order."""
+
+    @abc.abstractmethod
+    def writer_alive(self) -> bool:
+        """True while the writer runs (health)."""
+
+    @abc.abstractmethod
+    def count_failed(self, since: float) -> int:
+        """Runs that ended badly (failed, timed out, missed, lost) since ``since``."""
+
+
+class SQLiteStore(Store):
     """All SQL.  One SQLite file in WAL mode.
 
     Writes go through one writer thread (``minisched-writer``) which batches
@@ -1892,8 +2106,12 @@ class Store:
 
     # -- lifecycle ---------------------------------------------------------
 
+    def data_dir(self) -> str:
+        return os.path.dirname(os.path.abspath(self.path))
+
     def open(self, exclusive=True) -> Store:
-        """Create or migrate the schema and start the writer thread."""
+        """SQLite: an exclusive ``flock`` on ``PATH.lock`` (one server per
+        file), WAL, ``PRAGMA user_version`` counting the applied migrations."""
         if exclusive:
             self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
             try:
@@ -1943,7 +2161,6 @@ class Store:
         return self
 
     def close(self) -> None:
-        """Flush queued writes, stop the writer and release the lock."""
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(timeout=30)
@@ -2132,9 +2349,6 @@ class Store:
         return future
 
     def result(self, future, timeout=None):
-        """A write's result, or :class:`UnavailableError` if it is not
-        committed within ``timeout`` (default ``WRITE_WAIT``: the database
-        cannot be written)."""
         timeout = WRITE_WAIT if timeout is None else timeout
         try:
             return future.result(timeout)
@@ -2146,30 +2360,23 @@ class Store:
             ) from None
 
     def check_writable(self) -> None:
-        """:class:`UnavailableError` (503) while writes cannot be committed."""
         if self.outage is not None:
             raise UnavailableError(
                 f"the database cannot be written now ({self.outage}); try again later"
             )
 
     def flush(self, timeout=None) -> None:
-        """Wait until every write queued before this call is committed
-        (:class:`UnavailableError` after ``timeout``, default ``WRITE_WAIT``)."""
         self.result(self._submit(lambda conn: None), timeout)
 
     # -- writes (any thread; each returns a Future) -------------------------
 
     def allocate_run_id(self) -> int:
-        """A fresh run id, handed out in memory so a run is known before commit."""
         with self._lock:
             run_id = self._next_run_id
             self._next_run_id += 1
             return run_id
 
     def insert_run(self, run: dict, job_update: dict | None = None):
-        """Insert a run (and update its job's scheduling state in the same
-        transaction).  The future's result is False when the slot already had
-        a run: that slot must not run again."""
         cols = [key for key in RUN_COLUMNS if key in run]
         sql = "INSERT OR IGNORE INTO runs ({}) VALUES ({})".format(
             ", ".join(cols),
@@ -2188,7 +2395,6 @@ class Store:
         return self._submit(op)
 
     def update_run(self, run_id: int, fields: dict, job: str | None = None):
-        """Change a run's columns; with ``job``, also make it that job's last run."""
         sets = ", ".join(f"{key} = ?" for key in fields)
         values = [*fields.values(), run_id]
 
@@ -2213,8 +2419,6 @@ class Store:
         return self._submit(op)
 
     def mark_started(self, rows: list):
-        """Runs that started: ``[(started_at, pid, pid_create_time, id, job)]``;
-        each also becomes its job's last run.  One operation per batch."""
 
         def op(conn):
             conn.executemany(
@@ -2230,7 +2434,6 @@ class Store:
         return self._submit(op)
 
     def add_chunks(self, rows: list):
-        """Append output chunks: ``[(run_id, seq, stream, ts, text), ...]``."""
         return self._submit(
             lambda conn: conn.executemany(
                 "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?)", rows
@@ -2240,7 +2443,6 @@ class Store:
         )
 
     def save_job(self, name: str, fields: dict):
-        """Insert or update a job row; ``fields`` are column values."""
         fields = dict(fields)
         if "definition" in fields:
             fields["definition"] = json.dumps(fields["definition"], sort_keys=True)
@@ -2292,9 +2494,6 @@ class Store:
         return self._submit(op)
 
     def add_session(self, row: dict):
-        """Record a page session: ``id`` (a hash of the cookie), ``token_name``,
-        ``token_check`` (a hash of the token it was opened with), ``address``,
-        ``created_at``, ``last_seen``, ``expires_at``.  Expired ones go."""
         cols = list(row)
         sql = "INSERT INTO sessions ({}) VALUES ({})".format(
             ", ".join(cols), ", ".join("?" * len(cols))
@@ -2316,7 +2515,6 @@ class Store:
         )
 
     def delete_sessions(self, session_id=None, token_name=None):
-        """End one session, or every session of a token."""
         column, value = ("id", session_id) if session_id else ("token_name", token_name)
         return self._submit(
             lambda conn: conn.execute(
@@ -2325,7 +2523,6 @@ class Store:
         )
 
     def add_delivery(self, row: dict):
-        """Record a hook or alert delivery; the future's result is its id."""
         row = dict(row, spec=json.dumps(row["spec"]))
         cols = [c for c in row if c != "id"]
         sql = "INSERT INTO deliveries ({}) VALUES ({})".format(
@@ -2360,9 +2557,6 @@ class Store:
         )
 
     def prune(self, job: str, keep_runs: int):
-        """Retention: keep the newest ``keep_runs`` real runs and the newest
-        ``KEEP_NOISE_RUNS`` skipped/missed records of ``job``.  Requests for a
-        job already waiting to be pruned are merged (a burst prunes once)."""
         with self._lock:
             if job in self._prunes:
                 self._prunes[job] = keep_runs
@@ -2393,9 +2587,7 @@ class Store:
 
         return self._submit(op)
 
-    def mark_lost(self, now: float) -> list:
-        """Startup repair: runs left active by a dead server become ``lost``.
-        Returns their rows (pid and create time let the caller kill leftovers)."""
+    def mark_lost(self, now: float):
 
         def op(conn):
             rows = [
@@ -2453,7 +2645,6 @@ class Store:
         )
 
     def deliveries_for(self, run_ids: list) -> dict:
-        """``{run id: [delivery, ...]}`` as the API shows them, oldest first."""
         if not run_ids:
             return {}
         marks = ", ".join("?" * len(run_ids))
@@ -2470,12 +2661,6 @@ class Store:
         return out
 
     def stats(self, since: float, job: str | None = None, by_job=False) -> dict:
-        """An account of ``job``'s runs (every job's, with None) that ended
-        on the UTC days from ``since``'s to today, from ``run_days``: counts by
-        status, duration percentiles (from its histogram), CPU and memory, the
-        longest run of failures, a per-day series; the last success and
-        failure ever; and, for every job, its counts (the dashboard's rates).
-        A few hundred rows whatever the number of runs."""
         key = job if job is not None else "*"
         first = int(since // 86400)
         rows = self._query(
@@ -2563,7 +2748,6 @@ class Store:
         conn.execute("COMMIT")
 
     def last_successes(self) -> dict:
-        """Each job's last success (finished_at), from the kept history."""
         rows = self._query(
             "SELECT job, max(finished_at) AS at FROM runs WHERE status = 'succeeded' "
             "GROUP BY job"
@@ -2582,8 +2766,6 @@ class Store:
         return self._query("SELECT * FROM runs WHERE id = ?", (run_id,), one=True)
 
     def list_runs(self, job=None, status=None, before=None, limit=50, offset=0):
-        """Newest first, with the total count of matches (``before`` is a
-        cursor, not a filter: it does not change the total)."""
         where, args = [], []
         for clause, value in (("job = ?", job), ("status = ?", status)):
             if value is not None:
@@ -2602,7 +2784,6 @@ class Store:
         return rows, total
 
     def last_runs(self) -> dict:
-        """Each job's last run (the newest started or ended one), by job name."""
         rows = self._query(
             "SELECT runs.* FROM jobs JOIN runs ON runs.id = jobs.last_run_id"
         )
@@ -2619,7 +2800,6 @@ class Store:
         return self._thread is not None and self._thread.is_alive()
 
     def count_failed(self, since: float) -> int:
-        """Runs that ended badly (failed, timed out, missed, lost) since ``since``."""
         return self._query(
             f"SELECT count(*) AS n FROM runs WHERE status IN {_SQL_FAILURES} "
             "AND finished_at >= ?",
@@ -3185,9 +3365,13 @@ class Runner:
 
     ``submit``/``stop_*`` are called from the scheduler and request threads.
     Spawning happens only in ``minisched-launcher``; pipes, exits and timers
-    only in ``minisched-io``.  ``on_finished(run, job)`` is called from the io
-    thread after a run is recorded terminal (the scheduler hooks dependencies
-    there).
+    only in ``minisched-io``.
+
+    What it needs from the rest comes as constructor arguments:
+    ``job_lookup(name)`` gives a job's current definition (None once
+    deleted); ``on_finished(run, job)`` is called from the io thread after a
+    run is recorded terminal (the scheduler starts dependents there);
+    ``on_hook(event, public_run, job)`` hands a hook event to the notifier.
     """
 
     def __init__(
@@ -3199,6 +3383,9 @@ class Runner:
         job_lookup=None,
         limits=(None, None),
         metrics=None,
+        on_finished=None,
+        on_hook=None,
+        monotonic=time.monotonic,
     ):
         self.store = store
         self.bus = bus
@@ -3206,9 +3393,11 @@ class Runner:
         #: Server-wide ``max_rss`` and ``max_cpu`` for jobs without their own.
         self.default_rss, self.default_cpu = limits
         self.clock = clock
+        #: The clock of job timers (timeouts, kill grace, retries, jitter).
+        self.monotonic = monotonic
         self.job_lookup = job_lookup or (lambda name: None)
-        self.on_finished = lambda run, job: None
-        self.on_hook = lambda event, run, job: None
+        self.on_finished = on_finished or (lambda run, job: None)
+        self.on_hook = on_hook or (lambda event, run, job: None)
         self.guard = ProcessGuard()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -3897,7 +4086,11 @@ class Runner:
         on its own: one that fails is logged and the loop goes on."""
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        #: Job timers (timeouts, kill grace, retries, jitter, deadlines) on
+        #: ``self.monotonic``; the loop's own short waits (exit polls, pipe
+        #: drains) on ``time.monotonic``.  ``(when, seq, fn)`` heaps.
         self._timers = []
+        self._waits = []
         self._timer_seq = itertools.count()
         self._leftover_checks = []  # exited runs waiting for the next scan
         self._last_scan = 0.0
@@ -3912,7 +4105,10 @@ class Runner:
         """One wait for pipes, exits, commands and timers; False on stop."""
         timeout = None
         if self._timers:
-            timeout = max(0.0, self._timers[0][0] - time.monotonic())
+            timeout = max(0.0, self._timers[0][0] - self.monotonic())
+        if self._waits:
+            wait = max(0.0, self._waits[0][0] - time.monotonic())
+            timeout = wait if timeout is None else min(timeout, wait)
         if self._leftover_checks:
             scan_in = self._scan_at() - time.monotonic()
             if self._launching:  # the batch's end wakes this thread anyway
@@ -3940,13 +4136,17 @@ class Runner:
                 getattr(self, "_io_" + command[0])(*command[1:])
             except Exception:
                 log.exception("error handling %s", command[0])
+        for heap, now in (
+            (self._timers, self.monotonic()),
+            (self._waits, time.monotonic()),
+        ):
+            while heap and heap[0][0] <= now:
+                _when, _seq, fn = heapq.heappop(heap)
+                try:
+                    fn()
+                except Exception:
+                    log.exception("error in a runner timer")
         now = time.monotonic()
-        while self._timers and self._timers[0][0] <= now:
-            _when, _seq, fn = heapq.heappop(self._timers)
-            try:
-                fn()
-            except Exception:
-                log.exception("error in a runner timer")
         if self._leftover_checks and now >= self._scan_at() and not self._launching:
             self._check_leftovers()
         return True
@@ -3962,9 +4162,26 @@ class Runner:
         self._add_timer(delay, fn)
 
     def _add_timer(self, delay, fn) -> None:
+        """Call ``fn`` on the io thread ``delay`` seconds of ``self.monotonic``
+        from now: a job's timer (a fake clock in tests moves it)."""
         heapq.heappush(
-            self._timers, (time.monotonic() + delay, next(self._timer_seq), fn)
+            self._timers, (self.monotonic() + delay, next(self._timer_seq), fn)
         )
+
+    def _add_wait(self, delay, fn) -> None:
+        """Call ``fn`` on the io thread after ``delay`` real seconds: the
+        loop's own mechanics, not a job's time."""
+        heapq.heappush(
+            self._waits, (time.monotonic() + delay, next(self._timer_seq), fn)
+        )
+
+    def poke(self) -> None:
+        """Make the io thread look at its timers now (after a fake
+        ``monotonic`` clock moved).  Any thread."""
+        self._io_command(("poke",))
+
+    def _io_poke(self) -> None:
+        pass
 
     def _io_add(self, run) -> None:
         """Take over a started run: its pipes and exit (an http run: its
@@ -3997,7 +4214,7 @@ class Runner:
         if not run.exited and self._reap(run, os.WNOHANG):
             self._on_exit(run)
         elif not run.exited:
-            self._add_timer(0.05, lambda: self._poll_exit(run))
+            self._add_wait(0.05, lambda: self._poll_exit(run))
 
     def _reap(self, run, flags=0) -> bool:
         try:
@@ -4061,7 +4278,7 @@ class Runner:
         else:
             # Pipes still open: wait a moment for the last output, then
             # whatever still holds them is a leftover of this run.
-            self._add_timer(DRAIN_SECONDS, lambda: self._reap_leftovers(run))
+            self._add_wait(DRAIN_SECONDS, lambda: self._reap_leftovers(run))
 
     def _reap_leftovers(self, run) -> None:
         """The job exited ``DRAIN_SECONDS`` ago and something still holds its
@@ -4164,7 +4381,7 @@ class Runner:
                 signal_run(
                     run.pid, [run.id], signal.SIGKILL, (self.guard.pid or 0,), server
                 )
-                self._add_timer(1.0, force_close)
+                self._add_wait(1.0, force_close)
 
         def force_close():
             for fd in list(run.fds):
@@ -4612,8 +4829,6 @@ class Scheduler:
         self.lag = 0.0
         self.stopping = threading.Event()
         self._thread = None
-        runner.job_lookup = self.get_job
-        runner.on_finished = self._on_run_finished
 
     def _default_wait(self, seconds: float) -> None:
         self._wake.wait(seconds)
@@ -4643,15 +4858,17 @@ class Scheduler:
 
     def load_reboot(self) -> None:
         """Fire every enabled, unpaused ``@reboot`` job once (server start only)."""
+        calls = []
         with self._lock:
-            for state in list(self._states.values()):
+            for state in self._states.values():
                 job = state.job
                 if (
                     job.schedule_obj.kind == "reboot"
                     and job.enabled
                     and not state.paused
                 ):
-                    self._fire(state, "reboot", None, self.started_at)
+                    self._fire(state, "reboot", None, self.started_at, calls)
+        self._call_runner(calls)
 
     def start(self) -> None:
         self._thread = threading.Thread(
@@ -4875,10 +5092,12 @@ class Scheduler:
             heapq.heappush(self._heap, (state.next_at, job.name, state.version))
 
     def tick(self) -> float:
-        """Handle every due slot; return seconds until the next one."""
+        """Handle every due slot; return seconds until the next one.  What to
+        do is decided under the lock; the runner is called after it is
+        released (it reaches the store, listeners, hooks and logging)."""
         now = self.clock()
         self.last_tick = now
-        due = []
+        due, calls = [], []
         with self._lock:
             while self._heap and self._heap[0][0] <= now + LOOKAHEAD:
                 slot, name, version = heapq.heappop(self._heap)
@@ -4889,8 +5108,10 @@ class Scheduler:
             lag = 0.0
             for state, slot in due:
                 lag = max(lag, now - slot)
-                self._handle_due(state, slot, now)
+                self._handle_due(state, slot, now, calls)
             self.lag = lag
+        self._call_runner(calls)
+        with self._lock:
             # Measured after the work: the next sleep must not be late by it.
             if self._heap:
                 delay = self._heap[0][0] - LOOKAHEAD - self.clock()
@@ -4898,8 +5119,21 @@ class Scheduler:
                 delay = MAX_SLEEP
         return max(0.0, delay)
 
-    def _handle_due(self, state, first, now) -> None:
-        """Decide what each due slot of a job becomes.  Lock held.
+    @staticmethod
+    def _call_runner(calls) -> None:
+        """Make the calls decided under the lock (``(job name, call)``), lock
+        released; one that fails is logged and the rest still happen."""
+        for name, call in calls:
+            try:
+                call()
+            except MinischedError as exc:
+                log.warning("job %s not started: %s", name, exc)
+            except Exception:
+                log.exception("job %s not started", name)
+
+    def _handle_due(self, state, first, now, calls) -> None:
+        """Decide what each due slot of a job becomes, appending the runner
+        calls that make it so to ``calls``.  Lock held.
 
         One slot due after the server started: it runs.  Several due at once,
         or slots that passed while the server was down: ``catch_up`` decides
@@ -4967,19 +5201,28 @@ class Scheduler:
                 f"{missed} slot{plural} missed between {iso_utc(first)} and "
                 f"{iso_utc(last_missed)}: {why}"
             )
-            self.runner.record(
-                job,
-                "missed",
-                "schedule",
-                scheduled_at=first,
-                error=error,
-                job_update=None if fire else update,
+            calls.append(
+                (
+                    job.name,
+                    functools.partial(
+                        self.runner.record,
+                        job,
+                        "missed",
+                        "schedule",
+                        scheduled_at=first,
+                        error=error,
+                        job_update=None if fire else update,
+                    ),
+                )
             )
         for i, s in enumerate(fire):
-            self._fire(state, kind(s), s, s, update if i == len(fire) - 1 else None)
+            last = i == len(fire) - 1
+            self._fire(state, kind(s), s, s, calls, update if last else None)
         self._reschedule(state)
 
-    def _fire(self, state, trigger, slot, scheduled_at, update=None) -> None:
+    def _fire(self, state, trigger, slot, scheduled_at, calls, update=None) -> None:
+        """Append the submission of one run of ``state``'s job to ``calls``
+        (counting it against ``max_runs``).  Lock held."""
         job = state.job
         update = dict(update or {})
         if slot is not None:
@@ -4989,29 +5232,30 @@ class Scheduler:
                 definition = dict(job.definition, enabled=False)
                 state.job = Job(definition, self.server_tz, job.source, job.created_at)
                 update["definition"] = definition
-                log.info(
-                    "job %s reached max_runs %d and is now disabled",
-                    job.name,
-                    job.max_runs,
+                message = "job %s reached max_runs %d and is now disabled"
+                calls.append(
+                    (
+                        job.name,
+                        functools.partial(log.info, message, job.name, job.max_runs),
+                    )
                 )
         # A slot handled a little ahead (LOOKAHEAD) starts at its time, not before.
         not_before = slot if slot is not None and slot > self.clock() else None
         if job.jitter and slot is not None:
             not_before = scheduled_at + self.rand() * job.jitter
             scheduled_at = not_before
-        try:
-            self.runner.submit(
-                job,
-                trigger,
-                slot=slot,
-                scheduled_at=scheduled_at,
-                not_before=not_before,
-                job_update=update or None,
-            )
-        except MinischedError as exc:
-            log.warning("job %s not started: %s", job.name, exc)
+        submit = functools.partial(
+            self.runner.submit,
+            job,
+            trigger,
+            slot=slot,
+            scheduled_at=scheduled_at,
+            not_before=not_before,
+            job_update=update or None,
+        )
+        calls.append((job.name, submit))
 
-    def _on_run_finished(self, run, job) -> None:
+    def run_finished(self, run, job) -> None:
         """Io thread: a run ended; start the jobs that run ``after`` it."""
         if run.status != "succeeded":
             return
@@ -6032,7 +6276,7 @@ class Engine:
         self.config = config
         self.started_at = clock()
         self.tz = config.zone()
-        self.store = Store(config.db)
+        self.store = SQLiteStore(config.db)
         self.bus = EventBus()
         self.metrics = Metrics()
         self.runner = Runner(
@@ -6042,6 +6286,9 @@ class Engine:
             clock=clock,
             limits=(config.max_rss_default, config.max_cpu_default),
             metrics=self.metrics,
+            job_lookup=lambda name: self.scheduler.get_job(name),
+            on_finished=lambda run, job: self.scheduler.run_finished(run, job),
+            on_hook=lambda event, run, job: self.notifier.fire(event, run, job),
         )
         self.scheduler = Scheduler(
             self.store, self.runner, self.bus, self.tz, clock=clock
@@ -6092,7 +6339,6 @@ class Engine:
             self._last_runs[name] = (row["id"], run_public(row))
         self.notifier = Notifier(self.store, self.config, metrics=self.metrics)
         self.metrics.last_success.update(self.store.last_successes())
-        self.runner.on_hook = self.notifier.fire
         self.scheduler.load()
         loaded = self.jobs_file.load() if self.jobs_file else True
         if not loaded and not any(j.source == "file" for j in self.scheduler.jobs()):
@@ -7744,7 +7990,7 @@ class Api:
                 "last_tick": iso_utc(engine.scheduler.last_tick),
             },
             "streams": self._streams,
-            "system": _system_summary(engine.config.db),
+            "system": _system_summary(engine.store.data_dir()),
         }
 
     def list_jobs(self):
@@ -8281,7 +8527,7 @@ class Api:
     # -- system, metrics, login, openapi -------------------------------------------
 
     def system(self):
-        return _system_details(self.engine.config.db)
+        return _system_details(self.engine.store.data_dir())
 
     def processes(self):
         sort = bottle.request.query.get("sort") or "cpu"
@@ -8547,21 +8793,23 @@ def _safe(method):
         return None
 
 
-def _system_summary(db_path) -> dict:
+def _system_summary(data_dir) -> dict:
+    """The host at a glance; ``disk_percent`` is of the disk holding
+    ``data_dir`` (None without one)."""
     vm = psutil.virtual_memory()
-    disk = psutil.disk_usage(os.path.dirname(os.path.abspath(db_path)))
+    disk = psutil.disk_usage(data_dir) if data_dir else None
     return {
         "cpu_percent": psutil.cpu_percent(None),
         "load": list(os.getloadavg()),
         "memory_percent": vm.percent,
-        "disk_percent": disk.percent,
+        "disk_percent": disk.percent if disk else None,
     }
 
 
-def _system_details(db_path) -> dict:
+def _system_details(data_dir) -> dict:
     me = psutil.Process()
     vm = psutil.virtual_memory()
-    disk = psutil.disk_usage(os.path.dirname(os.path.abspath(db_path)))
+    disk = psutil.disk_usage(data_dir) if data_dir else None
     try:
         fds = me.num_fds()
     except (AttributeError, psutil.Error):
@@ -8576,8 +8824,9 @@ def _system_details(db_path) -> dict:
                 "available": vm.available,
                 "percent": vm.percent,
             },
-            "disk": {
-                "path": os.path.dirname(os.path.abspath(db_path)),
+            "disk": disk
+            and {
+                "path": data_dir,
                 "total": disk.total,
                 "free": disk.free,
                 "percent": disk.percent,

@@ -49,6 +49,7 @@ from minisched import (
     InvalidError,
     Runner,
     Scheduler,
+    SQLiteStore,
     Store,
     make_app,
     make_server,
@@ -91,9 +92,16 @@ class Harness:
 
     def __init__(self, path, clock=time.time, max_concurrent=0, tz=UTC):
         self.clock = clock
-        self.store = Store(str(path)).open()
+        self.store = SQLiteStore(str(path)).open()
         self.bus = EventBus()
-        self.runner = Runner(self.store, self.bus, max_concurrent, clock=clock)
+        self.runner = Runner(
+            self.store,
+            self.bus,
+            max_concurrent,
+            clock=clock,
+            job_lookup=lambda name: self.sched.get_job(name),
+            on_finished=lambda run, job: self.sched.run_finished(run, job),
+        )
         self.runner.start()
         self.sched = Scheduler(self.store, self.runner, self.bus, tz, clock=clock)
         self.sched.load()
@@ -515,49 +523,202 @@ def test_jobs_file_reload_keeps_old_definitions_on_error(harness, tmp_path):
 
 def test_store_refuses_newer_schema_and_second_server(tmp_path):
     path = str(tmp_path / "m.db")
-    store = Store(path).open()
+    store = SQLiteStore(path).open()
     with pytest.raises(minisched.DatabaseError, match="in use by another"):
-        Store(path).open()
+        SQLiteStore(path).open()
     store.close()
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA user_version = 99")
     conn.close()
     with pytest.raises(minisched.DatabaseError, match="schema version 99"):
-        Store(path).open()
+        SQLiteStore(path).open()
 
 
-def test_a_slot_is_recorded_once(tmp_path):
-    store = Store(str(tmp_path / "m.db")).open()
-    row = {
-        "id": store.allocate_run_id(),
-        "job": "a",
-        "status": "queued",
-        "trigger": "schedule",
-        "slot": 1000.0,
-    }
+# -- the store contract: every Store implementation passes these --------------
+
+#: The implementations the contract suite runs on.
+STORE_KINDS = ["sqlite"]
+
+
+@pytest.fixture(params=STORE_KINDS)
+def new_store(request, tmp_path):
+    """Factory of opened stores of one implementation; ``make(name)`` opens
+    the database ``name`` (again, after a close: it persists)."""
+    made = []
+
+    def make(name="m"):
+        if request.param == "sqlite":
+            store = SQLiteStore(str(tmp_path / f"{name}.db")).open()
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        with contextlib.suppress(Exception):
+            store.close()
+
+
+def new_run(store, job="a", status="queued", **fields):
+    row = {"id": store.allocate_run_id(), "job": job, "status": status}
+    row.update(trigger="schedule", **fields)
+    return row
+
+
+def test_store_implements_the_whole_interface(new_store):
+    store = new_store()
+    assert isinstance(store, Store) and not type(store).__abstractmethods__
+    assert store.healthy and store.outage is None and store.server_id
+    assert store.writer_alive()
+
+
+def test_store_a_slot_is_recorded_once(new_store):
+    store = new_store()
+    row = new_run(store, slot=1000.0)
     assert store.insert_run(row).result() is True
     again = dict(row, id=store.allocate_run_id())
     assert store.insert_run(again).result() is False
-    store.close()
+    assert store.insert_run(new_run(store, slot=1001.0)).result() is True
+    assert store.insert_run(new_run(store, job="b", slot=1000.0)).result() is True
+    assert store.list_runs(job="a")[1] == 2
 
 
-def test_retention_keeps_real_runs_apart_from_noise(tmp_path):
-    store = Store(str(tmp_path / "m.db")).open()
-    for i in range(30):
+def test_store_runs_start_end_and_list_with_filters(new_store):
+    store = new_store()
+    store.save_job(
+        "a", {"definition": {"name": "a"}, "created_at": 1.0, "updated_at": 1.0}
+    )
+    ids = []
+    for i in range(6):
+        row = new_run(store, scheduled_at=100.0 + i)
+        store.insert_run(row)
+        ids.append(row["id"])
+    store.mark_started([(200.0, 4242, 1.5, ids[0], "a")])
+    store.update_run(
+        ids[0],
+        {"status": "failed", "finished_at": 201.0, "duration": 1.0, "exit_code": 3},
+        job="a",
+    )
+    for run_id in ids[1:4]:
+        store.update_run(
+            run_id, {"status": "succeeded", "finished_at": 202.0, "duration": 2.0}
+        )
+    store.flush()
+    first = store.get_run(ids[0])
+    assert (first["status"], first["pid"], first["exit_code"]) == ("failed", 4242, 3)
+    assert store.get_run(10**9) is None
+    rows, total = store.list_runs(job="a", limit=2)
+    assert total == 6 and [r["id"] for r in rows] == ids[::-1][:2]  # newest first
+    rows, total = store.list_runs(job="a", before=ids[3], limit=10)
+    assert [r["id"] for r in rows] == ids[:3][::-1] and total == 6
+    assert store.list_runs(status="succeeded")[1] == 3
+    assert [r["id"] for r in store.list_runs(job="a", offset=5)[0]] == [ids[0]]
+    assert store.count_failed(0) == 1 and store.count_failed(1e12) == 0
+    assert store.last_runs()["a"]["id"] == ids[0]
+    assert store.last_successes() == {"a": 202.0}
+
+
+def test_store_output_chunks_in_order(new_store):
+    store = new_store()
+    row = new_run(store, status="running")
+    store.insert_run(row)
+    store.add_chunks(
+        [(row["id"], seq, "stdout", 1.0, f"line {seq}\n") for seq in (1, 2, 3)]
+    )
+    store.add_chunks([(row["id"], 4, "stderr", 2.0, "oops\n")])
+    store.flush()
+    chunks = store.get_chunks(row["id"])
+    assert [c["text"] for c in chunks] == ["line 1\n", "line 2\n", "line 3\n", "oops\n"]
+    assert [c["seq"] for c in store.get_chunks(row["id"], after_seq=2)] == [3, 4]
+    assert len(store.get_chunks(row["id"], limit=1)) == 1
+
+
+def test_store_retention_keeps_real_runs_apart_from_noise(new_store):
+    store = new_store()
+    for _ in range(30):
         for status in ("succeeded", "skipped"):
-            run_id = store.allocate_run_id()
-            store.insert_run(
-                {"id": run_id, "job": "a", "status": status, "trigger": "schedule"}
-            )
-            store.add_chunks([(run_id, 1, "stdout", 0.0, "x")])
+            row = new_run(store, status=status)
+            store.insert_run(row)
+            store.add_chunks([(row["id"], 1, "stdout", 0.0, "x")])
     store.prune("a", 5).result()
     rows, total = store.list_runs(job="a", limit=1000)
     assert total == 5 + minisched.KEEP_NOISE_RUNS
     assert sum(r["status"] == "succeeded" for r in rows) == 5
-    kept = {r["id"] for r in rows}
-    conn = sqlite3.connect(str(tmp_path / "m.db"))
-    assert {r[0] for r in conn.execute("SELECT run_id FROM chunks")} == kept
+    gone = set(range(1, 61)) - {r["id"] for r in rows}
+    assert all(store.get_chunks(run_id) == [] for run_id in gone)  # output too
+
+
+def test_store_repair_marks_active_runs_lost_and_jobs_persist(new_store):
+    store = new_store("persist")
+    definition = {"name": "a", "command": "true"}
+    store.save_job(
+        "a", {"definition": definition, "source": "api", "created_at": 5.0,
+              "updated_at": 5.0, "last_slot": 60.0, "scheduled_runs": 2},
+    ).result()  # fmt: skip
+    store.save_job("a", {"paused": 1}).result()
+    running = new_run(store, status="running")
+    store.insert_run(running)
+    done = new_run(store, status="succeeded", finished_at=9.0)
+    store.insert_run(done)
     store.close()
+    store = new_store("persist")
+    [job] = store.load_jobs()
+    assert (
+        job["definition"] == definition and job["paused"] and job["last_slot"] == 60.0
+    )
+    [lost] = store.mark_lost(100.0).result()
+    assert lost["id"] == running["id"]
+    store.flush()
+    assert store.get_run(running["id"])["status"] == "lost"
+    assert store.get_run(done["id"])["status"] == "succeeded"
+    assert store.allocate_run_id() > done["id"]  # ids are never reused
+    store.delete_job("a", purge=True).result()
+    assert store.load_jobs() == [] and store.list_runs(job="a")[1] == 0
+
+
+def test_store_sessions_deliveries_and_incidents(new_store):
+    store = new_store()
+    session = {"id": "h1", "token_name": "admin", "token_check": "c", "address": None,
+               "created_at": 1.0, "last_seen": 1.0, "expires_at": 1e12}  # fmt: skip
+    store.add_session(session).result()
+    store.touch_session("h1", 50.0).result()
+    assert store.get_session("h1")["last_seen"] == 50.0
+    store.delete_sessions("h1").result()
+    assert store.get_session("h1") is None
+    delivery = store.add_delivery(
+        {"run_id": 7, "job": "a", "event": "on_failure", "kind": "url",
+         "target": "http://127.0.0.1:1/", "spec": {"url": "http://127.0.0.1:1/"},
+         "status": "pending", "created_at": 1.0, "next_at": 1.0},
+    ).result()  # fmt: skip
+    assert [d["id"] for d in store.pending_deliveries()] == [delivery]
+    store.update_delivery(delivery, {"status": "ok", "attempts": 1, "at": 2.0}).result()
+    assert store.pending_deliveries() == []
+    [shown] = store.deliveries_for([7])[7]
+    assert (shown["status"], shown["attempts"]) == ("ok", 1)
+    incident = {"job": "a", "opened_at": 1.0, "failures": 2, "unsent": 1,
+                "last_sent_at": None, "last_run_id": 7}  # fmt: skip
+    store.save_incident(incident).result()
+    assert [i["failures"] for i in store.load_incidents()] == [2]
+    store.delete_incident("a").result()
+    assert store.load_incidents() == []
+
+
+def test_store_stats_count_each_ended_run_once(new_store):
+    store = new_store()
+    now = time.time()
+    for status, duration in [("succeeded", 1.0), ("succeeded", 3.0), ("failed", 2.0)]:
+        row = new_run(store, status="running")
+        store.insert_run(row)
+        store.update_run(
+            row["id"], {"status": status, "finished_at": now, "duration": duration}
+        )
+    store.insert_run(new_run(store, status="running"))  # not ended: not counted
+    store.flush()
+    stats = store.stats(now - 86400, "a")
+    assert stats["runs"] == 3
+    assert stats["by_status"]["succeeded"] == 2 and stats["by_status"]["failed"] == 1
+    assert stats["duration"]["max"] == 3.0
+    assert store.stats(now - 86400)["runs"] == 3
+    assert store.stats(now - 86400, "other")["runs"] == 0
 
 
 # -- scheduler with a fake clock -----------------------------------------------
@@ -3861,7 +4022,7 @@ def test_a_trigger_answered_202_is_always_there(engines, monkeypatch):
 
 def test_close_commits_held_writes_once_it_can(tmp_path, monkeypatch):
     """A run that ended during an outage is written before the server exits."""
-    store = Store(str(tmp_path / "m.db")).open()
+    store = SQLiteStore(str(tmp_path / "m.db")).open()
     store.insert_run(
         {"id": 1, "job": "j", "status": "running", "trigger": "manual"}
     ).result()
@@ -5441,7 +5602,7 @@ def test_a_pending_delivery_survives_a_restart(tmp_path, collector, monkeypatch)
 
 
 def alert_notifier(tmp_path, collector, clock, **settings):
-    store = Store(str(tmp_path / "alerts.db")).open()
+    store = SQLiteStore(str(tmp_path / "alerts.db")).open()
     config = Config(
         db=str(tmp_path / "alerts.db"),
         notify_url=[collector.url + "/alert"],
@@ -5843,14 +6004,14 @@ def test_stats_outlive_keep_runs_and_are_built_for_old_databases(harness, tmp_pa
     assert len(h.runs("k")) == 2  # the history is pruned...
     assert h.store.stats(time.time() - 86400, "k")["runs"] == 5  # ...the account is not
     db = tmp_path / "old.db"
-    store = Store(str(db)).open()
+    store = SQLiteStore(str(db)).open()
     insert_runs(store, "o", [("succeeded", 1, 0), ("failed", 2, 0)])
     store.close()
     conn = sqlite3.connect(str(db))
     conn.execute("DELETE FROM run_days")  # as a database written before run_days
     conn.commit()
     conn.close()
-    store = Store(str(db)).open()
+    store = SQLiteStore(str(db)).open()
     try:
         stats = store.stats(time.time() - 86400, "o")
         assert stats["runs"] == 2 and stats["by_status"]["failed"] == 1

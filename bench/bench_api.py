@@ -251,7 +251,9 @@ def bench_jobs(server, label, samples) -> list:
 def seed_runs(db) -> None:
     """100 000 finished runs spread over the jobs and the last 7 days (one every
     6 s), ids and times increasing; one in ten failed."""
-    minisched.Store(db).open().close()  # schema up to date; fails if the server runs
+    minisched.SQLiteStore(
+        db
+    ).open().close()  # schema up to date; fails if the server runs
     now = time.time()
     first = now - N_RUNS * 6 - 600
     rows = []
