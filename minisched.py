@@ -7676,10 +7676,14 @@ def _token_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8", "replace")).hexdigest()
 
 
+def _error_body(exc: MinischedError) -> str:
+    """The one rendering of an error: ``{"error", "field"}``."""
+    return json.dumps({"error": exc.message, "field": exc.field})
+
+
 def _error_response(exc: MinischedError) -> bottle.HTTPResponse:
-    """The one rendering of an error: ``{"error", "field"}`` with its status."""
-    body = json.dumps({"error": exc.message, "field": exc.field})
-    response = bottle.HTTPResponse(body, exc.status, dict(exc.headers))
+    """An error as the response it deserves: its body, status and headers."""
+    response = bottle.HTTPResponse(_error_body(exc), exc.status, dict(exc.headers))
     response.content_type = "application/json"
     return response
 
@@ -9316,11 +9320,15 @@ class _App(bottle.Bottle):
     HTML page, whatever fails."""
 
     def default_error_handler(self, res):
+        """Bottle's own refusals (no such route, a method it does not have)."""
+        if res.status_code == 404:
+            error = NotFoundError("not found")
+        elif res.status_code == 405:
+            error = MethodNotAllowedError("method not allowed")
+        else:
+            error = MinischedError(str(res.body or res.status_line))
         bottle.response.content_type = "application/json"
-        message = {404: "not found", 405: "method not allowed"}.get(
-            res.status_code, str(res.body or res.status_line)
-        )
-        return json.dumps({"error": message, "field": None})
+        return _error_body(error)
 
     def wsgi(self, environ, start_response):
         request_read = environ.get("minisched.request_read")

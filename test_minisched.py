@@ -85,12 +85,17 @@ class FakeClock:
     def __call__(self):
         return self.t
 
+    def advance(self, seconds):
+        self.t += seconds
+
 
 class Harness:
     """Store + Runner + Scheduler on a temporary database, no scheduler thread:
     tests call ``tick()`` themselves."""
 
-    def __init__(self, path, clock=time.time, max_concurrent=0, tz=UTC):
+    def __init__(
+        self, path, clock=time.time, max_concurrent=0, tz=UTC, monotonic=time.monotonic
+    ):
         self.clock = clock
         self.store = SQLiteStore(str(path)).open()
         self.bus = EventBus()
@@ -101,6 +106,7 @@ class Harness:
             clock=clock,
             job_lookup=lambda name: self.sched.get_job(name),
             on_finished=lambda run, job: self.sched.run_finished(run, job),
+            monotonic=monotonic,
         )
         self.runner.start()
         self.sched = Scheduler(self.store, self.runner, self.bus, tz, clock=clock)
@@ -719,6 +725,94 @@ def test_store_stats_count_each_ended_run_once(new_store):
     assert stats["duration"]["max"] == 3.0
     assert store.stats(now - 86400)["runs"] == 3
     assert store.stats(now - 86400, "other")["runs"] == 0
+
+
+# -- job timers on a fake clock: timeouts, kill grace, retries, jitter ---------
+
+
+@pytest.fixture
+def timed(harness):
+    """A harness whose job timers run on a fake monotonic clock: ``move(s)``
+    moves it and makes the io thread look.  Processes and pipes stay real."""
+    clock = FakeClock(1000.0)
+    h = harness(monotonic=clock)
+
+    def move(seconds):
+        clock.advance(seconds)
+        h.runner.poke()
+
+    h.move = move
+    yield h
+    move(10**6)  # whatever still waits on a timer gets it
+
+
+def settles(h, run_id, status, within=0.3):
+    """The run is still ``status`` after ``within`` real seconds."""
+    time.sleep(within)
+    h.store.flush()
+    return h.store.get_run(run_id)["status"] == status
+
+
+def test_a_timeout_and_its_kill_grace_on_a_fake_clock(timed):
+    h = timed
+    h.add(name="stubborn", command="trap '' TERM; sleep 60", timeout=30, kill_grace=10)
+    started = time.monotonic()
+    run = h.runner.submit(h.sched.get_job("stubborn"), "manual")
+    wait_for(lambda: h.store.flush() or h.store.get_run(run["id"])["pid"])
+    h.move(29.9)
+    assert settles(h, run["id"], "running")
+    h.move(0.2)  # the timeout: SIGTERM, which the job ignores
+    assert settles(h, run["id"], "running")
+    h.move(9.8)
+    assert settles(h, run["id"], "running")  # still within its kill grace
+    h.move(0.3)  # SIGKILL
+    h.wait_idle(5)
+    row = h.store.get_run(run["id"])
+    assert row["status"] == "timed_out" and row["signal"] == signal.SIGKILL
+    assert "30" in row["error"]
+    assert time.monotonic() - started < 10  # 40 s of job time
+
+
+def test_retries_wait_their_backoff_on_a_fake_clock(timed):
+    h = timed
+    h.add(name="flaky", command="exit 1", retries=2, retry_delay=100, retry_backoff=2)
+    first = h.runner.submit(h.sched.get_job("flaky"), "manual")
+    wait_for(lambda: len(h.runs("flaky")) == 2)  # the failure and its queued retry
+    time.sleep(0.3)
+    assert [r["status"] for r in h.runs("flaky")] == ["failed", "queued"]
+    h.move(99.5)
+    time.sleep(0.3)
+    assert [r["status"] for r in h.runs("flaky")] == ["failed", "queued"]
+    h.move(0.6)  # 100 s: the second attempt
+    wait_for(lambda: [r["status"] for r in h.runs("flaky")][:2] == ["failed", "failed"])
+    wait_for(lambda: len(h.runs("flaky")) == 3)
+    h.move(199.0)  # the next waits 200 s (backoff 2)
+    time.sleep(0.3)
+    assert h.runs("flaky")[2]["status"] == "queued"
+    h.move(1.1)
+    wait_for(lambda: h.runs("flaky")[2]["status"] == "failed")
+    assert [r["attempt"] for r in h.runs("flaky")] == [1, 2, 3]
+    assert h.runs("flaky")[0]["id"] == first["id"]
+
+
+def test_jitter_delays_a_scheduled_start_on_a_fake_clock(tmp_path, harness):
+    wall = FakeClock(ts("2026-06-01T00:00:00Z"))
+    job_clock = FakeClock(1000.0)
+    h = harness(clock=wall, monotonic=job_clock)
+    h.sched.rand = lambda: 0.5
+    h.add(name="spread", schedule="@every 1m", jitter=30)
+    wall.advance(60)
+    h.sched.tick()
+    h.store.flush()
+    [run] = h.runs("spread")
+    assert run["status"] == "queued" and run["scheduled_at"] == wall() + 15
+    job_clock.advance(14.8)
+    h.runner.poke()
+    time.sleep(0.3)
+    assert h.runs("spread")[0]["started_at"] is None
+    job_clock.advance(0.3)
+    h.runner.poke()
+    wait_for(lambda: h.runs("spread")[0]["status"] == "succeeded")
 
 
 # -- scheduler with a fake clock -----------------------------------------------
