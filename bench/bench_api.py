@@ -820,12 +820,15 @@ def main() -> int:
         )
 
         heading("2b. stats: GET /api/stats and /api/jobs/NAME/stats, 100 000 runs")
-        every, one = bench_stats(server)
+        every, one, by_job = bench_stats(server)
         verdict(
             "GET /api/stats p99 (100k runs)", pct(every, 99), TARGETS["stats_p99"], "ms"
         )
         verdict(
             "GET /api/jobs/NAME/stats p99", pct(one, 99), TARGETS["stats_p99"], "ms"
+        )
+        verdict(
+            "GET /api/stats?by_job=1 p99", pct(by_job, 99), TARGETS["stats_p99"], "ms"
         )
 
         heading("3. mixed load, 4 concurrent clients")
