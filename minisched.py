@@ -3304,8 +3304,9 @@ def _exit_description(code: int | None, sig: int | None) -> str | None:
 
 class Run:
     """One queued or running run, in memory.  Fields named like ``RUN_COLUMNS``
-    mirror the database row.  The Runner's lock guards ``status``; output and
-    process fields belong to the io thread once the run has started."""
+    mirror the database row.  :class:`Admission`'s lock guards ``status``;
+    output and process fields belong to the io thread once the run has
+    started."""
 
     def __init__(self, run_id, job, trigger, attempt=1, slot=None, scheduled_at=None):
         self.id = run_id
@@ -3359,6 +3360,385 @@ class Run:
         return run_public(self.row())
 
 
+class Admission:
+    """Which runs may start, and when: ``concurrency`` policies, per-job
+    queues and ``--max-concurrent``.  Pure bookkeeping behind its own lock,
+    with no processes, I/O or timers: it hands back what the caller must do
+    (runs ready to spawn, runs past their deadline, runs whose deadline
+    must be armed), and the caller does it after the lock is released.
+    ``clock`` is the wall clock deadlines are measured on.  Any thread.
+
+    A run is *registered* from its submission until it ends; *live* from
+    the moment it may spawn (status ``starting``) until it ends.  A job
+    that is not ``allow`` has at most one live run unless one was forced.
+    """
+
+    def __init__(self, max_concurrent=0, clock=time.time):
+        self.max_concurrent = max_concurrent
+        self.clock = clock
+        self._lock = threading.Lock()
+        #: Notified whenever a run starts or ends (shutdown, the sampler wait).
+        self.changed = threading.Condition(self._lock)
+        self._runs = {}  # id -> Run, every registered run
+        self._by_job = {}  # job name -> {id: Run}, the same runs by job
+        self._waiting = []  # runs eligible to start, in order
+        self._live = 0  # runs starting or running
+        self._busy = collections.Counter()  # job -> its live runs (not "allow")
+        self.closing = False
+
+    @staticmethod
+    def policy(job, active, trigger, force) -> tuple:
+        """What ``concurrency`` makes of a new run while ``active`` runs of its
+        job exist: ``(reason to skip it or None, runs to stop first)``."""
+        if not active or trigger in ("retry", "catch_up"):
+            return None, []
+        policy = job.concurrency
+        if policy == "forbid" and not force:
+            return (
+                f"run {active[0].id} of this job is still active (concurrency forbid)",
+                [],
+            )
+        if policy == "queue":
+            waiting = [r for r in active if r.status == "queued"]
+            if len(waiting) >= job.queue_max:
+                return f"the queue of this job is full (queue_max {job.queue_max})", []
+        if policy == "replace":
+            return None, active
+        return None, []
+
+    @staticmethod
+    def deadline(run):
+        """The latest start of a scheduled run (``starting_deadline``, else
+        ``LATE_AFTER`` for a slot handled on time), or None for other runs."""
+        if run.slot is None or run.scheduled_at is None:
+            return None
+        limit = run.job.starting_deadline
+        if limit is None:
+            if run.trigger != "schedule":
+                return None  # catch-up runs follow catch_up, not lateness
+            limit = LATE_AFTER
+        return run.scheduled_at + limit
+
+    def add(self, job, trigger, force, not_before, now, make_run) -> tuple:
+        """Decide a new run of ``job``: ``(run, runs to stop first, later)``.
+        ``make_run()`` creates it (under the lock, so two submissions of a
+        ``forbid`` job cannot both pass).  A run to skip comes back
+        ``skipped`` and unregistered; ``later`` means another run is active
+        and the policy is applied when the run comes due (:meth:`admit`).  A
+        manual trigger that would be skipped raises :class:`ConflictError`;
+        a closing admission :class:`UnavailableError`."""
+        with self._lock:
+            if self.closing:
+                raise UnavailableError("the server is shutting down")
+            active = list(self._by_job.get(job.name, {}).values())
+            later = bool(active) and not_before is not None and not_before > now
+            reason, to_stop = (
+                (None, []) if later else self.policy(job, active, trigger, force)
+            )
+            if reason and trigger == "manual":
+                raise ConflictError(reason + "; use ?force=1 to run anyway", None)
+            run = make_run()
+            if reason:
+                run.status, run.error, run.finished_at = "skipped", reason, now
+            else:
+                run.force = force
+                run.not_before = not_before
+                self._runs[run.id] = run
+                self._by_job.setdefault(job.name, {})[run.id] = run
+        return run, to_stop, later
+
+    def admit(self, run):
+        """When a run decided ``later`` comes due: ``(reason to skip or None,
+        runs to stop)`` against the runs of its job active now, or None if it
+        is no longer waiting."""
+        with self._lock:
+            if run.status != "queued" or run.id not in self._runs:
+                return None
+            active = [
+                r for r in self._by_job.get(run.job.name, {}).values() if r is not run
+            ]
+            return self.policy(run.job, active, run.trigger, run.force)
+
+    def queue(self, run) -> tuple:
+        """Make a registered, queued run eligible to start; what
+        :meth:`_pump` hands back."""
+        with self._lock:
+            if run.status != "queued" or run.id not in self._runs:
+                return [], [], []
+            self._waiting.append(run)
+            return self._pump()
+
+    def _pump(self) -> tuple:
+        """Let every waiting run start that may: ``(ready, late, to_arm)``:
+        runs now ``starting`` (to spawn, in order), runs past their deadline
+        (to record ``missed``), and runs that must wait whose deadline timer
+        is not armed yet.  Lock held."""
+        keep, ready, late, to_arm, now = [], [], [], [], None
+        for run in self._waiting:
+            deadline = self.deadline(run)
+            if deadline is not None:
+                now = self.clock() if now is None else now
+                if now > deadline:
+                    keep.append(run)
+                    late.append(run)
+                    continue
+            name, exclusive = run.job.name, run.job.concurrency != "allow"
+            ok = self.max_concurrent <= 0 or self._live < self.max_concurrent
+            if ok and exclusive and not run.force:
+                ok = not self._busy[name]
+            if not ok:
+                keep.append(run)
+                if deadline is not None and not run.deadline_armed:
+                    run.deadline_armed = True
+                    to_arm.append(run)
+                continue
+            run.status = "starting"
+            run.counted = True
+            self._live += 1
+            if exclusive:
+                self._busy[name] += 1
+            ready.append(run)
+        self._waiting = keep
+        return ready, late, to_arm
+
+    def take(self, run, wanted, status) -> bool:
+        """End a registered run that is still ``wanted`` (``queued``, or
+        ``starting`` for the launcher) as ``status``: False if it moved on."""
+        with self._lock:
+            if run.status != wanted or run.id not in self._runs:
+                return False
+            self._forget(run)
+            if run in self._waiting:
+                self._waiting.remove(run)
+            run.status = status
+        return True
+
+    def started(self, runs) -> None:
+        """Runs that were spawned are ``running``."""
+        with self._lock:
+            for run in runs:
+                run.status = "running"
+            self.changed.notify_all()  # wakes an idle sampler to measure early
+
+    def ended(self, run) -> tuple:
+        """A run ended: it leaves, and what may start now does (:meth:`_pump`)."""
+        with self._lock:
+            self._forget(run)
+            return self._pump()
+
+    def _forget(self, run) -> None:
+        self._runs.pop(run.id, None)
+        runs = self._by_job.get(run.job.name)
+        if runs is not None:
+            runs.pop(run.id, None)
+            if not runs:
+                del self._by_job[run.job.name]
+        if run.counted:
+            run.counted = False
+            self._live -= 1
+            if run.job.concurrency != "allow":
+                self._busy[run.job.name] -= 1
+        self.changed.notify_all()
+
+    def close(self) -> list:
+        """Refuse new runs from now; returns the queued ones (to cancel)."""
+        with self._lock:
+            self.closing = True
+            return [r for r in self._runs.values() if r.status == "queued"]
+
+    def full(self) -> bool:
+        """Every one of ``--max-concurrent`` is busy."""
+        with self._lock:
+            return 0 < self.max_concurrent <= self._live
+
+    def wait_quiet(self, deadline, everything=False) -> list:
+        """Wait until no run is live (with ``everything``: none is registered)
+        or the monotonic ``deadline`` passes; returns the registered runs.
+        Shutdown."""
+        with self._lock:
+            while (self._runs if everything else self._live) and (
+                time.monotonic() < deadline
+            ):
+                self.changed.wait(min(0.5, max(0.01, deadline - time.monotonic())))
+            return list(self._runs.values())
+
+    def running(self, stopping, timeout=5.0) -> list:
+        """Sampler: wait (while nothing is live and not ``stopping``) and
+        return the running runs with a process."""
+        with self._lock:
+            while not self._live and not stopping.is_set():
+                self.changed.wait(timeout)
+            return [r for r in self._runs.values() if r.status == "running" and r.pid]
+
+    def wake(self) -> None:
+        with self._lock:
+            self.changed.notify_all()
+
+    def active(self, name: str | None = None) -> list:
+        with self._lock:
+            if name is None:
+                return list(self._runs.values())
+            return list(self._by_job.get(name, {}).values())
+
+    def counts(self) -> dict:
+        with self._lock:
+            return {"running": self._live, "queued": len(self._runs) - self._live}
+
+    def get(self, run_id: int):
+        with self._lock:
+            return self._runs.get(run_id)
+
+
+#: The columns a run's end changes.
+_END_COLUMNS = (
+    "status",
+    "finished_at",
+    "duration",
+    "exit_code",
+    "signal",
+    "error",
+    "cpu_time",
+    "peak_rss",
+    "output_bytes",
+    "output_truncated",
+    "leftovers_stopped",
+)
+
+
+class Completion:
+    """The end of a run once its outcome is known: record it, release its
+    place in :class:`Admission`, announce and log it, retry it, fire its
+    hooks, prune its job's history and start what runs ``after`` it.
+
+    ``minisched-completion`` does this for one run at a time, in the order
+    outcomes arrive (``put``), so the io thread never waits on the database,
+    listeners, hooks or logging.  Runs that never started are announced on
+    the caller's thread (``announce``).  ``resubmit`` is the Runner's
+    ``submit`` (for retries) and ``release`` carries out what admission
+    decides once a run has left it."""
+
+    def __init__(
+        self,
+        store,
+        bus,
+        metrics,
+        admission,
+        *,
+        release,
+        resubmit,
+        clock=time.time,
+        job_lookup=None,
+        on_finished=None,
+        on_hook=None,
+    ):
+        self.store = store
+        self.bus = bus
+        self.metrics = metrics
+        self.admission = admission
+        self.release = release
+        self.resubmit = resubmit
+        self.clock = clock
+        self.job_lookup = job_lookup or (lambda name: None)
+        self.on_finished = on_finished or (lambda run, job: None)
+        self.on_hook = on_hook or (lambda event, run, job: None)
+        self._queue = queue.SimpleQueue()
+        self._thread = None
+
+    def start(self) -> threading.Thread:
+        self._thread = threading.Thread(
+            target=self._loop, name="minisched-completion", daemon=True
+        )
+        self._thread.start()
+        return self._thread
+
+    def stop(self) -> None:
+        """Finish what was put, then end the thread."""
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def put(self, run) -> None:
+        """A started run's outcome is final (its status set): complete it.
+        Any thread (the io thread)."""
+        self._queue.put(run)
+
+    def _loop(self) -> None:
+        while True:
+            run = self._queue.get()
+            if run is None:
+                return
+            try:
+                self._complete(run)
+            except Exception:
+                log.exception("completing run %d failed", run.id)
+
+    def _count(self, run) -> None:
+        """Update the counters ``/metrics`` reports (since server start)."""
+        self.metrics.ended(
+            run.job.name, run.status, run.duration, run.output_bytes, run.finished_at
+        )
+
+    def _complete(self, run) -> None:
+        self.store.update_run(
+            run.id, {key: getattr(run, key) for key in _END_COLUMNS}, job=run.job.name
+        )
+        self._count(run)
+        current = self.job_lookup(run.job.name)  # None once the job is deleted
+        job = current or run.job
+        self.release(self.admission.ended(run))
+        public = run.public()
+        self.bus.publish("run", public)
+        status = run.status
+        log.log(
+            logging.WARNING if status in FAILURE_STATUSES else logging.INFO,
+            "run %d of %s %s in %.3fs (%s)%s",
+            run.id,
+            job.name,
+            status,
+            run.duration,
+            _outcome(run),
+            (": " + run.error) if run.error else "",
+        )
+        retry = status in ("failed", "timed_out") and run.attempt <= job.retries
+        if retry and current is not None and not self.admission.closing:
+            delay = job.retry_delay_for(run.attempt + 1)
+            try:
+                self.resubmit(
+                    job,
+                    "retry",
+                    attempt=run.attempt + 1,
+                    scheduled_at=self.clock() + delay,
+                    not_before=self.clock() + delay,
+                )
+            except MinischedError as exc:
+                log.warning("no retry of run %d: %s", run.id, exc)
+        elif status == "succeeded":
+            self.on_hook("on_success", public, job)
+        elif status in ("failed", "timed_out"):
+            self.on_hook("on_failure", public, job)
+        self.store.prune(job.name, job.keep_runs)
+        self.on_finished(run, job)
+
+    def announce(self, run, job) -> None:
+        """A run that never started is recorded terminal (``skipped``,
+        ``missed``, ``cancelled``): count, announce, hooks, prune.  The
+        caller's thread."""
+        self._count(run)
+        public = run.public()
+        self.bus.publish("run", public)
+        log.log(
+            logging.WARNING if run.status in FAILURE_STATUSES else logging.INFO,
+            "run %d of %s %s%s",
+            run.id,
+            job.name,
+            run.status,
+            (": " + run.error) if run.error else "",
+        )
+        if run.status in ("missed", "lost"):
+            self.on_hook("on_failure", public, job)
+        self.store.prune(job.name, job.keep_runs)
+
+
 class Runner:
     """Starts, watches and stops runs; applies ``concurrency``, the global
     ``max_concurrent``, retries and output limits.
@@ -3389,24 +3769,27 @@ class Runner:
     ):
         self.store = store
         self.bus = bus
-        self.max_concurrent = max_concurrent
         #: Server-wide ``max_rss`` and ``max_cpu`` for jobs without their own.
         self.default_rss, self.default_cpu = limits
         self.clock = clock
         #: The clock of job timers (timeouts, kill grace, retries, jitter).
         self.monotonic = monotonic
-        self.job_lookup = job_lookup or (lambda name: None)
-        self.on_finished = on_finished or (lambda run, job: None)
         self.on_hook = on_hook or (lambda event, run, job: None)
         self.guard = ProcessGuard()
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._runs = {}  # id -> Run, every queued or running run
-        self._by_job = {}  # job name -> {id: Run}, the same runs by job
-        self._waiting = []  # runs eligible to start, in order
-        self._live = 0  # runs starting or running
-        self._busy = collections.Counter()  # job -> its live runs (not "allow")
-        self._closing = False
+        self.metrics = metrics or Metrics()
+        self.admission = Admission(max_concurrent, clock)
+        self.completion = Completion(
+            store,
+            bus,
+            self.metrics,
+            self.admission,
+            release=lambda decided: self._start(*decided),
+            resubmit=self.submit,
+            clock=clock,
+            job_lookup=job_lookup,
+            on_finished=on_finished,
+            on_hook=on_hook,
+        )
         self._launch_q = queue.SimpleQueue()
         self._launching = False  # a batch is being spawned (io thread reads it)
         self._io_q = queue.SimpleQueue()
@@ -3416,12 +3799,12 @@ class Runner:
         os.set_blocking(self._wake_w, False)
         self._threads = []
         self.stopping = threading.Event()
-        self.metrics = metrics or Metrics()
 
     # -- lifecycle ---------------------------------------------------------
 
     def threads_alive(self) -> dict:
-        """``{"launcher": bool, "io": bool, "sampler": bool}``: alive or not."""
+        """``{"launcher": bool, "io": bool, "sampler": bool, "completion":
+        bool}``: alive or not."""
         return {t.name.split("-", 1)[1]: t.is_alive() for t in self._threads}
 
     def start(self) -> None:
@@ -3434,6 +3817,7 @@ class Runner:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+        self._threads.append(self.completion.start())
         started = threading.Event()
         self._launch_q.put(started.set)  # the guard's parent is the launcher
         started.wait(10)
@@ -3442,18 +3826,14 @@ class Runner:
         """Stop accepting runs, let running ones finish for most of ``grace``,
         then stop them (``cancelled``) and wait for the rest.  Main thread."""
         deadline = time.monotonic() + grace
-        with self._lock:
-            self._closing = True
-            pending = [r for r in self._runs.values() if r.status == "queued"]
-        for run in pending:
+        for run in self.admission.close():
             self._end_unstarted(run, "cancelled", "the server is shutting down")
         soft = deadline - min(2.0, grace / 2)
-        with self._lock:
-            while self._active_processes() and time.monotonic() < soft:
-                self._changed.wait(min(0.5, max(0.01, soft - time.monotonic())))
-            left = [
-                r for r in self._runs.values() if r.status in ("running", "starting")
-            ]
+        left = [
+            r
+            for r in self.admission.wait_quiet(soft)
+            if r.status in ("running", "starting")
+        ]
         for run in left:
             self._kill(
                 run,
@@ -3461,20 +3841,20 @@ class Runner:
                 "stopped: the server is shutting down",
                 grace=max(0.0, deadline - time.monotonic() - 0.5),
             )
-        with self._lock:
-            while self._runs and time.monotonic() < deadline + 2:
-                self._changed.wait(0.1)
-        with self._lock:
-            self.stopping.set()
-            self._changed.notify_all()
+        self.admission.wait_quiet(deadline + 2, everything=True)
+        self.stopping.set()
+        self.admission.wake()
         self._launch_q.put(None)
         self._io_command(("stop",))
         for thread in self._threads:
-            thread.join(timeout=5)
+            if thread.name != "minisched-completion":
+                thread.join(timeout=5)
+        self.completion.stop()  # after the io thread: it hands over the last
         self.guard.close()
 
-    def _active_processes(self) -> bool:
-        return self._live > 0
+    @property
+    def max_concurrent(self) -> int:
+        return self.admission.max_concurrent
 
     # -- submitting (scheduler and request threads) --------------------------
 
@@ -3500,36 +3880,17 @@ class Runner:
         is decided again when it comes due, so a run that ends just before
         the next slot never causes a skip or a replacement."""
         now = self.clock()
-        with self._lock:
-            if self._closing:
-                raise UnavailableError("the server is shutting down")
-            active = list(self._by_job.get(job.name, {}).values())
-            later = active and not_before is not None and not_before > now
-            reason, to_stop = (
-                (None, []) if later else self._policy(job, active, trigger, force)
-            )
-            if reason and trigger == "manual":
-                raise ConflictError(reason + "; use ?force=1 to run anyway", None)
-            run = Run(
-                self.store.allocate_run_id(),
-                job,
-                trigger,
-                attempt,
-                slot,
-                scheduled_at if scheduled_at is not None else now,
-            )
-            if reason:
-                run.status = "skipped"
-                run.error = reason
-                run.finished_at = now
-            else:
-                run.force = force
-                run.not_before = not_before
-                self._runs[run.id] = run
-                self._by_job.setdefault(job.name, {})[run.id] = run
+
+        def make_run():
+            at = scheduled_at if scheduled_at is not None else now
+            return Run(self.store.allocate_run_id(), job, trigger, attempt, slot, at)
+
+        run, to_stop, later = self.admission.add(
+            job, trigger, force, not_before, now, make_run
+        )
         run.persisted = self.store.insert_run(run.row(), job_update)
         if run.status == "skipped":
-            self._published(run, job)
+            self.completion.announce(run, job)
             return run.public()
         self._replace(run, to_stop)
         self.bus.publish("run", run.public())
@@ -3547,34 +3908,11 @@ class Runner:
 
     def _arm_deadline(self, run) -> None:
         """A scheduled run has to wait (``--max-concurrent``, a queue): at its
-        deadline, if it still waits, it is ``missed``.  Lock held."""
-        deadline = self._deadline(run)
-        if deadline is None or run.deadline_armed:
-            return
-        run.deadline_armed = True
+        deadline, if it still waits, it is ``missed``."""
+        deadline = Admission.deadline(run)
         ref = weakref.ref(run)
         left = max(0.0, deadline - self.clock())
         self._io_command(("timer", left, lambda: self._expire(ref())))
-
-    @staticmethod
-    def _policy(job, active, trigger, force) -> tuple:
-        """What ``concurrency`` makes of a new run while ``active`` runs of its
-        job exist: ``(reason to skip it or None, runs to stop first)``."""
-        if not active or trigger in ("retry", "catch_up"):
-            return None, []
-        policy = job.concurrency
-        if policy == "forbid" and not force:
-            return (
-                f"run {active[0].id} of this job is still active (concurrency forbid)",
-                [],
-            )
-        if policy == "queue":
-            waiting = [r for r in active if r.status == "queued"]
-            if len(waiting) >= job.queue_max:
-                return f"the queue of this job is full (queue_max {job.queue_max})", []
-        if policy == "replace":
-            return None, active
-        return None, []
 
     def _replace(self, run, to_stop) -> None:
         for old in to_stop:
@@ -3583,13 +3921,10 @@ class Runner:
     def _admit(self, run) -> None:
         """Io thread, when a run handled ahead comes due: apply ``concurrency``
         now, against the runs of its job active at this moment."""
-        with self._lock:
-            if run.status != "queued" or run.id not in self._runs:
-                return
-            active = [
-                r for r in self._by_job.get(run.job.name, {}).values() if r is not run
-            ]
-            reason, to_stop = self._policy(run.job, active, run.trigger, run.force)
+        decision = self.admission.admit(run)
+        if decision is None:
+            return
+        reason, to_stop = decision
         if reason:
             self._end_unstarted(run, "skipped", reason)
             return
@@ -3597,30 +3932,13 @@ class Runner:
         run.due = time.monotonic()
         self._enqueue(run)
 
-    @staticmethod
-    def _deadline(run):
-        """The latest start of a scheduled run (``starting_deadline``, else
-        ``LATE_AFTER`` for a slot handled on time), or None for other runs."""
-        if run.slot is None or run.scheduled_at is None:
-            return None
-        limit = run.job.starting_deadline
-        if limit is None:
-            if run.trigger != "schedule":
-                return None  # catch-up runs follow catch_up, not lateness
-            limit = LATE_AFTER
-        return run.scheduled_at + limit
-
     def _expire(self, run) -> None:
         """Io thread, at a run's deadline: if it is still waiting, it is missed."""
-        if run is None:
+        if run is None or run.status != "queued":
             return
-        with self._lock:
-            if run.status != "queued" or run.id not in self._runs:
-                return
-            full = 0 < self.max_concurrent <= self._live
         why = (
             f"every one of --max-concurrent {self.max_concurrent} was busy"
-            if full
+            if self.admission.full()
             else "an earlier run of this job was still active"
         )
         limit = run.job.starting_deadline
@@ -3649,93 +3967,28 @@ class Runner:
         if status == "missed":
             job_update = dict(job_update or {}, last_run_id=run.id)
         run.persisted = self.store.insert_run(run.row(), job_update)
-        self._published(run, job)
+        self.completion.announce(run, job)
         return run.public()
 
-    def _count(self, run) -> None:
-        """Update the counters ``/metrics`` reports (since server start)."""
-        self.metrics.ended(
-            run.job.name, run.status, run.duration, run.output_bytes, run.finished_at
-        )
-
-    def _published(self, run, job) -> None:
-        """Announce a terminal record; prune history; fire hooks."""
-        self._count(run)
-        public = run.public()
-        self.bus.publish("run", public)
-        log.log(
-            logging.WARNING if run.status in FAILURE_STATUSES else logging.INFO,
-            "run %d of %s %s%s",
-            run.id,
-            job.name,
-            run.status,
-            (": " + run.error) if run.error else "",
-        )
-        if run.status in ("missed", "lost"):
-            self.on_hook("on_failure", public, job)
-        self.store.prune(job.name, job.keep_runs)
-
     def _enqueue(self, run) -> None:
-        with self._lock:
-            if run.status != "queued" or run.id not in self._runs:
-                return
-            self._waiting.append(run)
-            late = self._pump()
-        for stale in late:
-            self._expire(stale)
+        self._start(*self.admission.queue(run))
 
-    def _pump(self) -> list:
-        """Start every waiting run that may start now; returns the waiting
-        runs past their deadline, for the caller to record once it has
-        released the lock.  Caller holds the lock."""
-        keep, late, now = [], [], None
-        for run in self._waiting:
-            deadline = self._deadline(run)
-            if deadline is not None:
-                now = self.clock() if now is None else now
-                if now > deadline:
-                    keep.append(run)
-                    late.append(run)
-                    continue
-            name, exclusive = run.job.name, run.job.concurrency != "allow"
-            ok = self.max_concurrent <= 0 or self._live < self.max_concurrent
-            if ok and exclusive and not run.force:
-                ok = not self._busy[name]
-            if not ok:
-                keep.append(run)
-                self._arm_deadline(run)
-                continue
-            run.status = "starting"
-            run.counted = True
-            self._live += 1
-            if exclusive:
-                self._busy[name] += 1
+    def _start(self, ready, late, to_arm) -> None:
+        """Carry out what admission decided: spawn the ready runs, arm the
+        deadlines of those that wait, record the late ones ``missed``."""
+        for run in ready:
             self._launch_q.put(run)
-        self._waiting = keep
-        return late
-
-    def _forget(self, run) -> None:
-        """Drop a run from the active indexes.  Caller holds the lock."""
-        self._runs.pop(run.id, None)
-        runs = self._by_job.get(run.job.name)
-        if runs is not None:
-            runs.pop(run.id, None)
-            if not runs:
-                del self._by_job[run.job.name]
-        if run.counted:
-            run.counted = False
-            self._live -= 1
-            if run.job.concurrency != "allow":
-                self._busy[run.job.name] -= 1
-        self._changed.notify_all()
+        for run in to_arm:
+            self._arm_deadline(run)
+        for run in late:
+            self._expire(run)
 
     # -- stopping (any thread) ---------------------------------------------
 
     def stop_run(self, run_id: int, message="stopped by request") -> bool:
         """Stop one active run (``cancelled``).  False if it is not active."""
-        with self._lock:
-            run = self._runs.get(run_id)
-            status = run.status if run else None
+        run = self.admission.get(run_id)
+        status = run.status if run else None
         if status is None:
             return False
         if status != "queued" or not self._end_unstarted(run, "cancelled", message):
@@ -3751,14 +4004,8 @@ class Runner:
         """End a run that never started (``cancelled``, ``missed``, ``failed``):
         False if it started meanwhile.  ``starting``: the launcher ends a run
         it had taken."""
-        with self._lock:
-            wanted = "starting" if starting else "queued"
-            if run.status != wanted or run.id not in self._runs:
-                return False
-            self._forget(run)
-            if run in self._waiting:
-                self._waiting.remove(run)
-            run.status = status
+        if not self.admission.take(run, "starting" if starting else "queued", status):
+            return False
         run.error = message
         run.finished_at = self.clock()
         self.store.update_run(
@@ -3766,7 +4013,7 @@ class Runner:
             {"status": status, "error": message, "finished_at": run.finished_at},
             job=None if status == "skipped" else run.job.name,
         )
-        self._published(run, run.job)
+        self.completion.announce(run, run.job)
         return True
 
     def _kill(self, run, status, message, grace=None) -> None:
@@ -3776,18 +4023,13 @@ class Runner:
     # -- queries -------------------------------------------------------------
 
     def active_runs(self, name: str | None = None) -> list:
-        with self._lock:
-            if name is None:
-                return list(self._runs.values())
-            return list(self._by_job.get(name, {}).values())
+        return self.admission.active(name)
 
     def counts(self) -> dict:
-        with self._lock:
-            return {"running": self._live, "queued": len(self._runs) - self._live}
+        return self.admission.counts()
 
     def get_active(self, run_id: int):
-        with self._lock:
-            return self._runs.get(run_id)
+        return self.admission.get(run_id)
 
     # -- the launcher thread ---------------------------------------------------
 
@@ -3884,8 +4126,7 @@ class Runner:
             )
             return False
         if inserted is not True:
-            with self._lock:
-                self._forget(run)
+            self._start(*self.admission.ended(run))
             if inserted is not False:
                 log.error("run %d not started: cannot record it: %s", run.id, inserted)
             return False
@@ -3930,10 +4171,7 @@ class Runner:
                     _limit_cpu(run.pid, cpu, run.job.kill_grace)
             if run.slot is not None and run.started_at is not None:
                 self.metrics.started(run.started_at - run.scheduled_at)
-        with self._lock:
-            for run in runs:
-                run.status = "running"
-            self._changed.notify_all()  # wakes an idle sampler to measure early
+        self.admission.started(runs)
         self.store.mark_started(
             [(r.started_at, r.pid, r.pid_create_time, r.id, r.job.name) for r in runs]
         )
@@ -4517,7 +4755,8 @@ class Runner:
     # -- the end of a run --------------------------------------------------
 
     def _finish(self, run, status=None) -> None:
-        """Record the outcome, release the run, schedule a retry.  Io thread."""
+        """Settle a run's outcome (its last output, pipes, status) and hand it
+        to completion.  Io thread."""
         if run.finished_at is not None:
             return
         for stream, decoder in run.decoders.items():
@@ -4570,63 +4809,7 @@ class Runner:
         run.status = status
         if run.pid and not run.guard_held:
             self.guard.unregister(run.id)
-        self.store.update_run(
-            run.id,
-            {
-                key: getattr(run, key)
-                for key in (
-                    "status",
-                    "finished_at",
-                    "duration",
-                    "exit_code",
-                    "signal",
-                    "error",
-                    "cpu_time",
-                    "peak_rss",
-                    "output_bytes",
-                    "output_truncated",
-                    "leftovers_stopped",
-                )
-            },
-            job=run.job.name,
-        )
-        self._count(run)
-        current = self.job_lookup(run.job.name)  # None once the job is deleted
-        job = current or run.job
-        with self._lock:
-            self._forget(run)
-            self._pump()
-        public = run.public()
-        self.bus.publish("run", public)
-        log.log(
-            logging.WARNING if status in FAILURE_STATUSES else logging.INFO,
-            "run %d of %s %s in %.3fs (%s)%s",
-            run.id,
-            job.name,
-            status,
-            run.duration,
-            _outcome(run),
-            (": " + run.error) if run.error else "",
-        )
-        retry = status in ("failed", "timed_out") and run.attempt <= job.retries
-        if retry and current is not None and not self._closing:
-            delay = job.retry_delay_for(run.attempt + 1)
-            try:
-                self.submit(
-                    job,
-                    "retry",
-                    attempt=run.attempt + 1,
-                    scheduled_at=self.clock() + delay,
-                    not_before=self.clock() + delay,
-                )
-            except MinischedError as exc:
-                log.warning("no retry of run %d: %s", run.id, exc)
-        elif status == "succeeded":
-            self.on_hook("on_success", public, job)
-        elif status in ("failed", "timed_out"):
-            self.on_hook("on_failure", public, job)
-        self.store.prune(job.name, job.keep_runs)
-        self.on_finished(run, job)
+        self.completion.put(run)
 
     # -- the sampler thread ------------------------------------------------
 
@@ -4634,12 +4817,7 @@ class Runner:
         """``minisched-sampler``: whole-tree CPU and RSS of running runs, once a
         second, only while some run is running."""
         while not self.stopping.is_set():
-            with self._lock:
-                while not self._active_processes() and not self.stopping.is_set():
-                    self._changed.wait(5)
-                runs = [
-                    r for r in self._runs.values() if r.status == "running" and r.pid
-                ]
+            runs = self.admission.running(self.stopping)
             if runs:
                 try:
                     self._sample(runs)
@@ -7891,9 +8069,15 @@ class Api:
         return run_id
 
     def run_or_404(self, value) -> dict:
-        row = self.engine.store.get_run(self.run_id(value))
+        """A run's row; an active run as the runner knows it now (its last
+        change may not be committed yet, e.g. while the disk is full)."""
+        run_id = self.run_id(value)
+        row = self.engine.store.get_run(run_id)
         if row is None:
             raise NotFoundError(f"no run with id {value}", "id")
+        active = self.engine.runner.get_active(run_id)
+        if active is not None:
+            row.update(active.row())
         return row
 
     def _running(self) -> collections.Counter:

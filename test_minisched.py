@@ -12,6 +12,7 @@ import errno
 import http.client
 import http.server
 import io
+import itertools
 import json
 import logging
 import math
@@ -725,6 +726,119 @@ def test_store_stats_count_each_ended_run_once(new_store):
     assert stats["duration"]["max"] == 3.0
     assert store.stats(now - 86400)["runs"] == 3
     assert store.stats(now - 86400, "other")["runs"] == 0
+
+
+# -- admission: concurrency, queues and --max-concurrent, without processes ----
+
+
+class Admitted:
+    """An :class:`minisched.Admission` on a fake clock, with what it hands
+    back collected: ``ready`` (to spawn), ``late``, ``armed``."""
+
+    def __init__(self, max_concurrent=0):
+        self.clock = FakeClock(1000.0)
+        self.admission = minisched.Admission(max_concurrent, self.clock)
+        self.ready, self.late, self.armed = [], [], []
+        self.ids = itertools.count(1)
+
+    def job(self, name="j", **fields):
+        definition = dict({"name": name, "command": "true"}, **fields)
+        return minisched.Job(validate_job(definition), UTC)
+
+    def submit(self, job, trigger="schedule", force=False, slot=None):
+        def make_run():
+            return minisched.Run(next(self.ids), job, trigger, 1, slot, self.clock())
+
+        run, to_stop, _later = self.admission.add(
+            job, trigger, force, None, self.clock(), make_run
+        )
+        if run.status == "queued":
+            self.carry(self.admission.queue(run))
+        return run, to_stop
+
+    def end(self, run):
+        self.carry(self.admission.ended(run))
+
+    def carry(self, decided):
+        ready, late, armed = decided
+        self.ready += ready
+        self.late += late
+        self.armed += armed
+
+
+def test_admission_forbid_skips_and_force_overrides():
+    a = Admitted()
+    job = a.job(concurrency="forbid")
+    first, _ = a.submit(job)
+    assert first.status == "starting" and a.ready == [first]
+    second, _ = a.submit(job)
+    assert second.status == "skipped" and "still active" in second.error
+    with pytest.raises(ConflictError, match="force=1"):
+        a.submit(job, trigger="manual")
+    forced, _ = a.submit(job, trigger="manual", force=True)
+    assert forced.status == "starting"
+    assert a.admission.counts() == {"running": 2, "queued": 0}
+    retry, _ = a.submit(job, trigger="retry")  # retries are never skipped
+    assert retry.status == "queued"  # but wait for the job's runs to end
+    a.end(first)
+    assert retry.status == "queued"  # the forced run still holds the job
+    a.end(forced)
+    assert retry.status == "starting" and a.ready[-1] is retry
+
+
+def test_admission_queue_holds_queue_max_and_starts_in_order():
+    a = Admitted()
+    job = a.job(concurrency="queue", queue_max=2)
+    running, _ = a.submit(job)
+    waiting = [a.submit(job)[0] for _ in range(2)]
+    full, _ = a.submit(job)
+    assert [r.status for r in waiting] == ["queued", "queued"]
+    assert full.status == "skipped" and "queue_max 2" in full.error
+    a.end(running)
+    assert [r.status for r in waiting] == ["starting", "queued"]
+    a.end(waiting[0])
+    assert waiting[1].status == "starting" and a.ready[1:] == waiting
+
+
+def test_admission_replace_names_the_runs_to_stop_and_allow_overlaps():
+    a = Admitted()
+    replaced = a.job("r", concurrency="replace")
+    old, _ = a.submit(replaced)
+    new, to_stop = a.submit(replaced)
+    assert to_stop == [old] and new.status == "queued"  # starts once old ends
+    a.end(old)
+    assert new.status == "starting"
+    overlapping = a.job("o", concurrency="allow")
+    runs = [a.submit(overlapping)[0] for _ in range(3)]
+    assert all(r.status == "starting" for r in runs)
+
+
+def test_admission_max_concurrent_waits_then_misses_past_the_deadline():
+    a = Admitted(max_concurrent=2)
+    jobs = [a.job(f"j{i}", starting_deadline=30) for i in range(4)]
+    runs = [a.submit(job, slot=a.clock())[0] for job in jobs]
+    assert [r.status for r in runs] == ["starting", "starting", "queued", "queued"]
+    assert a.armed == runs[2:]  # their deadline timers are armed once
+    assert a.admission.full()
+    a.clock.advance(10)
+    a.end(runs[0])
+    assert runs[2].status == "starting" and runs[3].status == "queued"
+    a.clock.advance(25)  # 35 s after its slot: past starting_deadline 30
+    a.end(runs[1])
+    assert a.late == [runs[3]] and runs[3].status == "queued"
+    assert a.admission.take(runs[3], "queued", "missed")
+    assert runs[3].status == "missed" and not a.admission.take(runs[3], "queued", "x")
+    assert a.admission.counts() == {"running": 1, "queued": 0}
+
+
+def test_admission_refuses_new_runs_once_closing():
+    a = Admitted()
+    job = a.job(concurrency="queue", queue_max=5)
+    a.submit(job)
+    queued = a.submit(job)[0]
+    assert a.admission.close() == [queued]
+    with pytest.raises(minisched.UnavailableError, match="shutting down"):
+        a.submit(job)
 
 
 # -- job timers on a fake clock: timeouts, kill grace, retries, jitter ---------
@@ -2726,9 +2840,9 @@ def test_api_review_regressions(engines):
     engine = engines()
     engine.scheduler.put_job(validate_job({"name": "late", "command": "true"}))
     client = WsgiClient(make_app(engine))
-    engine.runner._closing = True
+    engine.runner.admission.closing = True
     client.post("/api/jobs/late/run").error(503)
-    engine.runner._closing = False
+    engine.runner.admission.closing = False
 
 
 # -- live server on port 0 with real SSE ----------------------------------------
@@ -4583,6 +4697,7 @@ def test_a_real_full_disk_answers_503_and_loses_nothing(tmp_path, small_disk):
         run = api_call(port, "GET", f"/api/runs/{first['id']}")[1]
         assert run["status"] == "succeeded" and run["output_bytes"] == 200000
         assert api_call(port, "GET", "/api/jobs/w")[1]["running"] == 0
+        gate.unlink()  # the next run waits for it again
         status, again = api_call(port, "POST", "/api/jobs/w/run")
         assert status == 202
         fill(small_disk / "filler")  # full again: SIGTERM while a run is held
@@ -4592,7 +4707,7 @@ def test_a_real_full_disk_answers_503_and_loses_nothing(tmp_path, small_disk):
                 == "running"
             )
         )
-        (tmp_path / "gate").touch()
+        gate.touch()
         wait_for(lambda: api_call(port, "GET", "/api/health")[0] == 503)
         threading.Timer(1.0, os.unlink, (small_disk / "filler",)).start()
         server.send_signal(signal.SIGTERM)
