@@ -1503,16 +1503,27 @@ def validate_job(data, server_tz: datetime.tzinfo | None = None) -> dict:
             tz = get_zone(data["timezone"])
         except InvalidError as exc:
             bad("timezone", exc.message)
-    if isinstance(data.get("schedule"), str):
+    schedule, expr = None, data.get("schedule")
+    if expr is None or isinstance(expr, str):
         try:
-            Schedule(data["schedule"], tz)
+            schedule = Schedule(expr, tz)
         except InvalidError as exc:
             bad("schedule", exc.message)
     if isinstance(data.get("after"), list) and name in data["after"]:
         bad("after", "a job cannot depend on itself")
     if errors:
         raise InvalidError(errors[0]["error"], errors[0]["field"], errors)
-    return dict(data)
+    return Definition(data, tz, schedule)
+
+
+class Definition(dict):
+    """A validated job definition: the dict, plus its zone and schedule as
+    validation parsed them (``parsed``), so :class:`Job` need not parse them
+    again.  A copy (``dict(definition)``) is a plain dict and is parsed anew."""
+
+    def __init__(self, data, tz, schedule):
+        super().__init__(data)
+        self.parsed = (tz, schedule)
 
 
 def find_cycle(deps: dict) -> list | None:
@@ -1556,8 +1567,12 @@ class Job:
         self.source = source
         self.created_at = created_at if created_at is not None else time.time()
         self.name = definition["name"]
-        self.tz = get_zone(self.timezone) if self.timezone else server_tz
-        self.schedule_obj = Schedule(self.schedule, self.tz)
+        tz, schedule = getattr(definition, "parsed", (None, None))
+        if schedule is not None and (tz is server_tz or self.timezone):
+            self.tz, self.schedule_obj = tz, schedule  # parsed by validate_job
+        else:
+            self.tz = get_zone(self.timezone) if self.timezone else server_tz
+            self.schedule_obj = Schedule(self.schedule, self.tz)
         self._static = None
         self._static_json = None
         self._masked_json = None
@@ -3304,9 +3319,14 @@ def _exit_description(code: int | None, sig: int | None) -> str | None:
 
 class Run:
     """One queued or running run, in memory.  Fields named like ``RUN_COLUMNS``
-    mirror the database row.  :class:`Admission`'s lock guards ``status``;
-    output and process fields belong to the io thread once the run has
-    started."""
+    mirror the database row.
+
+    One writer at a time, handed on: :class:`Admission`'s lock guards
+    ``status`` while the run waits; the launcher owns the run from
+    ``starting`` until it hands it to the io thread; the io thread owns it
+    (output, process, usage, outcome) until it sets ``finished_at`` and puts
+    it to :class:`Completion`, which only reads it.  Other threads send the
+    owner messages: a stop, a sample, an http result."""
 
     def __init__(self, run_id, job, trigger, attempt=1, slot=None, scheduled_at=None):
         self.id = run_id
@@ -3679,13 +3699,15 @@ class Completion:
         )
 
     def _complete(self, run) -> None:
+        # Released first: whoever sees the end (API, events) may start the
+        # job again at once.
+        self.release(self.admission.ended(run))
         self.store.update_run(
             run.id, {key: getattr(run, key) for key in _END_COLUMNS}, job=run.job.name
         )
         self._count(run)
         current = self.job_lookup(run.job.name)  # None once the job is deleted
         job = current or run.job
-        self.release(self.admission.ended(run))
         public = run.public()
         self.bus.publish("run", public)
         status = run.status
@@ -4820,8 +4842,7 @@ class Runner:
             runs = self.admission.running(self.stopping)
             if runs:
                 try:
-                    self._sample(runs)
-                    self._check_limits(runs)
+                    self._io_command(("usage", self._sample(runs)))
                 except Exception:
                     log.exception("sampling process trees failed")
             self.stopping.wait(1.0)
@@ -4832,11 +4853,16 @@ class Runner:
         cpu = job.max_cpu if job.max_cpu is not None else self.default_cpu
         return rss, cpu
 
-    def _check_limits(self, runs) -> None:
-        """Sampler thread: a run whose tree is over ``max_rss`` or ``max_cpu``
-        is stopped as a timeout is (SIGTERM, ``kill_grace``, SIGKILL) and ends
-        ``failed``, its error naming the limit and what was measured."""
-        for run in runs:
+    def _io_usage(self, samples) -> None:
+        """Io thread: the sampler's measurements ``[(run, cpu, rss)]`` go on
+        their runs (the highest kept); a run whose tree is over ``max_rss`` or
+        ``max_cpu`` is stopped as a timeout is (SIGTERM, ``kill_grace``,
+        SIGKILL) and ends ``failed``, its error naming the limit and what was
+        measured."""
+        for run, cpu_used, rss_used in samples:
+            if run.finished_at is not None:
+                continue
+            _note_usage(run, cpu_used, rss_used)
             rss, cpu = self.limits(run.job)
             if rss and run.peak_rss and run.peak_rss > rss:
                 message = (
@@ -4850,12 +4876,14 @@ class Runner:
                 )
             else:
                 continue
-            self._kill(run, "failed", "stopped: " + message)
+            self._io_kill(run, "failed", "stopped: " + message)
 
     @staticmethod
-    def _sample(runs) -> None:
-        """Whole-tree RSS and CPU of each run, from ``/proc`` (children files
-        and ``stat``) when the kernel has them, else one psutil scan."""
+    def _sample(runs) -> list:
+        """Whole-tree CPU and RSS of each run, ``[(run, cpu, rss)]``, from
+        ``/proc`` (children files and ``stat``) when the kernel has them,
+        else one psutil scan.  Reads the runs' pids only."""
+        samples = []
         if _PROC_CHILDREN:
             for run in runs:
                 rss = cpu = 0.0
@@ -4864,8 +4892,8 @@ class Runner:
                     if usage:
                         cpu += usage[0]
                         rss += usage[1]
-                _note_usage(run, cpu, rss)
-            return
+                samples.append((run, cpu, rss))
+            return samples
         children = collections.defaultdict(list)
         info = {}
         for proc in psutil.process_iter(["ppid", "memory_info", "cpu_times"]):
@@ -4885,7 +4913,8 @@ class Runner:
                     rss += item["memory_info"].rss
                     cpu += item["cpu_times"].user + item["cpu_times"].system
                 stack.extend(children.get(pid, ()))
-            _note_usage(run, cpu, rss)
+            samples.append((run, cpu, rss))
+        return samples
 
 
 def _limit_cpu(pid: int, seconds: float, grace: float) -> None:
@@ -8076,7 +8105,7 @@ class Api:
         if row is None:
             raise NotFoundError(f"no run with id {value}", "id")
         active = self.engine.runner.get_active(run_id)
-        if active is not None:
+        if active is not None and active.finished_at is None:
             row.update(active.row())
         return row
 
