@@ -14,15 +14,16 @@ Components
 ----------
 ::
 
-    HTTP server ── Api (routes from API_ROUTES, one error plugin) ──┐
-                                                                     │
-    JobsFile ──► Scheduler ──(decides under its lock, then)──► Runner ──► Store
-                  ▲   heap of due slots                        │  admission,   (SQLiteStore:
-                  │                                            │  launcher, io, all SQL,
-                  └──── run_finished (dependents) ◄────────────┘  completion   one writer)
-                                                                │
-                                       Notifier ◄── on_hook ────┤
-                                       EventBus ◄── events ─────┘ ──► SSE, page
+    HTTP server ─► Api (routes from API_ROUTES, one error plugin)
+                    │  job edits, triggers, stops ─► Scheduler, Runner; reads ─► Store
+                    ▼
+    JobsFile ──► Scheduler ──(decides under its lock, then)──► Runner ─────────► Store
+                  ▲   heap of due slots                         │ Admission     (SQLiteStore:
+                  │                                             │ launcher      all SQL,
+                  │                                             │ io (watcher)  one writer)
+                  └──── run_finished (dependents) ◄──────────── │ Completion
+                                        Notifier ◄── on_hook ───┤ sampler
+                                        EventBus ◄── events ────┘ ──► SSE, page
 
 ``Engine`` builds these and passes each what it needs as constructor
 arguments; the tables they share (``RUN_STATUS_TABLE``, ``JOB_FIELDS``,
@@ -39,15 +40,19 @@ notifier, store).
                          what fires, then hands the runs to the Runner.
 ``minisched-launcher``   the only thread that spawns jobs (so the parent of every
                          child and of the guard process outlives them).
-``minisched-io``         owns every child's pipes and pidfd: reads output, reaps
-                         exits with ``os.wait4``, fires timeouts, kill escalation
-                         and retry timers; completes runs (record, retry, hooks,
-                         prune, dependents).  Talks to others through a command
-                         queue and a wake pipe.
+``minisched-io``         the watcher: owns every started run (its pipes, pidfd,
+                         output capture, usage) and the job timers: reads output,
+                         reaps exits with ``os.wait4``, fires timeouts, kill
+                         escalation, retries and deadlines, settles each run's
+                         outcome.  Talks to others through a command queue and a
+                         wake pipe.
+``minisched-completion`` ends runs in order of their outcome: release (Admission),
+                         record, announce, retry, hooks, prune, dependents.
 ``minisched-writer``     the only database writer; batches queued operations into
                          one transaction and resolves their futures.
-``minisched-sampler``    samples CPU and RSS of running process trees (``/proc``,
-                         else psutil), once a second and only while runs are active.
+``minisched-sampler``    measures CPU and RSS of running process trees (``/proc``,
+                         else psutil), once a second and only while runs are
+                         active, and sends the figures to the io thread.
 ``minisched-jobsfile``   re-reads the jobs file when it changes (or on SIGHUP).
 ``minisched-notify``     decides alerts (incidents, summaries, the hourly cap).
 ``minisched-deliver``    makes hook and alert deliveries, with retries.
@@ -61,14 +66,18 @@ Locks
 Each lock guards one component's state and is held for memory work only.
 Where one is held while taking another, the order is::
 
-    Scheduler._lock  →  Runner._lock  →  Store._lock / the writer's queue
-                                       →  EventBus._lock, Metrics._lock
+    Scheduler._lock  →  Admission._lock  →  Store._lock (run ids)
+    Scheduler._lock  →  the Store's writer queue, EventBus._lock
+
+Admission's lock is held only for its own bookkeeping (and to take a run id,
+so that two submissions of a ``forbid`` job cannot both pass).
 
 Nothing takes them the other way round.  No lock is held across a call out of
 its component that can block or reach foreign code: the scheduler calls the
-Runner after releasing its lock; the Runner publishes events, logs, calls hooks
-and ``on_finished`` with no lock held; the Store's writer commits without the
-lock that guards its queue.
+Runner after releasing its lock; Admission hands back what to do (spawn, arm a
+deadline, record a miss) and the Runner does it with no lock held; events,
+logging, hooks and ``on_finished`` happen with no lock held; the Store's writer
+commits without the lock that guards its queue.
 
 Readers (API requests) borrow pooled SQLite connections and never wait for the
 writer: WAL gives them a consistent snapshot.
