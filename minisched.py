@@ -2101,6 +2101,10 @@ class Store(abc.ABC):
         """Runs that ended badly (failed, timed out, missed, lost) since ``since``."""
 
 
+class _BackupRestarted(Exception):
+    """The server wrote during a stepwise backup once too often."""
+
+
 class SQLiteStore(Store):
     """All SQL.  One SQLite file in WAL mode.
 
@@ -2631,6 +2635,42 @@ class SQLiteStore(Store):
             return rows
 
         return self._submit(op)
+
+    @staticmethod
+    def backup(db: str, target: str, step_pages=1024) -> int:
+        """Copy ``db`` to ``target`` with SQLite's online backup API, in steps
+        of ``step_pages`` pages: in WAL mode a step only reads, so the server's
+        writer is never blocked.  A write by the server restarts the copy; after
+        three restarts the rest is copied in one step (one read snapshot, still
+        not blocking the writer).  The copy is checked (``PRAGMA
+        integrity_check``) and renamed into place.  Returns its page count."""
+        tmp = f"{target}.{os.getpid()}.tmp"
+        source = sqlite3.connect(db, timeout=30)
+        copy = sqlite3.connect(tmp)
+        seen = []
+
+        def progress(_status, remaining, _total):
+            seen.append(remaining)
+            restarts = sum(b > a for a, b in zip(seen, seen[1:]))  # noqa: RUF007
+            if restarts > 3:
+                raise _BackupRestarted
+
+        try:
+            source.execute("PRAGMA busy_timeout=30000")
+            try:
+                source.backup(copy, pages=step_pages, progress=progress, sleep=0.001)
+            except _BackupRestarted:
+                source.backup(copy)  # one step: one read snapshot
+            check = copy.execute("PRAGMA integrity_check").fetchone()[0]
+            pages = copy.execute("PRAGMA page_count").fetchone()[0]
+        finally:
+            source.close()
+            copy.close()
+        if check != "ok":
+            os.unlink(tmp)
+            raise MinischedError(f"the copy failed its integrity check: {check}")
+        os.replace(tmp, target)
+        return pages
 
     # -- reads (any thread, pooled connections) ------------------------------
 
@@ -3770,6 +3810,299 @@ class Completion:
         self.store.prune(job.name, job.keep_runs)
 
 
+class Launcher:
+    """The launcher part of a :class:`Runner`, owned by ``minisched-launcher``:
+    the only thread that spawns jobs (so the parent of every child and of the
+    guard process outlives them).  It takes the runs admission let start
+    from ``queue``, holds each until its instant, spawns a slot's runs back
+    to back as one batch, then records and announces the batch and hands
+    every run to the io thread (or to an http thread)."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        #: Runs to spawn (``starting``), callables to call, None to stop.
+        self.queue = queue.SimpleQueue()
+        self.launching = False  # a batch is being spawned (the io thread reads it)
+        self._devnull = os.open(os.devnull, os.O_RDONLY)  # every job's stdin
+        self._base_env = dict(os.environb)  # what every job's environment starts from
+
+    def loop(self) -> None:
+        """``minisched-launcher``: spawn runs, in batches.  Every run queued at
+        once is spawned back to back (each only after its insert committed);
+        the bookkeeping follows, so a burst starts as fast as a bare loop."""
+        held = []  # runs queued ahead of their time, by due time
+        while True:
+            try:
+                if not self._launch_round(held):
+                    return
+            except Exception:
+                log.exception("the launcher failed in a batch; it goes on")
+
+    def _launch_round(self, held) -> bool:
+        """Wait for due runs and spawn them as one batch; False at the stop
+        sentinel.  Launcher thread."""
+        timeout = max(0.0, held[0][0] - time.monotonic()) if held else None
+        batch = self._take_due(held, timeout)
+        self.launching = True
+        try:
+            return self._spawn_batch(batch, held)
+        finally:
+            self.launching = False
+
+    def _spawn_batch(self, batch, held) -> bool:
+        """Spawn ``batch`` and the runs that join it; False at the stop sentinel."""
+        join_until = time.monotonic() + LAUNCH_JOIN_SECONDS
+        started = []
+        while batch:
+            for item in batch:
+                if item is None:
+                    self._after_launch(started)
+                    return False
+                if callable(item):
+                    self.runner.guard.server = self.runner.store.server_id
+                    self.runner.guard.start()
+                    item()
+                    continue
+                try:
+                    if self._launch(item):
+                        started.append(item)
+                except Exception as exc:
+                    log.exception("launching run %d failed", item.id)
+                    item.error = f"cannot start: {exc}"
+                    started.append(item)
+            # Runs that came due while this batch spawned join it, for a while.
+            joining = time.monotonic() < join_until
+            batch = self._take_due(held, 0) if joining else []
+        self._after_launch(started)
+        return True
+
+    def _take_due(self, held, timeout) -> list:
+        """Wait up to ``timeout`` (None: forever) for the launch queue; file
+        runs not yet due in ``held``; return what is due: runs, the stop
+        sentinel None and callables.  Launcher thread."""
+        items = []
+        try:
+            items.append(self.queue.get(timeout=timeout))
+            while items[-1] is not None and not callable(items[-1]):
+                items.append(self.queue.get_nowait())
+        except queue.Empty:
+            pass
+        now = time.monotonic()
+        batch = []
+        for item in items:
+            if item is not None and not callable(item) and item.due > now:
+                heapq.heappush(held, (item.due, item.id, item))
+            else:
+                batch.append(item)
+        # Runs of one slot are due within microseconds of each other: take
+        # them as one batch, and wait (at most 1 ms) until the last is due.
+        latest = 0.0
+        while held and held[0][0] <= now + 0.001:
+            latest, _, run = heapq.heappop(held)
+            batch.append(run)
+        if latest > now:
+            time.sleep(latest - now)
+        return batch
+
+    def _launch(self, run) -> bool:
+        """Spawn one run (after its insert committed).  False if it must not
+        run (its slot already had a run, or it could not be recorded)."""
+        inserted = self._committed(run)
+        if isinstance(inserted, UnavailableError):
+            # Its insert is held until the database can be written again, and
+            # so is this record of why it never ran: the slot is accounted for.
+            self.runner._end_unstarted(
+                run,
+                "missed" if run.slot is not None else "failed",
+                f"not started: the database cannot record it ({inserted.message})",
+                starting=True,
+            )
+            return False
+        if inserted is not True:
+            self.runner._start(*self.runner.admission.ended(run))
+            if inserted is not False:
+                log.error("run %d not started: cannot record it: %s", run.id, inserted)
+            return False
+        run.started_at = self.runner.clock()
+        if run.kill_reason is not None:  # stopped while it waited to start
+            run.error = run.kill_reason[1]
+            return True
+        if run.job.kind == "http":
+            return True
+        try:
+            self._spawn(run)
+        except _SpawnError as exc:
+            run.error = str(exc)
+        return True
+
+    def _committed(self, run):
+        """The result of a run's insert: True, False (its slot had a run),
+        the exception, or an :class:`UnavailableError` while the database
+        cannot be written (then it is not waited for)."""
+        while True:
+            try:
+                return run.persisted.result(timeout=0.5)
+            except concurrent.futures.TimeoutError:
+                if self.runner.store.outage is not None:
+                    return UnavailableError(self.runner.store.outage)
+            except Exception as exc:  # noqa: BLE001 - the caller reports it
+                return exc
+
+    def _after_launch(self, runs) -> None:
+        """Record and announce a batch of started runs; hand them to the io
+        thread (or to an http thread).  Launcher thread."""
+        if not runs:
+            return
+        for run in runs:
+            if run.pid:
+                # Read after the whole batch: /proc of a process in mid-exec is
+                # slow to read.  Not reaped yet (the io thread has not seen it).
+                run.pid_create_time = _create_time(run.pid)
+                self.runner.guard.register(run.id, run.pid)
+                cpu = self.runner.limits(run.job)[1]
+                if cpu:  # the kernel holds the main process to it too
+                    _limit_cpu(run.pid, cpu, run.job.kill_grace)
+            if run.slot is not None and run.started_at is not None:
+                self.runner.metrics.started(run.started_at - run.scheduled_at)
+        self.runner.admission.started(runs)
+        self.runner.store.mark_started(
+            [(r.started_at, r.pid, r.pid_create_time, r.id, r.job.name) for r in runs]
+        )
+        for run in runs:
+            # Each run on its own: one failure here must neither end this
+            # thread nor leave a started run unwatched.
+            try:
+                public = run.public()
+                self.runner.bus.publish("run", public)
+                log.info("run %d of %s started (%s)", run.id, run.job.name, run.trigger)
+                self.runner.on_hook("on_start", public, run.job)
+            except Exception:
+                log.exception("announcing the start of run %d failed", run.id)
+            try:
+                self._hand_over(run)
+            except Exception as exc:
+                log.exception("handing run %d over failed", run.id)
+                self.runner._io_command(("fail", run, f"internal error: {exc!r}"))
+
+    def _hand_over(self, run) -> None:
+        """Give a started run to the io thread, which owns it from now on (an
+        http run's request goes to a thread of its own).  Launcher thread."""
+        if run.job.kind == "http" and run.error is None:
+            self.runner._io_command(("add", run))
+            threading.Thread(
+                target=self._http_run,
+                args=(run,),
+                name="minisched-http-run",
+                daemon=True,
+            ).start()
+        elif run.pid is None:
+            self.runner._io_command(("fail", run, run.error))
+        else:
+            self.runner._io_command(("add", run))
+
+    def _spawn(self, run) -> None:
+        """Start the job's process in its own session; sets ``run.pid``,
+        ``run.proc`` and ``run.pipes`` (the read ends of its stdout and
+        stderr).  Raises ``_SpawnError``.  Launcher thread only."""
+        job = run.job
+        # Bytes, from a snapshot taken once: nothing to encode per spawn.
+        env = dict(self._base_env)
+        enc = os.fsencode
+        env.update((enc(k), enc(v)) for k, v in job.env.items())
+        env[b"MINISCHED_RUN_ID"] = b"%d" % run.id
+        env[b"MINISCHED_SERVER"] = enc(self.runner.store.server_id or "")
+        env[b"MINISCHED_JOB"] = enc(job.name)
+        env[b"PYTHONUNBUFFERED"] = b"1"
+        argv = (
+            ["/bin/sh", "-c", job.command]
+            if isinstance(job.command, str)
+            else job.command
+        )
+        ids = None
+        if job.user:
+            try:
+                pw = pwd.getpwnam(job.user)
+            except KeyError:
+                raise _SpawnError(
+                    f"cannot start: user {job.user!r} does not exist"
+                ) from None
+            if os.geteuid() != 0 and pw.pw_uid != os.geteuid():
+                raise _SpawnError(
+                    f"cannot start: running as user {job.user!r} needs the server to run as root"
+                )
+            ids = (pw.pw_uid, pw.pw_gid, os.getgrouplist(pw.pw_name, pw.pw_gid))
+            env.update(
+                {
+                    b"HOME": enc(pw.pw_dir),
+                    b"USER": enc(pw.pw_name),
+                    b"LOGNAME": enc(pw.pw_name),
+                }
+            )
+        if job.cwd and not os.path.isdir(job.cwd):
+            raise _SpawnError(f"cannot start: cwd {job.cwd!r} is not a directory")
+        opened = []
+        try:
+            opened.extend(os.pipe())
+            opened.extend(os.pipe())
+            out_r, out_w, err_r, err_w = opened
+            run.pid, run.proc = spawn_session(
+                argv, env, self._devnull, out_w, err_w, job.cwd or None, ids
+            )
+            run.pipes = (out_r, err_r)
+        except FileNotFoundError as exc:
+            what = exc.filename if exc.filename is not None else argv[0]
+            raise _SpawnError(f"cannot start: {what!r} not found") from None
+        except PermissionError as exc:
+            raise _SpawnError(f"cannot start: permission denied: {exc}") from None
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            raise _SpawnError(f"cannot start: {exc}") from None
+        finally:
+            for fd in opened:  # the write ends; everything if it failed
+                if fd not in run.pipes:
+                    os.close(fd)
+
+    def _http_run(self, run) -> None:
+        """``minisched-http-run``: one request; the result goes to the io
+        thread, whatever happens (a run must never stay ``running``)."""
+        job = run.job
+        status, text, error = None, "", None
+        try:
+            body = job.body
+            headers = dict(job.headers)
+            if body is not None and not isinstance(body, str):
+                body = json.dumps(body)
+                headers.setdefault("Content-Type", "application/json")
+            request = urllib.request.Request(
+                job.url,
+                data=body.encode() if body is not None else None,
+                method=job.method,
+                headers=headers,
+            )
+            timeout = job.timeout + 1 if job.timeout else 30
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                status = response.status
+                text = response.read(job.max_output).decode("utf-8", "replace")
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+            try:
+                text = exc.read(job.max_output).decode("utf-8", "replace")
+            except (OSError, ValueError):
+                text = ""
+        except (urllib.error.URLError, OSError) as exc:
+            error = f"request failed: {getattr(exc, 'reason', exc)}"
+        except Exception as exc:  # noqa: BLE001 - any failure ends the run
+            error = f"request failed: {type(exc).__name__}: {exc}"
+        if status is not None:
+            ok = (
+                status in job.expect_status
+                if job.expect_status
+                else 200 <= status < 300
+            )
+            if not ok:
+                error = f"HTTP status {status} not expected"
+        self.runner._io_command(("http_done", run, status, text, error))
+
+
 class Runner:
     """Starts, watches and stops runs; applies ``concurrency``, the global
     ``max_concurrent``, retries and output limits.
@@ -3809,6 +4142,7 @@ class Runner:
         self.guard = ProcessGuard()
         self.metrics = metrics or Metrics()
         self.admission = Admission(max_concurrent, clock)
+        self.launcher = Launcher(self)
         self.completion = Completion(
             store,
             bus,
@@ -3821,12 +4155,8 @@ class Runner:
             on_finished=on_finished,
             on_hook=on_hook,
         )
-        self._launch_q = queue.SimpleQueue()
-        self._launching = False  # a batch is being spawned (io thread reads it)
         self._io_q = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
-        self._devnull = os.open(os.devnull, os.O_RDONLY)  # every job's stdin
-        self._base_env = dict(os.environb)  # what every job's environment starts from
         os.set_blocking(self._wake_w, False)
         self._threads = []
         self.stopping = threading.Event()
@@ -3841,7 +4171,7 @@ class Runner:
     def start(self) -> None:
         close_inherited_fds()  # jobs get only stdin, stdout and stderr
         for name, target in (
-            ("minisched-launcher", self._launch_loop),
+            ("minisched-launcher", self.launcher.loop),
             ("minisched-io", self._io_loop),
             ("minisched-sampler", self._sample_loop),
         ):
@@ -3850,7 +4180,7 @@ class Runner:
             self._threads.append(thread)
         self._threads.append(self.completion.start())
         started = threading.Event()
-        self._launch_q.put(started.set)  # the guard's parent is the launcher
+        self.launcher.queue.put(started.set)  # the guard's parent is the launcher
         started.wait(10)
 
     def shutdown(self, grace: float) -> None:
@@ -3875,7 +4205,7 @@ class Runner:
         self.admission.wait_quiet(deadline + 2, everything=True)
         self.stopping.set()
         self.admission.wake()
-        self._launch_q.put(None)
+        self.launcher.queue.put(None)
         self._io_command(("stop",))
         for thread in self._threads:
             if thread.name != "minisched-completion":
@@ -4008,7 +4338,7 @@ class Runner:
         """Carry out what admission decided: spawn the ready runs, arm the
         deadlines of those that wait, record the late ones ``missed``."""
         for run in ready:
-            self._launch_q.put(run)
+            self.launcher.queue.put(run)
         for run in to_arm:
             self._arm_deadline(run)
         for run in late:
@@ -4062,284 +4392,6 @@ class Runner:
     def get_active(self, run_id: int):
         return self.admission.get(run_id)
 
-    # -- the launcher thread ---------------------------------------------------
-
-    def _launch_loop(self) -> None:
-        """``minisched-launcher``: spawn runs, in batches.  Every run queued at
-        once is spawned back to back (each only after its insert committed);
-        the bookkeeping follows, so a burst starts as fast as a bare loop."""
-        held = []  # runs queued ahead of their time, by due time
-        while True:
-            try:
-                if not self._launch_round(held):
-                    return
-            except Exception:
-                log.exception("the launcher failed in a batch; it goes on")
-
-    def _launch_round(self, held) -> bool:
-        """Wait for due runs and spawn them as one batch; False at the stop
-        sentinel.  Launcher thread."""
-        timeout = max(0.0, held[0][0] - time.monotonic()) if held else None
-        batch = self._take_due(held, timeout)
-        self._launching = True
-        try:
-            return self._spawn_batch(batch, held)
-        finally:
-            self._launching = False
-
-    def _spawn_batch(self, batch, held) -> bool:
-        """Spawn ``batch`` and the runs that join it; False at the stop sentinel."""
-        join_until = time.monotonic() + LAUNCH_JOIN_SECONDS
-        started = []
-        while batch:
-            for item in batch:
-                if item is None:
-                    self._after_launch(started)
-                    return False
-                if callable(item):
-                    self.guard.server = self.store.server_id
-                    self.guard.start()
-                    item()
-                    continue
-                try:
-                    if self._launch(item):
-                        started.append(item)
-                except Exception as exc:
-                    log.exception("launching run %d failed", item.id)
-                    item.error = f"cannot start: {exc}"
-                    started.append(item)
-            # Runs that came due while this batch spawned join it, for a while.
-            joining = time.monotonic() < join_until
-            batch = self._take_due(held, 0) if joining else []
-        self._after_launch(started)
-        return True
-
-    def _take_due(self, held, timeout) -> list:
-        """Wait up to ``timeout`` (None: forever) for the launch queue; file
-        runs not yet due in ``held``; return what is due: runs, the stop
-        sentinel None and callables.  Launcher thread."""
-        items = []
-        try:
-            items.append(self._launch_q.get(timeout=timeout))
-            while items[-1] is not None and not callable(items[-1]):
-                items.append(self._launch_q.get_nowait())
-        except queue.Empty:
-            pass
-        now = time.monotonic()
-        batch = []
-        for item in items:
-            if item is not None and not callable(item) and item.due > now:
-                heapq.heappush(held, (item.due, item.id, item))
-            else:
-                batch.append(item)
-        # Runs of one slot are due within microseconds of each other: take
-        # them as one batch, and wait (at most 1 ms) until the last is due.
-        latest = 0.0
-        while held and held[0][0] <= now + 0.001:
-            latest, _, run = heapq.heappop(held)
-            batch.append(run)
-        if latest > now:
-            time.sleep(latest - now)
-        return batch
-
-    def _launch(self, run) -> bool:
-        """Spawn one run (after its insert committed).  False if it must not
-        run (its slot already had a run, or it could not be recorded)."""
-        inserted = self._committed(run)
-        if isinstance(inserted, UnavailableError):
-            # Its insert is held until the database can be written again, and
-            # so is this record of why it never ran: the slot is accounted for.
-            self._end_unstarted(
-                run,
-                "missed" if run.slot is not None else "failed",
-                f"not started: the database cannot record it ({inserted.message})",
-                starting=True,
-            )
-            return False
-        if inserted is not True:
-            self._start(*self.admission.ended(run))
-            if inserted is not False:
-                log.error("run %d not started: cannot record it: %s", run.id, inserted)
-            return False
-        run.started_at = self.clock()
-        if run.kill_reason is not None:  # stopped while it waited to start
-            run.error = run.kill_reason[1]
-            return True
-        if run.job.kind == "http":
-            return True
-        try:
-            self._spawn(run)
-        except _SpawnError as exc:
-            run.error = str(exc)
-        return True
-
-    def _committed(self, run):
-        """The result of a run's insert: True, False (its slot had a run),
-        the exception, or an :class:`UnavailableError` while the database
-        cannot be written (then it is not waited for)."""
-        while True:
-            try:
-                return run.persisted.result(timeout=0.5)
-            except concurrent.futures.TimeoutError:
-                if self.store.outage is not None:
-                    return UnavailableError(self.store.outage)
-            except Exception as exc:  # noqa: BLE001 - the caller reports it
-                return exc
-
-    def _after_launch(self, runs) -> None:
-        """Record and announce a batch of started runs; hand them to the io
-        thread (or to an http thread).  Launcher thread."""
-        if not runs:
-            return
-        for run in runs:
-            if run.pid:
-                # Read after the whole batch: /proc of a process in mid-exec is
-                # slow to read.  Not reaped yet (the io thread has not seen it).
-                run.pid_create_time = _create_time(run.pid)
-                self.guard.register(run.id, run.pid)
-                cpu = self.limits(run.job)[1]
-                if cpu:  # the kernel holds the main process to it too
-                    _limit_cpu(run.pid, cpu, run.job.kill_grace)
-            if run.slot is not None and run.started_at is not None:
-                self.metrics.started(run.started_at - run.scheduled_at)
-        self.admission.started(runs)
-        self.store.mark_started(
-            [(r.started_at, r.pid, r.pid_create_time, r.id, r.job.name) for r in runs]
-        )
-        for run in runs:
-            # Each run on its own: one failure here must neither end this
-            # thread nor leave a started run unwatched.
-            try:
-                public = run.public()
-                self.bus.publish("run", public)
-                log.info("run %d of %s started (%s)", run.id, run.job.name, run.trigger)
-                self.on_hook("on_start", public, run.job)
-            except Exception:
-                log.exception("announcing the start of run %d failed", run.id)
-            try:
-                self._hand_over(run)
-            except Exception as exc:
-                log.exception("handing run %d over failed", run.id)
-                self._io_command(("fail", run, f"internal error: {exc!r}"))
-
-    def _hand_over(self, run) -> None:
-        """Give a started run to the io thread, which owns it from now on (an
-        http run's request goes to a thread of its own).  Launcher thread."""
-        if run.job.kind == "http" and run.error is None:
-            self._io_command(("add", run))
-            threading.Thread(
-                target=self._http_run,
-                args=(run,),
-                name="minisched-http-run",
-                daemon=True,
-            ).start()
-        elif run.pid is None:
-            self._io_command(("fail", run, run.error))
-        else:
-            self._io_command(("add", run))
-
-    def _spawn(self, run) -> None:
-        """Start the job's process in its own session; sets ``run.pid``,
-        ``run.proc`` and ``run.pipes`` (the read ends of its stdout and
-        stderr).  Raises ``_SpawnError``.  Launcher thread only."""
-        job = run.job
-        # Bytes, from a snapshot taken once: nothing to encode per spawn.
-        env = dict(self._base_env)
-        enc = os.fsencode
-        env.update((enc(k), enc(v)) for k, v in job.env.items())
-        env[b"MINISCHED_RUN_ID"] = b"%d" % run.id
-        env[b"MINISCHED_SERVER"] = enc(self.store.server_id or "")
-        env[b"MINISCHED_JOB"] = enc(job.name)
-        env[b"PYTHONUNBUFFERED"] = b"1"
-        argv = (
-            ["/bin/sh", "-c", job.command]
-            if isinstance(job.command, str)
-            else job.command
-        )
-        ids = None
-        if job.user:
-            try:
-                pw = pwd.getpwnam(job.user)
-            except KeyError:
-                raise _SpawnError(
-                    f"cannot start: user {job.user!r} does not exist"
-                ) from None
-            if os.geteuid() != 0 and pw.pw_uid != os.geteuid():
-                raise _SpawnError(
-                    f"cannot start: running as user {job.user!r} needs the server to run as root"
-                )
-            ids = (pw.pw_uid, pw.pw_gid, os.getgrouplist(pw.pw_name, pw.pw_gid))
-            env.update(
-                {
-                    b"HOME": enc(pw.pw_dir),
-                    b"USER": enc(pw.pw_name),
-                    b"LOGNAME": enc(pw.pw_name),
-                }
-            )
-        if job.cwd and not os.path.isdir(job.cwd):
-            raise _SpawnError(f"cannot start: cwd {job.cwd!r} is not a directory")
-        opened = []
-        try:
-            opened.extend(os.pipe())
-            opened.extend(os.pipe())
-            out_r, out_w, err_r, err_w = opened
-            run.pid, run.proc = spawn_session(
-                argv, env, self._devnull, out_w, err_w, job.cwd or None, ids
-            )
-            run.pipes = (out_r, err_r)
-        except FileNotFoundError as exc:
-            what = exc.filename if exc.filename is not None else argv[0]
-            raise _SpawnError(f"cannot start: {what!r} not found") from None
-        except PermissionError as exc:
-            raise _SpawnError(f"cannot start: permission denied: {exc}") from None
-        except (OSError, ValueError, subprocess.SubprocessError) as exc:
-            raise _SpawnError(f"cannot start: {exc}") from None
-        finally:
-            for fd in opened:  # the write ends; everything if it failed
-                if fd not in run.pipes:
-                    os.close(fd)
-
-    def _http_run(self, run) -> None:
-        """``minisched-http-run``: one request; the result goes to the io
-        thread, whatever happens (a run must never stay ``running``)."""
-        job = run.job
-        status, text, error = None, "", None
-        try:
-            body = job.body
-            headers = dict(job.headers)
-            if body is not None and not isinstance(body, str):
-                body = json.dumps(body)
-                headers.setdefault("Content-Type", "application/json")
-            request = urllib.request.Request(
-                job.url,
-                data=body.encode() if body is not None else None,
-                method=job.method,
-                headers=headers,
-            )
-            timeout = job.timeout + 1 if job.timeout else 30
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                status = response.status
-                text = response.read(job.max_output).decode("utf-8", "replace")
-        except urllib.error.HTTPError as exc:
-            status = exc.code
-            try:
-                text = exc.read(job.max_output).decode("utf-8", "replace")
-            except (OSError, ValueError):
-                text = ""
-        except (urllib.error.URLError, OSError) as exc:
-            error = f"request failed: {getattr(exc, 'reason', exc)}"
-        except Exception as exc:  # noqa: BLE001 - any failure ends the run
-            error = f"request failed: {type(exc).__name__}: {exc}"
-        if status is not None:
-            ok = (
-                status in job.expect_status
-                if job.expect_status
-                else 200 <= status < 300
-            )
-            if not ok:
-                error = f"HTTP status {status} not expected"
-        self._io_command(("http_done", run, status, text, error))
-
     # -- the io thread ---------------------------------------------------------
 
     def _io_command(self, command) -> None:
@@ -4380,7 +4432,7 @@ class Runner:
             timeout = wait if timeout is None else min(timeout, wait)
         if self._leftover_checks:
             scan_in = self._scan_at() - time.monotonic()
-            if self._launching:  # the batch's end wakes this thread anyway
+            if self.launcher.launching:  # the batch's end wakes this thread anyway
                 scan_in = max(scan_in, LEFTOVER_SCAN_DELAY)
             scan_in = max(0.0, min(scan_in, LEFTOVER_SCAN_INTERVAL))
             timeout = scan_in if timeout is None else min(timeout, scan_in)
@@ -4416,7 +4468,11 @@ class Runner:
                 except Exception:
                     log.exception("error in a runner timer")
         now = time.monotonic()
-        if self._leftover_checks and now >= self._scan_at() and not self._launching:
+        if (
+            self._leftover_checks
+            and now >= self._scan_at()
+            and not self.launcher.launching
+        ):
             self._check_leftovers()
         return True
 
@@ -10785,52 +10841,12 @@ def _log_to_file(config) -> None:
 
 def _cmd_backup(ns) -> int:
     """``backup FILE``: a consistent copy of the database, also while a
-    server writes it (see :func:`backup_database`)."""
+    server writes it (see :meth:`SQLiteStore.backup`)."""
     if not os.path.exists(ns.db):
         raise UsageError(f"--db: {ns.db} does not exist")
-    pages = backup_database(ns.db, ns.file)
+    pages = SQLiteStore.backup(ns.db, ns.file)
     print(f"{ns.db} copied to {ns.file} ({pages} pages, integrity ok)")
     return 0
-
-
-class _BackupRestarted(Exception):
-    """The server wrote during a stepwise backup once too often."""
-
-
-def backup_database(db: str, target: str, step_pages=1024) -> int:
-    """Copy ``db`` to ``target`` with SQLite's online backup API, in steps
-    of ``step_pages`` pages: in WAL mode a step only reads, so the server's
-    writer is never blocked.  A write by the server restarts the copy; after
-    three restarts the rest is copied in one step (one read snapshot, still
-    not blocking the writer).  The copy is checked (``PRAGMA
-    integrity_check``) and renamed into place.  Returns its page count."""
-    tmp = f"{target}.{os.getpid()}.tmp"
-    source = sqlite3.connect(db, timeout=30)
-    copy = sqlite3.connect(tmp)
-    seen = []
-
-    def progress(_status, remaining, _total):
-        seen.append(remaining)
-        restarts = sum(b > a for a, b in zip(seen, seen[1:]))  # noqa: RUF007
-        if restarts > 3:
-            raise _BackupRestarted
-
-    try:
-        source.execute("PRAGMA busy_timeout=30000")
-        try:
-            source.backup(copy, pages=step_pages, progress=progress, sleep=0.001)
-        except _BackupRestarted:
-            source.backup(copy)  # one step: one read snapshot
-        check = copy.execute("PRAGMA integrity_check").fetchone()[0]
-        pages = copy.execute("PRAGMA page_count").fetchone()[0]
-    finally:
-        source.close()
-        copy.close()
-    if check != "ok":
-        os.unlink(tmp)
-        raise MinischedError(f"the copy failed its integrity check: {check}")
-    os.replace(tmp, target)
-    return pages
 
 
 def _release_startup_memory() -> None:

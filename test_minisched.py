@@ -1380,14 +1380,14 @@ def test_a_spawn_that_runs_out_of_descriptors_fails_and_leaks_none(
 def test_a_run_stopped_before_the_io_thread_has_it_says_so_once(harness):
     h = harness()
     h.add(name="slow", command="sleep 30")
-    real_after = h.runner._after_launch
+    real_after = h.runner.launcher._after_launch
 
     def after_launch(runs):
         for run in runs:  # the stop reaches the io thread before the run does
             h.runner.stop_run(run.id)
         real_after(runs)
 
-    h.runner._after_launch = after_launch
+    h.runner.launcher._after_launch = after_launch
     run = h.sched.trigger("slow")
     h.wait_idle()
     assert status_of(h, run["id"]) == "cancelled"
@@ -1403,15 +1403,15 @@ def test_the_launcher_takes_the_runs_of_one_instant_together():
         for i, offset in enumerate([-0.5, 0.0, 0.0005, 30.0])
     ]
     for run in runs:
-        runner._launch_q.put(run)
+        runner.launcher.queue.put(run)
     held = []
-    batch = runner._take_due(held, 0)
+    batch = runner.launcher._take_due(held, 0)
     assert batch == runs[:3]  # due now or within a millisecond...
     assert time.monotonic() >= runs[2].due  # ...after waiting for the last one
     assert [entry[2] for entry in held] == [runs[3]]
-    assert runner._take_due(held, 0) == []
-    runner._launch_q.put(None)
-    assert runner._take_due(held, 0) == [None]
+    assert runner.launcher._take_due(held, 0) == []
+    runner.launcher.queue.put(None)
+    assert runner.launcher._take_due(held, 0) == [None]
     assert held  # the later run still waits
 
 
@@ -1420,7 +1420,7 @@ def test_a_run_due_while_a_batch_spawns_joins_the_batch(harness):
     h.add(name="first")
     h.add(name="second")
     batches = []
-    real_after, real_launch = h.runner._after_launch, h.runner._launch
+    real_after, real_launch = h.runner.launcher._after_launch, h.runner.launcher._launch
 
     def after_launch(runs):
         batches.append(sorted(r.job.name for r in runs))
@@ -1431,8 +1431,8 @@ def test_a_run_due_while_a_batch_spawns_joins_the_batch(harness):
             h.sched.trigger("second")  # queued in the middle of the batch
         return real_launch(run)
 
-    h.runner._after_launch = after_launch
-    h.runner._launch = launch
+    h.runner.launcher._after_launch = after_launch
+    h.runner.launcher._launch = launch
     h.sched.trigger("first")
     h.wait_idle()
     assert ["first", "second"] in batches
@@ -4490,7 +4490,7 @@ def serve_port(server):
 def test_engine_threads_survive_a_failing_item(harness, monkeypatch):
     h = harness()
     h.add(name="j", command="sleep 5", kill_grace=1)
-    hand_over = h.runner._hand_over
+    hand_over = h.runner.launcher._hand_over
     calls = []
 
     def flaky(run):
@@ -4499,7 +4499,7 @@ def test_engine_threads_survive_a_failing_item(harness, monkeypatch):
             raise RuntimeError("injected")
         hand_over(run)
 
-    monkeypatch.setattr(h.runner, "_hand_over", flaky)
+    monkeypatch.setattr(h.runner.launcher, "_hand_over", flaky)
     first = h.sched.trigger("j")
     wait_for(lambda: (h.store.get_run(first["id"]) or {}).get("status") == "failed", 5)
     row = h.store.get_run(first["id"])
