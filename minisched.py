@@ -639,7 +639,8 @@ def get_zone(name: str) -> datetime.tzinfo:
         return datetime.timezone.utc
     try:
         return zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError):
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError, OSError):
+        # OSError: a name the file system refuses (too long, a bad byte).
         raise InvalidError(
             f"unknown time zone {name!r} (use an IANA name such as Europe/Berlin or UTC)",
             "timezone",
@@ -3982,13 +3983,13 @@ class Launcher:
                 self._hand_over(run)
             except Exception as exc:
                 log.exception("handing run %d over failed", run.id)
-                self.runner._io_command(("fail", run, f"internal error: {exc!r}"))
+                self.runner.watcher.command(("fail", run, f"internal error: {exc!r}"))
 
     def _hand_over(self, run) -> None:
         """Give a started run to the io thread, which owns it from now on (an
         http run's request goes to a thread of its own).  Launcher thread."""
         if run.job.kind == "http" and run.error is None:
-            self.runner._io_command(("add", run))
+            self.runner.watcher.command(("add", run))
             threading.Thread(
                 target=self._http_run,
                 args=(run,),
@@ -3996,9 +3997,9 @@ class Launcher:
                 daemon=True,
             ).start()
         elif run.pid is None:
-            self.runner._io_command(("fail", run, run.error))
+            self.runner.watcher.command(("fail", run, run.error))
         else:
-            self.runner._io_command(("add", run))
+            self.runner.watcher.command(("add", run))
 
     def _spawn(self, run) -> None:
         """Start the job's process in its own session; sets ``run.pid``,
@@ -4100,315 +4101,40 @@ class Launcher:
             )
             if not ok:
                 error = f"HTTP status {status} not expected"
-        self.runner._io_command(("http_done", run, status, text, error))
+        self.runner.watcher.command(("http_done", run, status, text, error))
 
 
-class Runner:
-    """Starts, watches and stops runs; applies ``concurrency``, the global
-    ``max_concurrent``, retries and output limits.
+class Watcher:
+    """The watcher part of a :class:`Runner`, owned by ``minisched-io``: every
+    started run's process and output (pipes, pidfd, head and tail capture,
+    usage), the job timers (timeouts, kill escalation, retries, jitter,
+    deadlines) and each run's outcome, which it hands to :class:`Completion`.
+    Other threads reach it only through :meth:`command`.  Job timers run on
+    the runner's ``monotonic`` clock, so tests move them with a fake one."""
 
-    ``submit``/``stop_*`` are called from the scheduler and request threads.
-    Spawning happens only in ``minisched-launcher``; pipes, exits and timers
-    only in ``minisched-io``.
-
-    What it needs from the rest comes as constructor arguments:
-    ``job_lookup(name)`` gives a job's current definition (None once
-    deleted); ``on_finished(run, job)`` is called from the io thread after a
-    run is recorded terminal (the scheduler starts dependents there);
-    ``on_hook(event, public_run, job)`` hands a hook event to the notifier.
-    """
-
-    def __init__(
-        self,
-        store,
-        bus,
-        max_concurrent=0,
-        clock=time.time,
-        job_lookup=None,
-        limits=(None, None),
-        metrics=None,
-        on_finished=None,
-        on_hook=None,
-        monotonic=time.monotonic,
-    ):
-        self.store = store
-        self.bus = bus
-        #: Server-wide ``max_rss`` and ``max_cpu`` for jobs without their own.
-        self.default_rss, self.default_cpu = limits
-        self.clock = clock
-        #: The clock of job timers (timeouts, kill grace, retries, jitter).
-        self.monotonic = monotonic
-        self.on_hook = on_hook or (lambda event, run, job: None)
-        self.guard = ProcessGuard()
-        self.metrics = metrics or Metrics()
-        self.admission = Admission(max_concurrent, clock)
-        self.launcher = Launcher(self)
-        self.completion = Completion(
-            store,
-            bus,
-            self.metrics,
-            self.admission,
-            release=lambda decided: self._start(*decided),
-            resubmit=self.submit,
-            clock=clock,
-            job_lookup=job_lookup,
-            on_finished=on_finished,
-            on_hook=on_hook,
-        )
+    def __init__(self, runner):
+        self.runner = runner
         self._io_q = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
-        self._threads = []
-        self.stopping = threading.Event()
 
-    # -- lifecycle ---------------------------------------------------------
-
-    def threads_alive(self) -> dict:
-        """``{"launcher": bool, "io": bool, "sampler": bool, "completion":
-        bool}``: alive or not."""
-        return {t.name.split("-", 1)[1]: t.is_alive() for t in self._threads}
-
-    def start(self) -> None:
-        close_inherited_fds()  # jobs get only stdin, stdout and stderr
-        for name, target in (
-            ("minisched-launcher", self.launcher.loop),
-            ("minisched-io", self._io_loop),
-            ("minisched-sampler", self._sample_loop),
-        ):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        self._threads.append(self.completion.start())
-        started = threading.Event()
-        self.launcher.queue.put(started.set)  # the guard's parent is the launcher
-        started.wait(10)
-
-    def shutdown(self, grace: float) -> None:
-        """Stop accepting runs, let running ones finish for most of ``grace``,
-        then stop them (``cancelled``) and wait for the rest.  Main thread."""
-        deadline = time.monotonic() + grace
-        for run in self.admission.close():
-            self._end_unstarted(run, "cancelled", "the server is shutting down")
-        soft = deadline - min(2.0, grace / 2)
-        left = [
-            r
-            for r in self.admission.wait_quiet(soft)
-            if r.status in ("running", "starting")
-        ]
-        for run in left:
-            self._kill(
-                run,
-                "cancelled",
-                "stopped: the server is shutting down",
-                grace=max(0.0, deadline - time.monotonic() - 0.5),
-            )
-        self.admission.wait_quiet(deadline + 2, everything=True)
-        self.stopping.set()
-        self.admission.wake()
-        self.launcher.queue.put(None)
-        self._io_command(("stop",))
-        for thread in self._threads:
-            if thread.name != "minisched-completion":
-                thread.join(timeout=5)
-        self.completion.stop()  # after the io thread: it hands over the last
-        self.guard.close()
-
-    @property
-    def max_concurrent(self) -> int:
-        return self.admission.max_concurrent
-
-    # -- submitting (scheduler and request threads) --------------------------
-
-    def submit(
-        self,
-        job,
-        trigger,
-        *,
-        slot=None,
-        scheduled_at=None,
-        attempt=1,
-        force=False,
-        not_before=None,
-        job_update=None,
-    ) -> dict:
-        """Create a run of ``job`` and start it when the job's ``concurrency`` and
-        the global limit allow.  Returns the run's public dict (status
-        ``queued``, or ``skipped``).  A manual trigger that would be skipped
-        raises :class:`ConflictError` instead (``force`` overrides ``forbid``).
-
-        ``concurrency`` is decided at the run's start time: a slot handled
-        ahead (``LOOKAHEAD``, jitter) while another run of the job is active
-        is decided again when it comes due, so a run that ends just before
-        the next slot never causes a skip or a replacement."""
-        now = self.clock()
-
-        def make_run():
-            at = scheduled_at if scheduled_at is not None else now
-            return Run(self.store.allocate_run_id(), job, trigger, attempt, slot, at)
-
-        run, to_stop, later = self.admission.add(
-            job, trigger, force, not_before, now, make_run
-        )
-        run.persisted = self.store.insert_run(run.row(), job_update)
-        if run.status == "skipped":
-            self.completion.announce(run, job)
-            return run.public()
-        self._replace(run, to_stop)
-        self.bus.publish("run", run.public())
-        # Read the clock again: the runs of one slot must get the same ``due``.
-        delay = (not_before - self.clock()) if not_before is not None else 0.0
-        if later:  # decide when it is due: the active run may be over by then
-            self._io_command(("timer", max(0.0, delay), lambda: self._admit(run)))
-        elif delay > 2 * LOOKAHEAD:  # a retry or jitter: wait without a slot
-            self._io_command(("timer", delay, lambda: self._enqueue(run)))
-        else:
-            # Due now or in a moment: queue it; the launcher holds it until then.
-            run.due = time.monotonic() + max(0.0, delay)
-            self._enqueue(run)
-        return run.public()
-
-    def _arm_deadline(self, run) -> None:
-        """A scheduled run has to wait (``--max-concurrent``, a queue): at its
-        deadline, if it still waits, it is ``missed``."""
-        deadline = Admission.deadline(run)
-        ref = weakref.ref(run)
-        left = max(0.0, deadline - self.clock())
-        self._io_command(("timer", left, lambda: self._expire(ref())))
-
-    def _replace(self, run, to_stop) -> None:
-        for old in to_stop:
-            self.stop_run(old.id, f"replaced by run {run.id} (concurrency replace)")
-
-    def _admit(self, run) -> None:
-        """Io thread, when a run handled ahead comes due: apply ``concurrency``
-        now, against the runs of its job active at this moment."""
-        decision = self.admission.admit(run)
-        if decision is None:
-            return
-        reason, to_stop = decision
-        if reason:
-            self._end_unstarted(run, "skipped", reason)
-            return
-        self._replace(run, to_stop)
-        run.due = time.monotonic()
-        self._enqueue(run)
-
-    def _expire(self, run) -> None:
-        """Io thread, at a run's deadline: if it is still waiting, it is missed."""
-        if run is None or run.status != "queued":
-            return
-        why = (
-            f"every one of --max-concurrent {self.max_concurrent} was busy"
-            if self.admission.full()
-            else "an earlier run of this job was still active"
-        )
-        limit = run.job.starting_deadline
-        within = (
-            f"starting_deadline {_num(limit)}s"
-            if limit is not None
-            else f"{_num(LATE_AFTER)}s of its time"
-        )
-        self._end_unstarted(run, "missed", f"not started within {within}: {why}")
-
-    def record(
-        self,
-        job,
-        status,
-        trigger,
-        *,
-        slot=None,
-        scheduled_at=None,
-        error=None,
-        job_update=None,
-    ) -> dict:
-        """Record a run that never starts (``missed``, ``skipped``)."""
-        now = self.clock()
-        run = Run(self.store.allocate_run_id(), job, trigger, 1, slot, scheduled_at)
-        run.status, run.error, run.finished_at = status, error, now
-        if status == "missed":
-            job_update = dict(job_update or {}, last_run_id=run.id)
-        run.persisted = self.store.insert_run(run.row(), job_update)
-        self.completion.announce(run, job)
-        return run.public()
-
-    def _enqueue(self, run) -> None:
-        self._start(*self.admission.queue(run))
-
-    def _start(self, ready, late, to_arm) -> None:
-        """Carry out what admission decided: spawn the ready runs, arm the
-        deadlines of those that wait, record the late ones ``missed``."""
-        for run in ready:
-            self.launcher.queue.put(run)
-        for run in to_arm:
-            self._arm_deadline(run)
-        for run in late:
-            self._expire(run)
-
-    # -- stopping (any thread) ---------------------------------------------
-
-    def stop_run(self, run_id: int, message="stopped by request") -> bool:
-        """Stop one active run (``cancelled``).  False if it is not active."""
-        run = self.admission.get(run_id)
-        status = run.status if run else None
-        if status is None:
-            return False
-        if status != "queued" or not self._end_unstarted(run, "cancelled", message):
-            self._kill(run, "cancelled", message)  # started meanwhile: kill it
-        return True
-
-    def stop_job(self, name: str, message="stopped by request") -> int:
-        """Stop every active run of a job; returns how many."""
-        ids = [r.id for r in self.active_runs(name)]
-        return sum(self.stop_run(run_id, message) for run_id in ids)
-
-    def _end_unstarted(self, run, status, message, starting=False) -> bool:
-        """End a run that never started (``cancelled``, ``missed``, ``failed``):
-        False if it started meanwhile.  ``starting``: the launcher ends a run
-        it had taken."""
-        if not self.admission.take(run, "starting" if starting else "queued", status):
-            return False
-        run.error = message
-        run.finished_at = self.clock()
-        self.store.update_run(
-            run.id,
-            {"status": status, "error": message, "finished_at": run.finished_at},
-            job=None if status == "skipped" else run.job.name,
-        )
-        self.completion.announce(run, run.job)
-        return True
-
-    def _kill(self, run, status, message, grace=None) -> None:
-        """Ask the io thread to stop a started run: SIGTERM, then SIGKILL."""
-        self._io_command(("kill", run, status, message, grace))
-
-    # -- queries -------------------------------------------------------------
-
-    def active_runs(self, name: str | None = None) -> list:
-        return self.admission.active(name)
-
-    def counts(self) -> dict:
-        return self.admission.counts()
-
-    def get_active(self, run_id: int):
-        return self.admission.get(run_id)
-
-    # -- the io thread ---------------------------------------------------------
-
-    def _io_command(self, command) -> None:
+    def command(self, command) -> None:
+        """Send the io thread a command (``(name, *args)``: ``_io_NAME``
+        handles it).  Any thread."""
         self._io_q.put(command)
         try:
             os.write(self._wake_w, b"x")
         except BlockingIOError:
             pass  # the pipe is full of wake-ups already
 
-    def _io_loop(self) -> None:
+    def loop(self) -> None:
         """``minisched-io``: pipes, exits, timers.  Owns every started run's
         process and output state.  Each event, command and timer is handled
         on its own: one that fails is logged and the loop goes on."""
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         #: Job timers (timeouts, kill grace, retries, jitter, deadlines) on
-        #: ``self.monotonic``; the loop's own short waits (exit polls, pipe
+        #: ``self.runner.monotonic``; the loop's own short waits (exit polls, pipe
         #: drains) on ``time.monotonic``.  ``(when, seq, fn)`` heaps.
         self._timers = []
         self._waits = []
@@ -4426,13 +4152,15 @@ class Runner:
         """One wait for pipes, exits, commands and timers; False on stop."""
         timeout = None
         if self._timers:
-            timeout = max(0.0, self._timers[0][0] - self.monotonic())
+            timeout = max(0.0, self._timers[0][0] - self.runner.monotonic())
         if self._waits:
             wait = max(0.0, self._waits[0][0] - time.monotonic())
             timeout = wait if timeout is None else min(timeout, wait)
         if self._leftover_checks:
             scan_in = self._scan_at() - time.monotonic()
-            if self.launcher.launching:  # the batch's end wakes this thread anyway
+            if (
+                self.runner.launcher.launching
+            ):  # the batch's end wakes this thread anyway
                 scan_in = max(scan_in, LEFTOVER_SCAN_DELAY)
             scan_in = max(0.0, min(scan_in, LEFTOVER_SCAN_INTERVAL))
             timeout = scan_in if timeout is None else min(timeout, scan_in)
@@ -4458,7 +4186,7 @@ class Runner:
             except Exception:
                 log.exception("error handling %s", command[0])
         for heap, now in (
-            (self._timers, self.monotonic()),
+            (self._timers, self.runner.monotonic()),
             (self._waits, time.monotonic()),
         ):
             while heap and heap[0][0] <= now:
@@ -4471,7 +4199,7 @@ class Runner:
         if (
             self._leftover_checks
             and now >= self._scan_at()
-            and not self.launcher.launching
+            and not self.runner.launcher.launching
         ):
             self._check_leftovers()
         return True
@@ -4487,10 +4215,10 @@ class Runner:
         self._add_timer(delay, fn)
 
     def _add_timer(self, delay, fn) -> None:
-        """Call ``fn`` on the io thread ``delay`` seconds of ``self.monotonic``
+        """Call ``fn`` on the io thread ``delay`` seconds of ``self.runner.monotonic``
         from now: a job's timer (a fake clock in tests moves it)."""
         heapq.heappush(
-            self._timers, (self.monotonic() + delay, next(self._timer_seq), fn)
+            self._timers, (self.runner.monotonic() + delay, next(self._timer_seq), fn)
         )
 
     def _add_wait(self, delay, fn) -> None:
@@ -4503,7 +4231,7 @@ class Runner:
     def poke(self) -> None:
         """Make the io thread look at its timers now (after a fake
         ``monotonic`` clock moved).  Any thread."""
-        self._io_command(("poke",))
+        self.command(("poke",))
 
     def _io_poke(self) -> None:
         pass
@@ -4652,9 +4380,12 @@ class Runner:
         the runs.  Io thread."""
         runs, self._leftover_checks = self._leftover_checks, []
         self._last_scan = time.monotonic()
-        exclude = (os.getpid(), self.guard.pid or 0)
+        exclude = (os.getpid(), self.runner.guard.pid or 0)
         found = find_marked_pids(
-            {str(run.id) for run in runs}, exclude, self.store.server_id, by_run=True
+            {str(run.id) for run in runs},
+            exclude,
+            self.runner.store.server_id,
+            by_run=True,
         )
         for run in runs:
             if run.finished_at is not None:
@@ -4688,23 +4419,27 @@ class Runner:
             run.pid,
             [run.id],
             signal.SIGKILL,
-            (self.guard.pid or 0,),
-            self.store.server_id,
+            (self.runner.guard.pid or 0,),
+            self.runner.store.server_id,
         )
-        self.guard.unregister(run.id)
+        self.runner.guard.unregister(run.id)
 
     def _signal_escalate(self, run, grace) -> int:
         """SIGTERM the run's group and marked processes, SIGKILL them after
         ``grace``; returns how many marked processes the SIGTERM reached."""
-        server = self.store.server_id
+        server = self.runner.store.server_id
         hits = signal_run(
-            run.pid, [run.id], signal.SIGTERM, (self.guard.pid or 0,), server
+            run.pid, [run.id], signal.SIGTERM, (self.runner.guard.pid or 0,), server
         )
 
         def hard_kill():
             if run.finished_at is None:
                 signal_run(
-                    run.pid, [run.id], signal.SIGKILL, (self.guard.pid or 0,), server
+                    run.pid,
+                    [run.id],
+                    signal.SIGKILL,
+                    (self.runner.guard.pid or 0,),
+                    server,
                 )
                 self._add_wait(1.0, force_close)
 
@@ -4802,12 +4537,19 @@ class Runner:
         if not text:
             return
         run.seq += 1
-        chunk = {"seq": run.seq, "stream": stream, "ts": self.clock(), "text": text}
+        chunk = {
+            "seq": run.seq,
+            "stream": stream,
+            "ts": self.runner.clock(),
+            "text": text,
+        }
         if store:
             # Queued for the writer before it is published: a stream that
             # subscribes, flushes and replays can never miss it.
-            self.store.add_chunks([(run.id, chunk["seq"], stream, chunk["ts"], text)])
-        self.bus.publish("log", dict(chunk, run_id=run.id))
+            self.runner.store.add_chunks(
+                [(run.id, chunk["seq"], stream, chunk["ts"], text)]
+            )
+        self.runner.bus.publish("log", dict(chunk, run_id=run.id))
         if store:
             return
         size = len(text.encode())
@@ -4831,13 +4573,13 @@ class Runner:
         chunk = {
             "seq": run.seq,
             "stream": "system",
-            "ts": self.clock(),
+            "ts": self.runner.clock(),
             "text": text + "\n",
         }
-        self.store.add_chunks(
+        self.runner.store.add_chunks(
             [(run.id, chunk["seq"], "system", chunk["ts"], chunk["text"])]
         )
-        self.bus.publish("log", dict(chunk, run_id=run.id))
+        self.runner.bus.publish("log", dict(chunk, run_id=run.id))
 
     # -- the end of a run --------------------------------------------------
 
@@ -4858,7 +4600,7 @@ class Runner:
             run.pidfd = None
         if run.pid is not None and not run.exited:
             self._reap(run)
-        run.finished_at = self.clock()
+        run.finished_at = self.runner.clock()
         run.duration = round(run.finished_at - (run.started_at or run.finished_at), 3)
         if run.marker_seq is not None:
             head = run.job.max_output // 2 - run.head_left
@@ -4879,7 +4621,7 @@ class Runner:
             rows += [
                 (run.id, c["seq"], c["stream"], c["ts"], c["text"]) for c, _ in run.tail
             ]
-            self.store.add_chunks(rows)
+            self.runner.store.add_chunks(rows)
             run.tail.clear()
         if run.rusage is not None:
             cpu = run.rusage.ru_utime + run.rusage.ru_stime
@@ -4891,32 +4633,12 @@ class Runner:
             run.error = _exit_description(run.exit_code, run.signal)
             status = "failed" if run.error else "succeeded"
             if run.signal == getattr(signal, "SIGXCPU", None):
-                limit = self.limits(run.job)[1]
+                limit = self.runner.limits(run.job)[1]
                 run.error = f"max_cpu: the main process used its {_num(limit)}s of CPU (killed by SIGXCPU)"
         run.status = status
         if run.pid and not run.guard_held:
-            self.guard.unregister(run.id)
-        self.completion.put(run)
-
-    # -- the sampler thread ------------------------------------------------
-
-    def _sample_loop(self) -> None:
-        """``minisched-sampler``: whole-tree CPU and RSS of running runs, once a
-        second, only while some run is running."""
-        while not self.stopping.is_set():
-            runs = self.admission.running(self.stopping)
-            if runs:
-                try:
-                    self._io_command(("usage", self._sample(runs)))
-                except Exception:
-                    log.exception("sampling process trees failed")
-            self.stopping.wait(1.0)
-
-    def limits(self, job) -> tuple:
-        """``(max_rss, max_cpu)`` that apply to ``job`` (None: no limit)."""
-        rss = job.max_rss if job.max_rss is not None else self.default_rss
-        cpu = job.max_cpu if job.max_cpu is not None else self.default_cpu
-        return rss, cpu
+            self.runner.guard.unregister(run.id)
+        self.runner.completion.put(run)
 
     def _io_usage(self, samples) -> None:
         """Io thread: the sampler's measurements ``[(run, cpu, rss)]`` go on
@@ -4928,7 +4650,7 @@ class Runner:
             if run.finished_at is not None:
                 continue
             _note_usage(run, cpu_used, rss_used)
-            rss, cpu = self.limits(run.job)
+            rss, cpu = self.runner.limits(run.job)
             if rss and run.peak_rss and run.peak_rss > rss:
                 message = (
                     f"max_rss: its processes used {_bytes(run.peak_rss)} of memory, "
@@ -4942,6 +4664,314 @@ class Runner:
             else:
                 continue
             self._io_kill(run, "failed", "stopped: " + message)
+
+
+class Runner:
+    """Starts, watches and stops runs; applies ``concurrency``, the global
+    ``max_concurrent``, retries and output limits.
+
+    ``submit``/``stop_*`` are called from the scheduler and request threads.
+    Spawning happens only in ``minisched-launcher``; pipes, exits and timers
+    only in ``minisched-io``.
+
+    What it needs from the rest comes as constructor arguments:
+    ``job_lookup(name)`` gives a job's current definition (None once
+    deleted); ``on_finished(run, job)`` is called from the io thread after a
+    run is recorded terminal (the scheduler starts dependents there);
+    ``on_hook(event, public_run, job)`` hands a hook event to the notifier.
+    """
+
+    def __init__(
+        self,
+        store,
+        bus,
+        max_concurrent=0,
+        clock=time.time,
+        job_lookup=None,
+        limits=(None, None),
+        metrics=None,
+        on_finished=None,
+        on_hook=None,
+        monotonic=time.monotonic,
+    ):
+        self.store = store
+        self.bus = bus
+        #: Server-wide ``max_rss`` and ``max_cpu`` for jobs without their own.
+        self.default_rss, self.default_cpu = limits
+        self.clock = clock
+        #: The clock of job timers (timeouts, kill grace, retries, jitter).
+        self.monotonic = monotonic
+        self.on_hook = on_hook or (lambda event, run, job: None)
+        self.guard = ProcessGuard()
+        self.metrics = metrics or Metrics()
+        self.admission = Admission(max_concurrent, clock)
+        self.launcher = Launcher(self)
+        self.completion = Completion(
+            store,
+            bus,
+            self.metrics,
+            self.admission,
+            release=lambda decided: self._start(*decided),
+            resubmit=self.submit,
+            clock=clock,
+            job_lookup=job_lookup,
+            on_finished=on_finished,
+            on_hook=on_hook,
+        )
+        self.watcher = Watcher(self)
+        self._threads = []
+        self.stopping = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def threads_alive(self) -> dict:
+        """``{"launcher": bool, "io": bool, "sampler": bool, "completion":
+        bool}``: alive or not."""
+        return {t.name.split("-", 1)[1]: t.is_alive() for t in self._threads}
+
+    def start(self) -> None:
+        close_inherited_fds()  # jobs get only stdin, stdout and stderr
+        for name, target in (
+            ("minisched-launcher", self.launcher.loop),
+            ("minisched-io", self.watcher.loop),
+            ("minisched-sampler", self._sample_loop),
+        ):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._threads.append(self.completion.start())
+        started = threading.Event()
+        self.launcher.queue.put(started.set)  # the guard's parent is the launcher
+        started.wait(10)
+
+    def shutdown(self, grace: float) -> None:
+        """Stop accepting runs, let running ones finish for most of ``grace``,
+        then stop them (``cancelled``) and wait for the rest.  Main thread."""
+        deadline = time.monotonic() + grace
+        for run in self.admission.close():
+            self._end_unstarted(run, "cancelled", "the server is shutting down")
+        soft = deadline - min(2.0, grace / 2)
+        left = [
+            r
+            for r in self.admission.wait_quiet(soft)
+            if r.status in ("running", "starting")
+        ]
+        for run in left:
+            self._kill(
+                run,
+                "cancelled",
+                "stopped: the server is shutting down",
+                grace=max(0.0, deadline - time.monotonic() - 0.5),
+            )
+        self.admission.wait_quiet(deadline + 2, everything=True)
+        self.stopping.set()
+        self.admission.wake()
+        self.launcher.queue.put(None)
+        self.watcher.command(("stop",))
+        for thread in self._threads:
+            if thread.name != "minisched-completion":
+                thread.join(timeout=5)
+        self.completion.stop()  # after the io thread: it hands over the last
+        self.guard.close()
+
+    @property
+    def max_concurrent(self) -> int:
+        return self.admission.max_concurrent
+
+    # -- submitting (scheduler and request threads) --------------------------
+
+    def submit(
+        self,
+        job,
+        trigger,
+        *,
+        slot=None,
+        scheduled_at=None,
+        attempt=1,
+        force=False,
+        not_before=None,
+        job_update=None,
+    ) -> dict:
+        """Create a run of ``job`` and start it when the job's ``concurrency`` and
+        the global limit allow.  Returns the run's public dict (status
+        ``queued``, or ``skipped``).  A manual trigger that would be skipped
+        raises :class:`ConflictError` instead (``force`` overrides ``forbid``).
+
+        ``concurrency`` is decided at the run's start time: a slot handled
+        ahead (``LOOKAHEAD``, jitter) while another run of the job is active
+        is decided again when it comes due, so a run that ends just before
+        the next slot never causes a skip or a replacement."""
+        now = self.clock()
+
+        def make_run():
+            at = scheduled_at if scheduled_at is not None else now
+            return Run(self.store.allocate_run_id(), job, trigger, attempt, slot, at)
+
+        run, to_stop, later = self.admission.add(
+            job, trigger, force, not_before, now, make_run
+        )
+        run.persisted = self.store.insert_run(run.row(), job_update)
+        if run.status == "skipped":
+            self.completion.announce(run, job)
+            return run.public()
+        self._replace(run, to_stop)
+        self.bus.publish("run", run.public())
+        # Read the clock again: the runs of one slot must get the same ``due``.
+        delay = (not_before - self.clock()) if not_before is not None else 0.0
+        if later:  # decide when it is due: the active run may be over by then
+            self.watcher.command(("timer", max(0.0, delay), lambda: self._admit(run)))
+        elif delay > 2 * LOOKAHEAD:  # a retry or jitter: wait without a slot
+            self.watcher.command(("timer", delay, lambda: self._enqueue(run)))
+        else:
+            # Due now or in a moment: queue it; the launcher holds it until then.
+            run.due = time.monotonic() + max(0.0, delay)
+            self._enqueue(run)
+        return run.public()
+
+    def _arm_deadline(self, run) -> None:
+        """A scheduled run has to wait (``--max-concurrent``, a queue): at its
+        deadline, if it still waits, it is ``missed``."""
+        deadline = Admission.deadline(run)
+        ref = weakref.ref(run)
+        left = max(0.0, deadline - self.clock())
+        self.watcher.command(("timer", left, lambda: self._expire(ref())))
+
+    def _replace(self, run, to_stop) -> None:
+        for old in to_stop:
+            self.stop_run(old.id, f"replaced by run {run.id} (concurrency replace)")
+
+    def _admit(self, run) -> None:
+        """Io thread, when a run handled ahead comes due: apply ``concurrency``
+        now, against the runs of its job active at this moment."""
+        decision = self.admission.admit(run)
+        if decision is None:
+            return
+        reason, to_stop = decision
+        if reason:
+            self._end_unstarted(run, "skipped", reason)
+            return
+        self._replace(run, to_stop)
+        run.due = time.monotonic()
+        self._enqueue(run)
+
+    def _expire(self, run) -> None:
+        """Io thread, at a run's deadline: if it is still waiting, it is missed."""
+        if run is None or run.status != "queued":
+            return
+        why = (
+            f"every one of --max-concurrent {self.max_concurrent} was busy"
+            if self.admission.full()
+            else "an earlier run of this job was still active"
+        )
+        limit = run.job.starting_deadline
+        within = (
+            f"starting_deadline {_num(limit)}s"
+            if limit is not None
+            else f"{_num(LATE_AFTER)}s of its time"
+        )
+        self._end_unstarted(run, "missed", f"not started within {within}: {why}")
+
+    def record(
+        self,
+        job,
+        status,
+        trigger,
+        *,
+        slot=None,
+        scheduled_at=None,
+        error=None,
+        job_update=None,
+    ) -> dict:
+        """Record a run that never starts (``missed``, ``skipped``)."""
+        now = self.clock()
+        run = Run(self.store.allocate_run_id(), job, trigger, 1, slot, scheduled_at)
+        run.status, run.error, run.finished_at = status, error, now
+        if status == "missed":
+            job_update = dict(job_update or {}, last_run_id=run.id)
+        run.persisted = self.store.insert_run(run.row(), job_update)
+        self.completion.announce(run, job)
+        return run.public()
+
+    def _enqueue(self, run) -> None:
+        self._start(*self.admission.queue(run))
+
+    def _start(self, ready, late, to_arm) -> None:
+        """Carry out what admission decided: spawn the ready runs, arm the
+        deadlines of those that wait, record the late ones ``missed``."""
+        for run in ready:
+            self.launcher.queue.put(run)
+        for run in to_arm:
+            self._arm_deadline(run)
+        for run in late:
+            self._expire(run)
+
+    # -- stopping (any thread) ---------------------------------------------
+
+    def stop_run(self, run_id: int, message="stopped by request") -> bool:
+        """Stop one active run (``cancelled``).  False if it is not active."""
+        run = self.admission.get(run_id)
+        status = run.status if run else None
+        if status is None:
+            return False
+        if status != "queued" or not self._end_unstarted(run, "cancelled", message):
+            self._kill(run, "cancelled", message)  # started meanwhile: kill it
+        return True
+
+    def stop_job(self, name: str, message="stopped by request") -> int:
+        """Stop every active run of a job; returns how many."""
+        ids = [r.id for r in self.active_runs(name)]
+        return sum(self.stop_run(run_id, message) for run_id in ids)
+
+    def _end_unstarted(self, run, status, message, starting=False) -> bool:
+        """End a run that never started (``cancelled``, ``missed``, ``failed``):
+        False if it started meanwhile.  ``starting``: the launcher ends a run
+        it had taken."""
+        if not self.admission.take(run, "starting" if starting else "queued", status):
+            return False
+        run.error = message
+        run.finished_at = self.clock()
+        self.store.update_run(
+            run.id,
+            {"status": status, "error": message, "finished_at": run.finished_at},
+            job=None if status == "skipped" else run.job.name,
+        )
+        self.completion.announce(run, run.job)
+        return True
+
+    def _kill(self, run, status, message, grace=None) -> None:
+        """Ask the io thread to stop a started run: SIGTERM, then SIGKILL."""
+        self.watcher.command(("kill", run, status, message, grace))
+
+    # -- queries -------------------------------------------------------------
+
+    def active_runs(self, name: str | None = None) -> list:
+        return self.admission.active(name)
+
+    def counts(self) -> dict:
+        return self.admission.counts()
+
+    def get_active(self, run_id: int):
+        return self.admission.get(run_id)
+
+    # -- the sampler thread ------------------------------------------------
+
+    def _sample_loop(self) -> None:
+        """``minisched-sampler``: whole-tree CPU and RSS of running runs, once a
+        second, only while some run is running."""
+        while not self.stopping.is_set():
+            runs = self.admission.running(self.stopping)
+            if runs:
+                try:
+                    self.watcher.command(("usage", self._sample(runs)))
+                except Exception:
+                    log.exception("sampling process trees failed")
+            self.stopping.wait(1.0)
+
+    def limits(self, job) -> tuple:
+        """``(max_rss, max_cpu)`` that apply to ``job`` (None: no limit)."""
+        rss = job.max_rss if job.max_rss is not None else self.default_rss
+        cpu = job.max_cpu if job.max_cpu is not None else self.default_cpu
+        return rss, cpu
 
     @staticmethod
     def _sample(runs) -> list:

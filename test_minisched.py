@@ -377,6 +377,7 @@ INVALID_FIELDS = [
     ("schedule", "99 * * * *"),
     ("schedule", 5),
     ("timezone", "Mars/Olympus"),
+    ("timezone", "Europe/" + "x" * 300),  # the file system refuses the name
     ("enabled", "yes"),
     ("description", 3),
     ("tags", "a,b"),
@@ -853,7 +854,7 @@ def timed(harness):
 
     def move(seconds):
         clock.advance(seconds)
-        h.runner.poke()
+        h.runner.watcher.poke()
 
     h.move = move
     yield h
@@ -921,11 +922,11 @@ def test_jitter_delays_a_scheduled_start_on_a_fake_clock(tmp_path, harness):
     [run] = h.runs("spread")
     assert run["status"] == "queued" and run["scheduled_at"] == wall() + 15
     job_clock.advance(14.8)
-    h.runner.poke()
+    h.runner.watcher.poke()
     time.sleep(0.3)
     assert h.runs("spread")[0]["started_at"] is None
     job_clock.advance(0.3)
-    h.runner.poke()
+    h.runner.watcher.poke()
     wait_for(lambda: h.runs("spread")[0]["status"] == "succeeded")
 
 
@@ -1333,14 +1334,14 @@ def test_no_read_of_a_pipe_the_run_already_closed(harness, monkeypatch):
     exit closes them, and their numbers may be reused at once by another
     thread: the later events of that round must be dropped, not read."""
     stale = []
-    real_read_once = Runner._read_once
+    real_read_once = minisched.Watcher._read_once
 
     def read_once(self, run, stream, fd):
         if fd not in run.fds:
             stale.append(fd)
         return real_read_once(self, run, stream, fd)
 
-    monkeypatch.setattr(Runner, "_read_once", read_once)
+    monkeypatch.setattr(minisched.Watcher, "_read_once", read_once)
     h = harness()
     h.add(name="pair", command="sleep 30 & sleep 30 & wait", concurrency="allow")
     ids = [h.sched.trigger("pair")["id"] for _ in range(20)]
