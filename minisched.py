@@ -2772,7 +2772,7 @@ class SQLiteStore(Store):
         if by_job:
             for r in self._query(
                 "SELECT job, sum(runs) AS runs, sum(succeeded) AS succeeded, "
-                "sum(failed + timed_out + missed + lost) AS failures FROM run_days "
+                f"sum({' + '.join(FAILURE_STATUSES)}) AS failures FROM run_days "
                 "WHERE day >= ? AND job != '*' GROUP BY job",
                 (first,),
             ):
