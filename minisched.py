@@ -4667,18 +4667,21 @@ class Watcher:
 
 
 class Runner:
-    """Starts, watches and stops runs; applies ``concurrency``, the global
-    ``max_concurrent``, retries and output limits.
+    """Starts, watches and stops runs: the facade over its parts.
 
-    ``submit``/``stop_*`` are called from the scheduler and request threads.
-    Spawning happens only in ``minisched-launcher``; pipes, exits and timers
-    only in ``minisched-io``.
+    ``submit``/``stop_*`` and the queries are called from the scheduler and
+    request threads; :class:`Admission` decides when a run may start, the
+    :class:`Launcher` spawns it (``minisched-launcher``), the
+    :class:`Watcher` owns it while it runs (``minisched-io``) and
+    :class:`Completion` ends it (``minisched-completion``).  The sampler
+    thread (``minisched-sampler``) is the Runner's own.
 
     What it needs from the rest comes as constructor arguments:
     ``job_lookup(name)`` gives a job's current definition (None once
-    deleted); ``on_finished(run, job)`` is called from the io thread after a
-    run is recorded terminal (the scheduler starts dependents there);
-    ``on_hook(event, public_run, job)`` hands a hook event to the notifier.
+    deleted); ``on_finished(run, job)`` is called from the completion thread
+    after a run is recorded terminal (the scheduler starts dependents there);
+    ``on_hook(event, public_run, job)`` hands a hook event to the notifier;
+    ``monotonic`` is the clock of job timers.
     """
 
     def __init__(
