@@ -3083,11 +3083,14 @@ while read -r op id pg; do
   case "$id" in ''|*[!0-9]*) continue ;; esac
   case "$op" in
     +) case "$pg" in ''|*[!0-9]*) continue ;; esac; eval "run_$id=$pg" ;;
+    \?) eval "run_$id=spawning" ;;
     -) unset "run_$id" ;;
   esac
 done
 for var in $(set | sed -n 's/^\(run_[0-9]*\)=.*/\1/p'); do
-  eval "kill -KILL -- -\$$var" 2>/dev/null
+  eval "pg=\$$var"
+  case "$pg" in ''|*[!0-9]*) continue ;; esac
+  kill -KILL -- "-$pg" 2>/dev/null
 done
 mark="MINISCHED_SERVER=$1"
 [ -n "$1" ] || mark='MINISCHED_RUN_ID=.*'
@@ -3158,6 +3161,11 @@ class ProcessGuard:
             with self._lock:
                 if self._proc is proc:
                     self._proc = None
+
+    def expect(self, run_id: int) -> None:
+        """A run is about to be spawned: from now on, its marked processes
+        die with the server, before its group is known (``register``)."""
+        self._send(f"? {run_id} -\n")
 
     def register(self, run_id: int, pgid: int) -> None:
         self._send(f"+ {run_id} {pgid}\n")
@@ -3930,10 +3938,14 @@ class Launcher:
             return True
         if run.job.kind == "http":
             return True
+        # Before the spawn: a server killed while a batch spawns (before
+        # ``_after_launch`` registers the groups) takes these processes along.
+        self.runner.guard.expect(run.id)
         try:
             self._spawn(run)
         except _SpawnError as exc:
             run.error = str(exc)
+            self.runner.guard.unregister(run.id)
         return True
 
     def _committed(self, run):

@@ -19,6 +19,7 @@ import math
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -1603,6 +1604,36 @@ def gone(pid):
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def test_the_guard_kills_runs_being_spawned_and_spares_kept_leftovers():
+    """A server killed in the middle of a batch (runs spawned, their groups
+    not registered yet) takes them along; what a finished ``leftovers: keep``
+    run left (unregistered) stays."""
+    guard = minisched.ProcessGuard()
+    guard.server = "guardtest" + secrets.token_hex(3)
+
+    def job(run_id):
+        env = dict(os.environ, MINISCHED_SERVER=guard.server)
+        env["MINISCHED_RUN_ID"] = str(run_id)
+        return subprocess.Popen(["sleep", "60"], env=env, start_new_session=True)
+
+    guard.start()
+    spawning, kept, registered = job(1), job(2), job(3)
+    try:
+        guard.expect(1)  # the launcher says so before it spawns
+        guard.expect(2)
+        guard.unregister(2)  # ended; its leftovers are kept
+        guard.expect(3)
+        guard.register(3, registered.pid)
+        guard.close()  # EOF: what the guard sees when the server dies
+        for proc in (spawning, registered):
+            assert proc.wait(10) == -signal.SIGKILL
+        assert kept.poll() is None
+    finally:
+        for proc in (spawning, kept, registered):
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.parametrize("kill_guard_too", [False, True])
