@@ -4957,25 +4957,14 @@ PATH=/usr/local/sbin:/usr/local/bin:/sbin:/bin:/usr/sbin:/usr/bin
 """
 
 _CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
+#: Names usable per field of a 5-field expression (the months and days
+#: minisched accepts; the oracle's own logic stays independent).
 _CRON_WORDS = (
     None,
     None,
     None,
-    [
-        "jan",
-        "feb",
-        "mar",
-        "apr",
-        "may",
-        "jun",
-        "jul",
-        "aug",
-        "sep",
-        "oct",
-        "nov",
-        "dec",
-    ],
-    ["sun", "mon", "tue", "wed", "thu", "fri", "sat"],
+    minisched._CRON_NAMES["month"],
+    minisched._CRON_NAMES["day-of-week"],
 )
 _CRON_SPECIALS = {
     "@yearly": "0 0 1 1 *",

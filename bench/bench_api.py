@@ -313,15 +313,22 @@ def check_runs(doc) -> None:
         )
 
 
+def measure(server, path, samples, check, warm_up, what="") -> list:
+    """``samples`` timed GETs of ``path`` after ``warm_up`` untimed ones;
+    prints the distribution and the server's CPU per request."""
+    timed_get(server.port, path, warm_up)
+    cpu = server.cpu_seconds()
+    latencies, body = timed_get(server.port, path, samples, check)
+    cpu = server.cpu_seconds() - cpu
+    print(f"GET {path} ({what}response {len(body) / 1024:.0f} KiB)")
+    print(f"  {dist(latencies)}")
+    print(f"  server CPU per request: {cpu / samples * 1000:.2f} ms")
+    return latencies
+
+
 def bench_runs(server) -> list:
     path = "/api/runs?limit=50"
-    timed_get(server.port, path, 20)  # warm up
-    cpu = server.cpu_seconds()
-    latencies, body = timed_get(server.port, path, RUNS_SAMPLES, check_runs)
-    cpu = server.cpu_seconds() - cpu
-    print(f"GET {path} ({N_RUNS} runs; response {len(body) / 1024:.0f} KiB)")
-    print(f"  {dist(latencies)}")
-    print(f"  server CPU per request: {cpu / RUNS_SAMPLES * 1000:.2f} ms")
+    latencies = measure(server, path, RUNS_SAMPLES, check_runs, 20, f"{N_RUNS} runs; ")
     for extra in ("/api/runs?limit=50&job=job-0042", "/api/runs?limit=50&offset=50000"):
         lat, _body = timed_get(server.port, extra, 100)
         print(f"GET {extra} (reference)\n  {dist(lat)}")
@@ -335,21 +342,14 @@ def check_stats(doc) -> None:
 
 def bench_stats(server) -> tuple:
     """GET /api/stats (the dashboard's: 7 days, all 100 000 runs) and one job's."""
-    results = []
-    for path in (
-        "/api/stats?days=7",
-        "/api/jobs/job-0042/stats?days=7",
-        "/api/stats?days=7&by_job=1",
-    ):
-        timed_get(server.port, path, 10)  # warm up
-        cpu = server.cpu_seconds()
-        latencies, body = timed_get(server.port, path, STATS_SAMPLES, check_stats)
-        cpu = server.cpu_seconds() - cpu
-        print(f"GET {path} (response {len(body) / 1024:.0f} KiB)")
-        print(f"  {dist(latencies)}")
-        print(f"  server CPU per request: {cpu / STATS_SAMPLES * 1000:.2f} ms")
-        results.append(latencies)
-    return tuple(results)
+    return tuple(
+        measure(server, path, STATS_SAMPLES, check_stats, 10)
+        for path in (
+            "/api/stats?days=7",
+            "/api/jobs/job-0042/stats?days=7",
+            "/api/stats?days=7&by_job=1",
+        )
+    )
 
 
 # -- 3. mixed load ----------------------------------------------------------------
