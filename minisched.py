@@ -1845,7 +1845,7 @@ def _hist_value(bucket: int) -> float:
     return round(0.001 * 10 ** ((bucket + 0.5) / HIST_PER_DECADE), 3)
 
 
-def _roll_up(conn, row) -> None:
+def _roll_up(conn, row, dialect) -> None:
     """Count a run that just became terminal in ``run_days``: its job's row
     of that UTC day and the ``*`` row (every job).  Writer thread, inside the
     transaction that recorded the run; every change is one UPSERT, no read
@@ -1861,7 +1861,7 @@ def _roll_up(conn, row) -> None:
     duration = row.get("duration") if status not in ("skipped", "missed") else None
     cpu, rss = row.get("cpu_time"), row.get("peak_rss")
     failure, success = status in FAILURE_STATUSES, status == "succeeded"
-    bucket = f'$."{_hist_bucket(duration)}"' if duration is not None else None
+    bucket = str(_hist_bucket(duration)) if duration is not None else None
     values = {
         "job": row["job"],
         "day": day,
@@ -1873,8 +1873,9 @@ def _roll_up(conn, row) -> None:
         "rss": rss,
         "ok": row["finished_at"] if success else None,
         "bad": row["finished_at"] if failure else None,
-        "hist": json.dumps({bucket[3:-1]: 1}) if bucket else "{}",
+        "hist": json.dumps({bucket: 1}) if bucket else "{}",
     }
+    g = dialect.GREATEST
     previous = (
         "coalesce((SELECT streak FROM run_days WHERE job = :job AND day < :day "
         "ORDER BY day DESC LIMIT 1), 0)"
@@ -1882,25 +1883,21 @@ def _roll_up(conn, row) -> None:
     if failure:
         insert_streak, update_streak = (
             f"{previous} + 1",
-            "streak = streak + 1, streak_max = max(streak_max, streak + 1),",
+            f"streak = streak + 1, streak_max = {g}(streak_max, streak + 1),",
         )
     elif success:
         insert_streak, update_streak = "0", "streak = 0,"
     else:
         insert_streak, update_streak = previous, ""
-    hist = (
-        f"hist = json_set(hist, '{bucket}', coalesce(json_extract(hist, '{bucket}'), 0) + 1),"
-        if bucket
-        else ""
-    )
+    hist = dialect._hist_add(bucket) if bucket else ""
     common = f"""
         runs = runs + 1, {status} = {status} + 1,
         timed = timed + :timed, duration_sum = duration_sum + :dsum,
-        duration_max = max(coalesce(duration_max, :dmax), coalesce(:dmax, duration_max)),
+        duration_max = {g}(coalesce(duration_max, :dmax), coalesce(:dmax, duration_max)),
         cpu_n = cpu_n + :cpun, cpu_sum = cpu_sum + :cpu,
-        rss_max = max(coalesce(rss_max, :rss), coalesce(:rss, rss_max)),
-        last_success = max(coalesce(last_success, :ok), coalesce(:ok, last_success)),
-        last_failure = max(coalesce(last_failure, :bad), coalesce(:bad, last_failure)),
+        rss_max = {g}(coalesce(rss_max, :rss), coalesce(:rss, rss_max)),
+        last_success = {g}(coalesce(last_success, :ok), coalesce(:ok, last_success)),
+        last_failure = {g}(coalesce(last_failure, :bad), coalesce(:bad, last_failure)),
         {hist}"""
     columns = (
         f"job, day, runs, {status}, timed, duration_sum, duration_max, cpu_n, "
@@ -1919,7 +1916,7 @@ def _roll_up(conn, row) -> None:
         f"INSERT INTO run_days ({columns}) VALUES ('*', :day, 1, 1, :timed, :dsum, "
         f":dmax, :cpun, :cpu, :rss, :ok, :bad, :hist, 0, :streak) "
         f"ON CONFLICT (job, day) DO UPDATE SET {common} "
-        "streak_max = max(streak_max, :streak), job = job",
+        f"streak_max = {g}(streak_max, :streak), job = job",
         dict(values, streak=streak),
     )
 
@@ -2106,19 +2103,26 @@ class _BackupRestarted(Exception):
     """The server wrote during a stepwise backup once too often."""
 
 
-class SQLiteStore(Store):
-    """All SQL.  One SQLite file in WAL mode.
+class SQLStore(Store):
+    """What the SQLite and the PostgreSQL store share: the batching writer,
+    the futures, outages, pooled reads and the SQL both dialects speak.
 
     Writes go through one writer thread (``minisched-writer``) which batches
-    whatever is queued into one ``BEGIN IMMEDIATE`` transaction; each write
-    method returns a :class:`concurrent.futures.Future` resolved after commit.
-    Reads run on a per-thread connection from any thread and never wait for
-    the writer.  ``open()`` takes an exclusive ``flock`` so two servers cannot
-    share one file.
+    whatever is queued into one transaction; each write method returns a
+    :class:`concurrent.futures.Future` resolved after commit.  Reads run on
+    pooled connections from any thread and never wait for the writer.  SQL is
+    written once with ``?`` and ``:name`` parameters; a subclass supplies the
+    connections and the few dialect differences below.
     """
 
-    def __init__(self, path: str):
-        self.path = path
+    #: The dialect: how a write transaction begins, the two-argument maximum,
+    #: the errors that pass (retried) and those that are a constraint.
+    BEGIN = "BEGIN IMMEDIATE"
+    GREATEST = "max"
+    #: Whether several servers share the database (nodes, placement, fencing).
+    clustered = False
+
+    def __init__(self):
         self._pool = []  # idle reader connections
         self._prunes = {}  # job -> keep_runs, prunes queued but not yet run
         #: Marks this database's processes (``MINISCHED_SERVER``), set by open().
@@ -2127,96 +2131,48 @@ class SQLiteStore(Store):
         self._lock = threading.Lock()
         self._next_run_id = 0
         self._thread = None
-        self._lock_fd = None
+        self._writer_conn = None
         self.healthy = True
         #: Why writes cannot be committed now (None when they can).
         self.outage = None
         self._outage_logged = 0.0
 
-    # -- lifecycle ---------------------------------------------------------
+    # -- the dialect (subclasses) --------------------------------------------
 
-    def data_dir(self) -> str:
-        return os.path.dirname(os.path.abspath(self.path))
+    @abc.abstractmethod
+    def _connect(self):
+        """A new connection whose ``execute`` takes ``?``/``:name`` SQL and
+        whose rows are dicts that also index by position."""
 
-    def open(self, exclusive=True) -> Store:
-        """SQLite: an exclusive ``flock`` on ``PATH.lock`` (one server per
-        file), WAL, ``PRAGMA user_version`` counting the applied migrations."""
-        if exclusive:
-            self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(self._lock_fd)
-                self._lock_fd = None
-                raise DatabaseError(
-                    f"database {self.path} is in use by another minisched server"
-                ) from None
-        conn = self._connect()
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):
-            raise DatabaseError(
-                f"database {self.path} has schema version {version} but this "
-                f"minisched {__version__} knows only up to {len(MIGRATIONS)}: use a "
-                "newer minisched.py (the file is left untouched)"
-            )
-        conn.execute("PRAGMA journal_mode=WAL")
-        for number in range(version, len(MIGRATIONS)):
-            conn.executescript(
-                f"BEGIN IMMEDIATE;{MIGRATIONS[number]};"
-                f"PRAGMA user_version={number + 1};COMMIT;"
-            )
-        row = conn.execute(
-            "SELECT value FROM settings WHERE key = 'server_id'"
-        ).fetchone()
-        self.server_id = json.loads(row[0]) if row else secrets.token_hex(6)
-        if not row:
-            conn.execute(
-                "INSERT INTO settings VALUES ('server_id', ?)",
-                (json.dumps(self.server_id),),
-            )
-        row = conn.execute(
-            "SELECT seq FROM sqlite_sequence WHERE name='runs'"
-        ).fetchone()
-        self._next_run_id = (row[0] if row else 0) + 1
-        self._backfill_run_days(conn)
-        conn.execute(
-            "DELETE FROM run_days WHERE day < ?", (int(time.time() // 86400) - 400,)
-        )
-        self._writer_conn = self._connect()
-        self._thread = threading.Thread(
-            target=self._write_loop, name="minisched-writer", daemon=True
-        )
-        self._thread.start()
-        return self
+    def _transient(self, exc: BaseException) -> bool:
+        """True for a failure that passes (the writer keeps the batch)."""
+        return _transient(exc)
 
-    def close(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout=30)
-            self._thread = None
-            try:
-                self._writer_conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error:
-                pass
-            self._writer_conn.close()
-        with self._lock:
-            pool, self._pool = self._pool, []
-        for conn in pool:
-            conn.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+    def _constraint(self, exc: BaseException) -> bool:
+        return isinstance(exc, sqlite3.IntegrityError)
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.path, timeout=30, isolation_level=None, check_same_thread=False
-        )
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA busy_timeout=30000")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA journal_size_limit=16777216")
-        conn.execute("PRAGMA foreign_keys=OFF")
-        return conn
+    @staticmethod
+    def _in_transaction(conn) -> bool:
+        return conn.in_transaction
+
+    def _hist_add(self, bucket: str) -> str:
+        """SQL that counts one more duration in histogram bucket ``bucket``."""
+        path = f'$."{bucket}"'
+        return f"hist = json_set(hist, '{path}', coalesce(json_extract(hist, '{path}'), 0) + 1),"
+
+    def _insert_id(self, conn, sql, values) -> int:
+        """Run an INSERT and return the new row's id."""
+        return conn.execute(sql, values).lastrowid
+
+    def _maintain(self, conn, quiet: bool) -> None:
+        """Writer thread, between batches (``quiet``: nothing is queued)."""
+
+    def _before_commit(self, conn) -> None:
+        """Writer thread, at the end of each write transaction."""
+
+    def _reconnect(self) -> None:
+        """Writer thread, after a failure that passes: a new connection if
+        the old one is broken (PostgreSQL); SQLite's never is."""
 
     # -- the writer thread -------------------------------------------------
 
@@ -2228,10 +2184,8 @@ class SQLiteStore(Store):
         ``_RETRY_SECONDS`` until they commit: nothing acknowledged is lost.
         Meanwhile ``outage`` says why and the API answers new writes with 503.
         """
-        conn = self._writer_conn
         held = []  # (fn, future, kind, size), oldest first, not yet done
         stop_by = None  # set by close(): give up on ``held`` after this
-        last_checkpoint = time.monotonic()
         while True:
             items, stopping = self._take(_RETRY_SECONDS if held else 60.0)
             if stopping and stop_by is None:
@@ -2239,12 +2193,13 @@ class SQLiteStore(Store):
             held.extend(items)
             while held:
                 batch = held[:_WRITE_BATCH]
-                done = self._commit(conn, batch)
+                done = self._commit(batch)
                 del held[:done]
                 if done < len(batch):
                     break  # cannot write now; keep the rest
             if held:
                 self._limit_held(held)
+                self._reconnect()
             if stop_by is not None and (not held or time.monotonic() > stop_by):
                 if held:
                     log.error(
@@ -2256,14 +2211,8 @@ class SQLiteStore(Store):
                     for _fn, future, _kind, _size in held:
                         future.set_exception(UnavailableError(str(self.outage)))
                 return
-            quiet = not items and not held
-            if time.monotonic() - last_checkpoint > 300 or quiet:
-                # Keep the WAL small even if readers held it open during bursts.
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                except sqlite3.Error:
-                    pass
-                last_checkpoint = time.monotonic()
+            if not held:
+                self._maintain(self._writer_conn, not items)
 
     def _take(self, timeout) -> tuple:
         """Wait up to ``timeout`` for queued operations and take all of them
@@ -2280,27 +2229,27 @@ class SQLiteStore(Store):
         except queue.Empty:
             return items, False
 
-    def _commit(self, conn, batch) -> int:
+    def _commit(self, batch) -> int:
         """Commit ``batch`` in one transaction and resolve its futures.
         Returns how many of its operations are done (committed, or failed for
         good), counted from the first: fewer than all means the database
         cannot be written now and the rest must be tried again."""
         try:
-            results = self._transaction(conn, batch)
+            results = self._transaction(batch)
         except Exception as exc:  # noqa: BLE001 - classified below
-            if _transient(exc):
+            if self._transient(exc):
                 self._set_outage(exc)
                 return 0
             # Replay one by one so one bad operation fails alone.
             for i, item in enumerate(batch):
                 try:
-                    (result,) = self._transaction(conn, [item])
+                    (result,) = self._transaction([item])
                 except Exception as exc:  # noqa: BLE001 - goes to the future
-                    if _transient(exc):
+                    if self._transient(exc):
                         self._set_outage(exc)
                         return i
                     log.error("database write failed: %s", exc)
-                    if not isinstance(exc, sqlite3.IntegrityError):
+                    if not self._constraint(exc):
                         self.healthy = False
                     item[1].set_exception(exc)
                 else:
@@ -2313,19 +2262,19 @@ class SQLiteStore(Store):
             item[1].set_result(result)
         return len(batch)
 
-    @staticmethod
-    def _transaction(conn, batch) -> list:
+    def _transaction(self, batch) -> list:
+        """One write transaction of ``batch``'s operations (writer thread)."""
+        conn = self._writer_conn
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(self.BEGIN)
             results = [item[0](conn) for item in batch]
+            self._before_commit(conn)
             conn.execute("COMMIT")
             return results
         except BaseException:
-            if conn.in_transaction:
-                try:
+            with contextlib.suppress(Exception):  # rolled back by the database
+                if self._in_transaction(conn):
                     conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass  # SQLite rolled back itself
             raise
 
     def _set_outage(self, exc) -> None:
@@ -2407,7 +2356,7 @@ class SQLiteStore(Store):
 
     def insert_run(self, run: dict, job_update: dict | None = None):
         cols = [key for key in RUN_COLUMNS if key in run]
-        sql = "INSERT OR IGNORE INTO runs ({}) VALUES ({})".format(
+        sql = "INSERT INTO runs ({}) VALUES ({}) ON CONFLICT DO NOTHING".format(
             ", ".join(cols),
             ", ".join("?" * len(cols)),
         )
@@ -2415,13 +2364,23 @@ class SQLiteStore(Store):
 
         def op(conn):
             inserted = conn.execute(sql, values).rowcount == 1
+            if not inserted and run.get("slot") is not None:
+                # A replay after a commit whose answer was lost finds itself.
+                inserted = self._slot_holder(conn, run) == run["id"]
             if job_update:
                 self._update_job(conn, run["job"], job_update)
             if inserted and run.get("status") not in ACTIVE_STATUSES:
-                _roll_up(conn, run)  # a record that never ran: skipped, missed
+                _roll_up(conn, run, self)  # a record that never ran: skipped, missed
             return inserted
 
         return self._submit(op)
+
+    def _slot_holder(self, conn, run) -> int | None:
+        """The id of the run that holds ``run``'s slot."""
+        row = conn.execute(
+            "SELECT id FROM runs WHERE job = ? AND slot = ?", (run["job"], run["slot"])
+        ).fetchone()
+        return row[0] if row else None
 
     def update_run(self, run_id: int, fields: dict, job: str | None = None):
         sets = ", ".join(f"{key} = ?" for key in fields)
@@ -2443,7 +2402,7 @@ class SQLiteStore(Store):
                 row = conn.execute(
                     "SELECT * FROM runs WHERE id = ?", (run_id,)
                 ).fetchone()
-                _roll_up(conn, dict(row))
+                _roll_up(conn, dict(row), self)
 
         return self._submit(op)
 
@@ -2465,7 +2424,10 @@ class SQLiteStore(Store):
     def add_chunks(self, rows: list):
         return self._submit(
             lambda conn: conn.executemany(
-                "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?)", rows
+                "INSERT INTO chunks VALUES (?, ?, ?, ?, ?) ON CONFLICT (run_id, seq) "
+                "DO UPDATE SET stream = excluded.stream, ts = excluded.ts, "
+                "text = excluded.text",
+                rows,
             ),
             "output",
             sum(len(row[4]) for row in rows),
@@ -2558,7 +2520,7 @@ class SQLiteStore(Store):
             ", ".join(cols), ", ".join("?" * len(cols))
         )
         return self._submit(
-            lambda conn: conn.execute(sql, [row[c] for c in cols]).lastrowid
+            lambda conn: self._insert_id(conn, sql, [row[c] for c in cols])
         )
 
     def update_delivery(self, delivery_id: int, fields: dict):
@@ -2575,8 +2537,10 @@ class SQLiteStore(Store):
 
     def save_incident(self, row: dict):
         cols = list(row)
-        sql = "INSERT OR REPLACE INTO incidents ({}) VALUES ({})".format(
-            ", ".join(cols), ", ".join("?" * len(cols))
+        sql = "INSERT INTO incidents ({}) VALUES ({}) ON CONFLICT (job) DO UPDATE SET {}".format(
+            ", ".join(cols),
+            ", ".join("?" * len(cols)),
+            ", ".join(f"{c} = excluded.{c}" for c in cols if c != "job"),
         )
         return self._submit(lambda conn: conn.execute(sql, [row[c] for c in cols]))
 
@@ -2632,46 +2596,10 @@ class SQLiteStore(Store):
                 (now,),
             )
             for row in rows:
-                _roll_up(conn, dict(row, status="lost", finished_at=now))
+                _roll_up(conn, dict(row, status="lost", finished_at=now), self)
             return rows
 
         return self._submit(op)
-
-    @staticmethod
-    def backup(db: str, target: str, step_pages=1024) -> int:
-        """Copy ``db`` to ``target`` with SQLite's online backup API, in steps
-        of ``step_pages`` pages: in WAL mode a step only reads, so the server's
-        writer is never blocked.  A write by the server restarts the copy; after
-        three restarts the rest is copied in one step (one read snapshot, still
-        not blocking the writer).  The copy is checked (``PRAGMA
-        integrity_check``) and renamed into place.  Returns its page count."""
-        tmp = f"{target}.{os.getpid()}.tmp"
-        source = sqlite3.connect(db, timeout=30)
-        copy = sqlite3.connect(tmp)
-        seen = []
-
-        def progress(_status, remaining, _total):
-            seen.append(remaining)
-            restarts = sum(b > a for a, b in zip(seen, seen[1:]))  # noqa: RUF007
-            if restarts > 3:
-                raise _BackupRestarted
-
-        try:
-            source.execute("PRAGMA busy_timeout=30000")
-            try:
-                source.backup(copy, pages=step_pages, progress=progress, sleep=0.001)
-            except _BackupRestarted:
-                source.backup(copy)  # one step: one read snapshot
-            check = copy.execute("PRAGMA integrity_check").fetchone()[0]
-            pages = copy.execute("PRAGMA page_count").fetchone()[0]
-        finally:
-            source.close()
-            copy.close()
-        if check != "ok":
-            os.unlink(tmp)
-            raise MinischedError(f"the copy failed its integrity check: {check}")
-        os.replace(tmp, target)
-        return pages
 
     # -- reads (any thread, pooled connections) ------------------------------
 
@@ -2794,24 +2722,6 @@ class SQLiteStore(Store):
             "jobs": jobs,
         }
 
-    def _backfill_run_days(self, conn) -> None:
-        """Open: a database from before ``run_days`` (or one filled by other
-        means) gets its statistics built once from the kept runs."""
-        if conn.execute("SELECT 1 FROM run_days LIMIT 1").fetchone():
-            return
-        count = conn.execute(
-            f"SELECT count(*) FROM runs WHERE status NOT IN {_SQL_ACTIVE}"
-        ).fetchone()[0]
-        if not count:
-            return
-        log.info("building run statistics from %d runs (once)", count)
-        conn.execute("BEGIN IMMEDIATE")
-        for row in conn.execute(
-            f"SELECT * FROM runs WHERE status NOT IN {_SQL_ACTIVE} ORDER BY id"
-        ).fetchall():
-            _roll_up(conn, dict(row))
-        conn.execute("COMMIT")
-
     def last_successes(self) -> dict:
         rows = self._query(
             "SELECT job, max(finished_at) AS at FROM runs WHERE status = 'succeeded' "
@@ -2871,6 +2781,171 @@ class SQLiteStore(Store):
             (since,),
             one=True,
         )["n"]
+
+
+class SQLiteStore(SQLStore):
+    """One SQLite file in WAL mode, for one server.
+
+    Write transactions are ``BEGIN IMMEDIATE`` (a read that later writes
+    would fail with "database is locked"); ``open()`` takes an exclusive
+    ``flock`` so two servers cannot share one file; the writer keeps the WAL
+    small with checkpoints.
+    """
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self._lock_fd = None
+        self._checkpointed = time.monotonic()
+
+    def _maintain(self, conn, quiet) -> None:
+        """Keep the WAL small, even if readers held it open during bursts."""
+        now = time.monotonic()
+        if quiet or now - self._checkpointed > 300:
+            try:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
+            self._checkpointed = now
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def data_dir(self) -> str:
+        return os.path.dirname(os.path.abspath(self.path))
+
+    def open(self, exclusive=True) -> Store:
+        """SQLite: an exclusive ``flock`` on ``PATH.lock`` (one server per
+        file), WAL, ``PRAGMA user_version`` counting the applied migrations."""
+        if exclusive:
+            self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+                raise DatabaseError(
+                    f"database {self.path} is in use by another minisched server"
+                ) from None
+        conn = self._connect()
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise DatabaseError(
+                f"database {self.path} has schema version {version} but this "
+                f"minisched {__version__} knows only up to {len(MIGRATIONS)}: use a "
+                "newer minisched.py (the file is left untouched)"
+            )
+        conn.execute("PRAGMA journal_mode=WAL")
+        for number in range(version, len(MIGRATIONS)):
+            conn.executescript(
+                f"BEGIN IMMEDIATE;{MIGRATIONS[number]};"
+                f"PRAGMA user_version={number + 1};COMMIT;"
+            )
+        row = conn.execute(
+            "SELECT value FROM settings WHERE key = 'server_id'"
+        ).fetchone()
+        self.server_id = json.loads(row[0]) if row else secrets.token_hex(6)
+        if not row:
+            conn.execute(
+                "INSERT INTO settings VALUES ('server_id', ?)",
+                (json.dumps(self.server_id),),
+            )
+        row = conn.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name='runs'"
+        ).fetchone()
+        self._next_run_id = (row[0] if row else 0) + 1
+        self._backfill_run_days(conn)
+        conn.execute(
+            "DELETE FROM run_days WHERE day < ?", (int(time.time() // 86400) - 400,)
+        )
+        self._writer_conn = self._connect()
+        self._thread = threading.Thread(
+            target=self._write_loop, name="minisched-writer", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+            try:
+                self._writer_conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
+            self._writer_conn.close()
+        with self._lock:
+            pool, self._pool = self._pool, []
+        for conn in pool:
+            conn.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=30, isolation_level=None, check_same_thread=False
+        )
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA journal_size_limit=16777216")
+        conn.execute("PRAGMA foreign_keys=OFF")
+        return conn
+
+    @staticmethod
+    def backup(db: str, target: str, step_pages=1024) -> int:
+        """Copy ``db`` to ``target`` with SQLite's online backup API, in steps
+        of ``step_pages`` pages: in WAL mode a step only reads, so the server's
+        writer is never blocked.  A write by the server restarts the copy; after
+        three restarts the rest is copied in one step (one read snapshot, still
+        not blocking the writer).  The copy is checked (``PRAGMA
+        integrity_check``) and renamed into place.  Returns its page count."""
+        tmp = f"{target}.{os.getpid()}.tmp"
+        source = sqlite3.connect(db, timeout=30)
+        copy = sqlite3.connect(tmp)
+        seen = []
+
+        def progress(_status, remaining, _total):
+            seen.append(remaining)
+            restarts = sum(b > a for a, b in zip(seen, seen[1:]))  # noqa: RUF007
+            if restarts > 3:
+                raise _BackupRestarted
+
+        try:
+            source.execute("PRAGMA busy_timeout=30000")
+            try:
+                source.backup(copy, pages=step_pages, progress=progress, sleep=0.001)
+            except _BackupRestarted:
+                source.backup(copy)  # one step: one read snapshot
+            check = copy.execute("PRAGMA integrity_check").fetchone()[0]
+            pages = copy.execute("PRAGMA page_count").fetchone()[0]
+        finally:
+            source.close()
+            copy.close()
+        if check != "ok":
+            os.unlink(tmp)
+            raise MinischedError(f"the copy failed its integrity check: {check}")
+        os.replace(tmp, target)
+        return pages
+
+    def _backfill_run_days(self, conn) -> None:
+        """Open: a database from before ``run_days`` (or one filled by other
+        means) gets its statistics built once from the kept runs."""
+        if conn.execute("SELECT 1 FROM run_days LIMIT 1").fetchone():
+            return
+        count = conn.execute(
+            f"SELECT count(*) FROM runs WHERE status NOT IN {_SQL_ACTIVE}"
+        ).fetchone()[0]
+        if not count:
+            return
+        log.info("building run statistics from %d runs (once)", count)
+        conn.execute("BEGIN IMMEDIATE")
+        for row in conn.execute(
+            f"SELECT * FROM runs WHERE status NOT IN {_SQL_ACTIVE} ORDER BY id"
+        ).fetchall():
+            _roll_up(conn, dict(row), self)
+        conn.execute("COMMIT")
 
 
 #: The failure statuses, as an SQL list.

@@ -2139,9 +2139,9 @@ def slow_disk(monkeypatch, engine, delay=0.05):
     """Every database commit takes ``delay`` longer, as on a slow SD card."""
     commit = engine.store._commit
 
-    def slow_commit(conn, batch):
+    def slow_commit(batch):
         time.sleep(delay)
-        return commit(conn, batch)
+        return commit(batch)
 
     monkeypatch.setattr(engine.store, "_commit", slow_commit)
 
@@ -4234,10 +4234,10 @@ def disk_full(monkeypatch, store):
     full = threading.Event()
     transaction = store._transaction
 
-    def faulty(conn, batch):
+    def faulty(batch):
         if full.is_set():
             raise sqlite3.OperationalError("database or disk is full")
-        return transaction(conn, batch)
+        return transaction(batch)
 
     monkeypatch.setattr(store, "_transaction", faulty)
     return full
