@@ -1435,6 +1435,17 @@ JOB_FIELDS = (
     _field("max_cpu", None, "number", "Max CPU (s)",
            "The whole tree's CPU seconds; over it the run is stopped and fails",
            False, "command", limits=(0.1, 31536000, False)),
+    _field("nodes", [], "list", "Nodes",
+           "Several hosts: node names or tags that may run it (default: any)",
+           check=_tags_problem,
+           schema={"type": "array",
+                   "items": {"type": "string", "minLength": 1, "maxLength": 64}}),
+    _field("placement", "any", "select", "Placement",
+           "Several hosts: each slot on one node (any) or on every node (all)",
+           choices=("any", "all"), csv_text=True),
+    _field("retry_lost", False, "checkbox", "Retry lost runs",
+           "Several hosts: a run lost with its node runs again on another",
+           check=_bool_problem, schema={"type": "boolean"}),
 )  # fmt: skip
 FIELDS_BY_NAME = {f.name: f for f in JOB_FIELDS}
 #: Every job field but ``name`` and its default (SPEC §3).
@@ -1748,6 +1759,9 @@ MIGRATIONS = (
     CREATE INDEX run_days_counts
         ON run_days (job, day, runs, succeeded, failed, timed_out, missed, lost);
     """,
+    """
+    ALTER TABLE runs ADD COLUMN node TEXT;
+    """,
 )
 #: Columns of ``runs`` in API order.
 RUN_COLUMNS = (
@@ -1771,6 +1785,7 @@ RUN_COLUMNS = (
     "output_bytes",
     "output_truncated",
     "leftovers_stopped",
+    "node",
 )
 _WRITE_BATCH = 2000
 #: sqlite3 messages of failures that pass (a full disk, an I/O error, a lock
@@ -1875,7 +1890,7 @@ def _roll_up(conn, row, dialect) -> None:
         "bad": row["finished_at"] if failure else None,
         "hist": json.dumps({bucket: 1}) if bucket else "{}",
     }
-    g = dialect.GREATEST
+    g, t = dialect.GREATEST, "run_days."  # qualified: PostgreSQL insists
     previous = (
         "coalesce((SELECT streak FROM run_days WHERE job = :job AND day < :day "
         "ORDER BY day DESC LIMIT 1), 0)"
@@ -1883,7 +1898,7 @@ def _roll_up(conn, row, dialect) -> None:
     if failure:
         insert_streak, update_streak = (
             f"{previous} + 1",
-            f"streak = streak + 1, streak_max = {g}(streak_max, streak + 1),",
+            f"streak = {t}streak + 1, streak_max = {g}({t}streak_max, {t}streak + 1),",
         )
     elif success:
         insert_streak, update_streak = "0", "streak = 0,"
@@ -1891,13 +1906,13 @@ def _roll_up(conn, row, dialect) -> None:
         insert_streak, update_streak = previous, ""
     hist = dialect._hist_add(bucket) if bucket else ""
     common = f"""
-        runs = runs + 1, {status} = {status} + 1,
-        timed = timed + :timed, duration_sum = duration_sum + :dsum,
-        duration_max = {g}(coalesce(duration_max, :dmax), coalesce(:dmax, duration_max)),
-        cpu_n = cpu_n + :cpun, cpu_sum = cpu_sum + :cpu,
-        rss_max = {g}(coalesce(rss_max, :rss), coalesce(:rss, rss_max)),
-        last_success = {g}(coalesce(last_success, :ok), coalesce(:ok, last_success)),
-        last_failure = {g}(coalesce(last_failure, :bad), coalesce(:bad, last_failure)),
+        runs = {t}runs + 1, {status} = {t}{status} + 1,
+        timed = {t}timed + :timed, duration_sum = {t}duration_sum + :dsum,
+        duration_max = {g}(coalesce({t}duration_max, :dmax), coalesce(:dmax, {t}duration_max)),
+        cpu_n = {t}cpu_n + :cpun, cpu_sum = {t}cpu_sum + :cpu,
+        rss_max = {g}(coalesce({t}rss_max, :rss), coalesce(:rss, {t}rss_max)),
+        last_success = {g}(coalesce({t}last_success, :ok), coalesce(:ok, {t}last_success)),
+        last_failure = {g}(coalesce({t}last_failure, :bad), coalesce(:bad, {t}last_failure)),
         {hist}"""
     columns = (
         f"job, day, runs, {status}, timed, duration_sum, duration_max, cpu_n, "
@@ -1906,7 +1921,7 @@ def _roll_up(conn, row, dialect) -> None:
     conn.execute(
         f"INSERT INTO run_days ({columns}) VALUES (:job, :day, 1, 1, :timed, :dsum, "
         f":dmax, :cpun, :cpu, :rss, :ok, :bad, :hist, {insert_streak}, {insert_streak}) "
-        f"ON CONFLICT (job, day) DO UPDATE SET {common} {update_streak} job = job",
+        f"ON CONFLICT (job, day) DO UPDATE SET {common} {update_streak} job = {t}job",
         values,
     )
     streak = conn.execute(
@@ -1916,7 +1931,7 @@ def _roll_up(conn, row, dialect) -> None:
         f"INSERT INTO run_days ({columns}) VALUES ('*', :day, 1, 1, :timed, :dsum, "
         f":dmax, :cpun, :cpu, :rss, :ok, :bad, :hist, 0, :streak) "
         f"ON CONFLICT (job, day) DO UPDATE SET {common} "
-        f"streak_max = {g}(streak_max, :streak), job = job",
+        f"streak_max = {g}({t}streak_max, :streak), job = {t}job",
         dict(values, streak=streak),
     )
 
@@ -1983,7 +1998,9 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def mark_started(self, rows: list):
         """Runs that started: ``[(started_at, pid, pid_create_time, id, job)]``;
-        each also becomes its job's last run.  One operation per batch."""
+        each also becomes its job's last run.  One operation per batch.  The
+        future's result is the ids whose start was refused (a fenced node's:
+        the caller stops them); a single server's store refuses none."""
 
     @abc.abstractmethod
     def add_chunks(self, rows: list):
@@ -2078,7 +2095,9 @@ class Store(abc.ABC):
         """A run row by id, or None."""
 
     @abc.abstractmethod
-    def list_runs(self, job=None, status=None, before=None, limit=50, offset=0):
+    def list_runs(
+        self, job=None, status=None, before=None, limit=50, offset=0, node=None
+    ):
         """Newest first, with the total count of matches (``before`` is a
         cursor, not a filter: it does not change the total)."""
 
@@ -2119,6 +2138,8 @@ class SQLStore(Store):
     #: the errors that pass (retried) and those that are a constraint.
     BEGIN = "BEGIN IMMEDIATE"
     GREATEST = "max"
+    #: Columns an inserted run may set.
+    RUN_INSERT_COLUMNS = RUN_COLUMNS
     #: Whether several servers share the database (nodes, placement, fencing).
     clustered = False
 
@@ -2158,7 +2179,10 @@ class SQLStore(Store):
     def _hist_add(self, bucket: str) -> str:
         """SQL that counts one more duration in histogram bucket ``bucket``."""
         path = f'$."{bucket}"'
-        return f"hist = json_set(hist, '{path}', coalesce(json_extract(hist, '{path}'), 0) + 1),"
+        return (
+            f"hist = json_set(run_days.hist, '{path}', "
+            f"coalesce(json_extract(run_days.hist, '{path}'), 0) + 1),"
+        )
 
     def _insert_id(self, conn, sql, values) -> int:
         """Run an INSERT and return the new row's id."""
@@ -2173,6 +2197,19 @@ class SQLStore(Store):
     def _reconnect(self) -> None:
         """Writer thread, after a failure that passes: a new connection if
         the old one is broken (PostgreSQL); SQLite's never is."""
+
+    def _usable(self, conn) -> bool:
+        """Whether a reader connection may go back to the pool."""
+        return True
+
+    def _run_changed(self, run_ids) -> None:
+        """Writer thread: runs changed in this transaction (other nodes hear)."""
+
+    def _output_added(self, run_ids) -> None:
+        """Writer thread: output of these runs was added in this transaction."""
+
+    def _jobs_changed(self, conn) -> None:
+        """Writer thread: a job was created, changed or deleted."""
 
     # -- the writer thread -------------------------------------------------
 
@@ -2355,7 +2392,7 @@ class SQLStore(Store):
             return run_id
 
     def insert_run(self, run: dict, job_update: dict | None = None):
-        cols = [key for key in RUN_COLUMNS if key in run]
+        cols = [key for key in self.RUN_INSERT_COLUMNS if key in run]
         sql = "INSERT INTO runs ({}) VALUES ({}) ON CONFLICT DO NOTHING".format(
             ", ".join(cols),
             ", ".join("?" * len(cols)),
@@ -2371,6 +2408,8 @@ class SQLStore(Store):
                 self._update_job(conn, run["job"], job_update)
             if inserted and run.get("status") not in ACTIVE_STATUSES:
                 _roll_up(conn, run, self)  # a record that never ran: skipped, missed
+            if inserted:
+                self._run_changed([run["id"]])
             return inserted
 
         return self._submit(op)
@@ -2403,6 +2442,7 @@ class SQLStore(Store):
                     "SELECT * FROM runs WHERE id = ?", (run_id,)
                 ).fetchone()
                 _roll_up(conn, dict(row), self)
+            self._run_changed([run_id])
 
         return self._submit(op)
 
@@ -2418,17 +2458,22 @@ class SQLStore(Store):
                 "UPDATE jobs SET last_run_id = ? WHERE name = ?",
                 [(row[3], row[4]) for row in rows],
             )
+            return []
 
         return self._submit(op)
 
     def add_chunks(self, rows: list):
-        return self._submit(
-            lambda conn: conn.executemany(
+        def op(conn):
+            conn.executemany(
                 "INSERT INTO chunks VALUES (?, ?, ?, ?, ?) ON CONFLICT (run_id, seq) "
                 "DO UPDATE SET stream = excluded.stream, ts = excluded.ts, "
                 "text = excluded.text",
                 rows,
-            ),
+            )
+            self._output_added({row[0] for row in rows})
+
+        return self._submit(
+            op,
             "output",
             sum(len(row[4]) for row in rows),
         )
@@ -2456,6 +2501,7 @@ class SQLStore(Store):
                     ),
                     [name] + list(fields.values()),
                 )
+            self._jobs_changed(conn)
 
         return self._submit(op)
 
@@ -2481,6 +2527,7 @@ class SQLStore(Store):
                         (name,),
                     )
                 conn.execute("DELETE FROM runs WHERE job = ?", (name,))
+            self._jobs_changed(conn)
 
         return self._submit(op)
 
@@ -2618,7 +2665,7 @@ class SQLStore(Store):
             return [dict(row) for row in cursor.fetchall()]
         finally:
             with self._lock:
-                keep = len(self._pool) < _READ_POOL
+                keep = len(self._pool) < _READ_POOL and self._usable(conn)
                 if keep:
                     self._pool.append(conn)
             if not keep:
@@ -2740,9 +2787,15 @@ class SQLStore(Store):
     def get_run(self, run_id: int) -> dict | None:
         return self._query("SELECT * FROM runs WHERE id = ?", (run_id,), one=True)
 
-    def list_runs(self, job=None, status=None, before=None, limit=50, offset=0):
+    def list_runs(
+        self, job=None, status=None, before=None, limit=50, offset=0, node=None
+    ):
         where, args = [], []
-        for clause, value in (("job = ?", job), ("status = ?", status)):
+        for clause, value in (
+            ("job = ?", job),
+            ("status = ?", status),
+            ("node = ?", node),
+        ):
             if value is not None:
                 where.append(clause)
                 args.append(value)
@@ -2948,7 +3001,723 @@ class SQLiteStore(SQLStore):
         conn.execute("COMMIT")
 
 
-#: The failure statuses, as an SQL list.
+#: The PostgreSQL schema, one migration per entry; ``settings.schema_version``
+#: counts the applied ones.  Run ids come from a sequence in blocks of
+#: ``_ID_BLOCK`` (each node hands out its own block in memory).
+PG_MIGRATIONS = (
+    """
+    CREATE TABLE settings (key text PRIMARY KEY, value text);
+    CREATE TABLE jobs (
+        name text PRIMARY KEY,
+        definition text NOT NULL,
+        source text NOT NULL DEFAULT 'api',
+        file_definition text,
+        file_owner text,
+        created_at double precision NOT NULL,
+        updated_at double precision NOT NULL,
+        paused integer NOT NULL DEFAULT 0,
+        last_slot double precision,
+        scheduled_runs integer NOT NULL DEFAULT 0,
+        last_run_id bigint
+    );
+    CREATE SEQUENCE runs_id_seq INCREMENT BY 100;
+    CREATE TABLE runs (
+        id bigint PRIMARY KEY,
+        job text NOT NULL,
+        status text NOT NULL,
+        trigger text NOT NULL,
+        attempt integer NOT NULL DEFAULT 1,
+        slot double precision,
+        scheduled_at double precision,
+        started_at double precision,
+        finished_at double precision,
+        duration double precision,
+        exit_code integer,
+        signal integer,
+        error text,
+        pid integer,
+        pid_create_time double precision,
+        cpu_time double precision,
+        peak_rss bigint,
+        output_bytes bigint NOT NULL DEFAULT 0,
+        output_truncated integer NOT NULL DEFAULT 0,
+        leftovers_stopped integer,
+        node text,
+        node_id bigint,
+        claim text NOT NULL DEFAULT ''
+    );
+    CREATE UNIQUE INDEX runs_job_slot ON runs (job, slot, claim) WHERE slot IS NOT NULL;
+    CREATE INDEX runs_job_id ON runs (job, id);
+    CREATE INDEX runs_status_id ON runs (status, id);
+    CREATE INDEX runs_node_active ON runs (node_id) WHERE status IN ('queued', 'running');
+    CREATE TABLE chunks (
+        run_id bigint NOT NULL,
+        seq integer NOT NULL,
+        stream text NOT NULL,
+        ts double precision NOT NULL,
+        text text NOT NULL,
+        PRIMARY KEY (run_id, seq)
+    );
+    CREATE TABLE sessions (
+        id text PRIMARY KEY,
+        token_name text NOT NULL,
+        token_check text NOT NULL,
+        address text,
+        created_at double precision NOT NULL,
+        last_seen double precision NOT NULL,
+        expires_at double precision NOT NULL
+    );
+    CREATE TABLE deliveries (
+        id bigserial PRIMARY KEY,
+        run_id bigint,
+        job text NOT NULL,
+        event text NOT NULL,
+        kind text NOT NULL,
+        target text NOT NULL,
+        spec text NOT NULL,
+        status text NOT NULL,
+        attempts integer NOT NULL DEFAULT 0,
+        error text,
+        created_at double precision NOT NULL,
+        at double precision,
+        next_at double precision
+    );
+    CREATE INDEX deliveries_run ON deliveries (run_id);
+    CREATE INDEX deliveries_pending ON deliveries (next_at) WHERE status = 'pending';
+    CREATE TABLE incidents (
+        job text PRIMARY KEY,
+        opened_at double precision NOT NULL,
+        failures integer NOT NULL,
+        unsent integer NOT NULL,
+        last_sent_at double precision,
+        last_run_id bigint
+    );
+    CREATE TABLE run_days (
+        job text NOT NULL,
+        day integer NOT NULL,
+        runs integer NOT NULL DEFAULT 0,
+        succeeded integer NOT NULL DEFAULT 0,
+        failed integer NOT NULL DEFAULT 0,
+        timed_out integer NOT NULL DEFAULT 0,
+        cancelled integer NOT NULL DEFAULT 0,
+        skipped integer NOT NULL DEFAULT 0,
+        missed integer NOT NULL DEFAULT 0,
+        lost integer NOT NULL DEFAULT 0,
+        timed integer NOT NULL DEFAULT 0,
+        duration_sum double precision NOT NULL DEFAULT 0,
+        duration_max double precision,
+        cpu_n integer NOT NULL DEFAULT 0,
+        cpu_sum double precision NOT NULL DEFAULT 0,
+        rss_max bigint,
+        last_success double precision,
+        last_failure double precision,
+        streak integer NOT NULL DEFAULT 0,
+        streak_max integer NOT NULL DEFAULT 0,
+        hist text NOT NULL DEFAULT '{}',
+        PRIMARY KEY (job, day)
+    );
+    CREATE TABLE nodes (
+        id bigserial PRIMARY KEY,
+        name text NOT NULL,
+        tags text NOT NULL DEFAULT '[]',
+        version text NOT NULL,
+        address text,
+        pid integer,
+        started_at timestamptz NOT NULL DEFAULT now(),
+        heartbeat timestamptz NOT NULL DEFAULT now(),
+        running integer NOT NULL DEFAULT 0,
+        clock_skew double precision,
+        dead boolean NOT NULL DEFAULT false
+    );
+    CREATE TABLE commands (
+        id bigserial PRIMARY KEY,
+        node_id bigint NOT NULL,
+        kind text NOT NULL,
+        arg text NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now()
+    );
+    INSERT INTO settings VALUES ('jobs_version', '0');
+    """,
+)
+_ID_BLOCK = 100
+#: The channel of the cluster's notifications (see :class:`PostgresStore`).
+PG_CHANNEL = "minisched"
+#: A constant key of the advisory lock that serialises migrations (only).
+_PG_MIGRATION_LOCK = 810042
+#: Longest wait between two reconnection attempts of the writer.
+_RECONNECT_MAX = 8.0
+_PG_PARAM = re.compile(r"\?|(?<![:\w]):([a-z_]+)\b|%")
+
+
+@functools.lru_cache(maxsize=512)
+def _pg_sql(sql: str) -> str:
+    """``?`` and ``:name`` parameters as psycopg's ``%s`` and ``%(name)s``."""
+
+    def sub(match):
+        text = match.group(0)
+        if text == "?":
+            return "%s"
+        if text == "%":
+            return "%%"
+        return f"%({match.group(1)})s"
+
+    return _PG_PARAM.sub(sub, sql)
+
+
+def _pg_value(value):
+    return int(value) if isinstance(value, bool) else value
+
+
+def _pg_args(args):
+    if isinstance(args, dict):
+        return {k: _pg_value(v) for k, v in args.items()}
+    return tuple(_pg_value(v) for v in args)
+
+
+class _PgRow(dict):
+    """A row as a dict that also indexes by position, like ``sqlite3.Row``."""
+
+    __slots__ = ("_values",)
+
+    def __getitem__(self, key):
+        if isinstance(key, int):
+            return self._values[key]
+        return dict.__getitem__(self, key)
+
+
+def _pg_row_factory(cursor):
+    names = [c.name for c in cursor.description or ()]
+
+    def make(values):
+        row = _PgRow(zip(names, values))
+        row._values = values
+        return row
+
+    return make
+
+
+class _PgConnection:
+    """A psycopg connection that speaks the SQL of :class:`SQLStore`."""
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def execute(self, sql, args=()):
+        return self.raw.execute(_pg_sql(sql), _pg_args(args))
+
+    def executemany(self, sql, rows):
+        cursor = self.raw.cursor()
+        cursor.executemany(_pg_sql(sql), [_pg_args(r) for r in rows])
+        return cursor
+
+    def close(self):
+        self.raw.close()
+
+    @property
+    def usable(self) -> bool:
+        return not self.raw.closed and not self.raw.broken
+
+
+def _psycopg():
+    """psycopg 3, imported only for a ``postgresql://`` database."""
+    try:
+        import psycopg  # optional: imported only for a postgresql:// database
+    except ImportError:
+        raise UsageError(
+            "--db postgresql://...: needs psycopg 3: pip install "
+            '"psycopg[binary]" (in the venv) or apt install python3-psycopg'
+        ) from None
+    if _version_tuple(psycopg.__version__) < (3, 1):
+        raise UsageError(
+            f"--db postgresql://...: needs psycopg 3.1 or newer, found "
+            f'{psycopg.__version__}: pip install -U "psycopg[binary]"'
+        )
+    return psycopg
+
+
+def _redacted(url: str) -> str:
+    """A database URL without its password (for messages and logs)."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+def open_store(db: str) -> Store:
+    """The store ``--db`` names: a ``postgresql://`` URI or a SQLite file."""
+    if db.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(db)
+    return SQLiteStore(db)
+
+
+class PostgresStore(SQLStore):
+    """Jobs, runs and output in PostgreSQL, shared by several nodes.
+
+    The same batching writer as SQLite (``minisched-writer``, one
+    transaction per batch) on its own connection; reads on a small pool.  A
+    lost connection is an outage: writes are held and retried, the writer
+    reconnects with backoff, reads answer 503, ``healthy`` is False.
+
+    A slot's run is claimed by the unique index on (job, slot, claim) in the
+    transaction that records it; ``claim`` is empty, or the node's name for
+    ``placement: all``.  A node may mark a run started only while its row in
+    ``nodes`` is alive (fencing, checked in that UPDATE).  Transactions that
+    change runs, output or jobs send one notification on :data:`PG_CHANNEL`
+    at commit: ``runs NODE ID,...``, ``log NODE ID,...``, ``jobs NODE`` or
+    ``cmd NODE``, which other nodes turn into events (:class:`Cluster`).
+    """
+
+    BEGIN = "BEGIN"
+    GREATEST = "greatest"
+    RUN_INSERT_COLUMNS = (*RUN_COLUMNS, "node_id", "claim")
+    clustered = True
+
+    def __init__(self, url: str):
+        super().__init__()
+        self.url = url
+        self.psycopg = _psycopg()
+        #: This node's id in ``nodes`` (set by :class:`Cluster` on registering).
+        self.node_id = 0
+        self._ids = iter(())
+        self._id_lock = threading.Lock()
+        self._notes = {}  # writer thread: what this transaction changed
+        self._reconnect_delay = 0.5
+        self._reconnect_at = 0.0
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({_redacted(self.url)!r})"
+
+    # -- the dialect ---------------------------------------------------------
+
+    def _connect(self) -> _PgConnection:
+        raw = self.psycopg.connect(
+            self.url, autocommit=True, connect_timeout=5, row_factory=_pg_row_factory
+        )
+        return _PgConnection(raw)
+
+    def _transient(self, exc) -> bool:
+        return isinstance(
+            exc, (self.psycopg.OperationalError, self.psycopg.InterfaceError)
+        )
+
+    def _constraint(self, exc) -> bool:
+        return isinstance(exc, self.psycopg.IntegrityError)
+
+    def _in_transaction(self, conn) -> bool:
+        idle = self.psycopg.pq.TransactionStatus.IDLE
+        return conn.usable and conn.raw.info.transaction_status != idle
+
+    def _hist_add(self, bucket: str) -> str:
+        return (
+            f"hist = jsonb_set(run_days.hist::jsonb, '{{{bucket}}}', to_jsonb("
+            f"coalesce((run_days.hist::jsonb ->> '{bucket}')::int, 0) + 1))::text,"
+        )
+
+    def _insert_id(self, conn, sql, values) -> int:
+        return conn.execute(sql + " RETURNING id", values).fetchone()[0]
+
+    def _transaction(self, batch) -> list:
+        """A deadlock between two nodes' batches is retried at once (one of
+        the two was rolled back; the other went through)."""
+        for attempt in range(5):
+            self._notes = {}
+            try:
+                return super()._transaction(batch)
+            except self.psycopg.errors.TransactionRollback:
+                if attempt == 4:
+                    raise
+                time.sleep(0.005 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _before_commit(self, conn) -> None:
+        for kind, ids in self._notes.items():
+            ids = sorted(ids)
+            for i in range(0, max(1, len(ids)), 500):
+                part = ",".join(str(n) for n in ids[i : i + 500])
+                payload = f"{kind} {self.node_id} {part}".rstrip()
+                conn.execute("SELECT pg_notify(?, ?)", (PG_CHANNEL, payload))
+        self._notes = {}
+
+    def _note(self, kind, ids=()) -> None:
+        """Writer thread: this transaction changed ``kind`` (ids)."""
+        self._notes.setdefault(kind, set()).update(ids)
+
+    def _reconnect(self) -> None:
+        conn = self._writer_conn
+        if conn is not None and conn.usable:
+            return
+        now = time.monotonic()
+        if now < self._reconnect_at:
+            return
+        try:
+            self._writer_conn = self._connect()
+        except self.psycopg.Error as exc:
+            self._reconnect_at = now + self._reconnect_delay
+            self._reconnect_delay = min(_RECONNECT_MAX, self._reconnect_delay * 2)
+            self._set_outage(exc)
+            return
+        self._reconnect_delay = 0.5
+        log.warning("reconnected to the database")
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def open(self, exclusive=True) -> Store:
+        """Connect, migrate the schema forward (one node at a time, under an
+        advisory lock held only for that), start the writer.  A newer schema
+        than this minisched knows is refused, untouched."""
+        try:
+            conn = self._connect()
+        except self.psycopg.Error as exc:
+            raise DatabaseError(
+                f"cannot connect to {_redacted(self.url)}: {str(exc).strip()}"
+            ) from None
+        try:
+            conn.execute("BEGIN")
+            conn.execute("SELECT pg_advisory_xact_lock(?)", (_PG_MIGRATION_LOCK,))
+            exists = conn.execute("SELECT to_regclass('settings') AS t").fetchone()[0]
+            version = 0
+            if exists:
+                row = conn.execute(
+                    "SELECT value FROM settings WHERE key = 'schema_version'"
+                ).fetchone()
+                version = int(row[0]) if row else 0
+            if version > len(PG_MIGRATIONS):
+                raise DatabaseError(
+                    f"database {_redacted(self.url)} has schema version {version} "
+                    f"but this minisched {__version__} knows only up to "
+                    f"{len(PG_MIGRATIONS)}: use a newer minisched.py (the database "
+                    "is left untouched)"
+                )
+            for number in range(version, len(PG_MIGRATIONS)):
+                conn.raw.execute(PG_MIGRATIONS[number])
+            conn.execute(
+                "INSERT INTO settings VALUES ('schema_version', ?) ON CONFLICT (key) "
+                "DO UPDATE SET value = excluded.value",
+                (str(len(PG_MIGRATIONS)),),
+            )
+            conn.execute(
+                "INSERT INTO settings VALUES ('server_id', ?) ON CONFLICT DO NOTHING",
+                (json.dumps(secrets.token_hex(6)),),
+            )
+            row = conn.execute(
+                "SELECT value FROM settings WHERE key = 'server_id'"
+            ).fetchone()
+            self.server_id = json.loads(row[0])
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.execute("ROLLBACK")
+            conn.close()
+            raise
+        self._pool.append(conn)
+        self._writer_conn = self._connect()
+        self._thread = threading.Thread(
+            target=self._write_loop, name="minisched-writer", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+        with self._lock:
+            pool, self._pool = self._pool, []
+        for conn in [*pool, self._writer_conn]:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+
+    # -- what differs from SQLite ----------------------------------------------
+
+    def allocate_run_id(self) -> int:
+        """Ids in blocks of ``_ID_BLOCK`` from ``runs_id_seq``: one round trip
+        per block, so a run is known before its insert commits."""
+        with self._id_lock:
+            run_id = next(self._ids, None)
+            if run_id is None:
+                start = self._query("SELECT nextval('runs_id_seq') AS n", one=True)["n"]
+                self._ids = iter(range(start + 1, start + _ID_BLOCK))
+                run_id = start
+            return run_id
+
+    def _usable(self, conn) -> bool:
+        return conn.usable
+
+    def _query(self, sql: str, args=(), one=False):
+        try:
+            return super()._query(sql, args, one)
+        except self.psycopg.OperationalError as exc:
+            self.healthy = False
+            raise UnavailableError(
+                f"the database is unreachable now ({str(exc).strip()}); try again later"
+            ) from None
+
+    def _slot_holder(self, conn, run) -> int | None:
+        row = conn.execute(
+            "SELECT id FROM runs WHERE job = ? AND slot = ? AND claim = ?",
+            (run["job"], run["slot"], run.get("claim") or ""),
+        ).fetchone()
+        return row[0] if row else None
+
+    def insert_run(self, run: dict, job_update: dict | None = None):
+        return super().insert_run(dict(run, node_id=self.node_id), job_update)
+
+    def _run_changed(self, run_ids) -> None:
+        self._note("runs", run_ids)
+
+    def _output_added(self, run_ids) -> None:
+        self._note("log", run_ids)
+
+    def _jobs_changed(self, conn) -> None:
+        conn.execute(
+            "UPDATE settings SET value = (value::bigint + 1)::text "
+            "WHERE key = 'jobs_version'"
+        )
+        self._note("jobs")
+
+    def mark_started(self, rows: list):
+        """Fencing: a run is marked started only by the node that holds it,
+        while that node is alive; the ids refused are the result."""
+
+        def op(conn):
+            started = conn.execute(
+                "UPDATE runs SET status = 'running', started_at = v.started, "
+                "pid = v.pid, pid_create_time = v.created FROM unnest("
+                "?::bigint[], ?::float8[], ?::int[], ?::float8[]) "
+                "AS v(id, started, pid, created) WHERE runs.id = v.id "
+                "AND runs.node_id = ? AND runs.status = 'queued' AND EXISTS "
+                "(SELECT 1 FROM nodes WHERE nodes.id = ? AND NOT nodes.dead) "
+                "RETURNING runs.id",
+                (
+                    [r[3] for r in rows],
+                    [r[0] for r in rows],
+                    [r[1] for r in rows],
+                    [r[2] for r in rows],
+                    self.node_id,
+                    self.node_id,
+                ),
+            ).fetchall()
+            done = {row[0] for row in started}
+            conn.executemany(
+                "UPDATE jobs SET last_run_id = ? WHERE name = ?",
+                [(r[3], r[4]) for r in rows if r[3] in done],
+            )
+            self._run_changed(done)
+            return [r[3] for r in rows if r[3] not in done]
+
+        return self._submit(op)
+
+    def update_run(self, run_id: int, fields: dict, job: str | None = None):
+        """A run's end is recorded only while it is still active: a run that
+        another node marked ``lost`` (this node was fenced) stays lost."""
+        if fields.get("status") in (None, *ACTIVE_STATUSES):
+            return super().update_run(run_id, fields, job)
+        sets = ", ".join(f"{key} = ?" for key in fields)
+
+        def op(conn):
+            row = conn.execute(
+                f"UPDATE runs SET {sets} WHERE id = ? AND status IN {_SQL_ACTIVE} "
+                "RETURNING *",
+                [*fields.values(), run_id],
+            ).fetchone()
+            if row is None:
+                return
+            if job is not None:
+                conn.execute(
+                    "UPDATE jobs SET last_run_id = ? WHERE name = ?", (run_id, job)
+                )
+            _roll_up(conn, dict(row), self)
+            self._run_changed([run_id])
+
+        return self._submit(op)
+
+    def mark_lost(self, now: float):
+        """Startup repair: the active runs of this node's earlier lives (rows
+        of ``nodes`` with its name) become ``lost``; those rows are dead."""
+
+        def op(conn):
+            dead = [
+                row[0]
+                for row in conn.execute(
+                    "UPDATE nodes SET dead = true WHERE name = ? AND id != ? "
+                    "AND NOT dead RETURNING id",
+                    (self.node_name, self.node_id),
+                )
+            ]
+            lost, unstarted = self._take_over(conn, dead, now, "the server stopped")
+            return lost + [
+                dict(r, status="queued") for r in self._lose(conn, unstarted, now)
+            ]
+
+        return self._submit(op)
+
+    #: Set by :class:`Cluster` before :meth:`mark_lost`.
+    node_name = ""
+
+    def _take_over(self, conn, node_ids, now, why) -> tuple:
+        """Writer thread: the running runs of dead nodes ``node_ids`` become
+        ``lost``; their queued runs are taken off them (deleted, returned to
+        be claimed again).  Returns ``(lost rows, unstarted rows)``, each as
+        it was before."""
+        if not node_ids:
+            return [], []
+        rows = [
+            dict(r)
+            for r in conn.execute(
+                "SELECT * FROM runs WHERE node_id = ANY(?) AND status = 'running' "
+                "FOR UPDATE",
+                (list(node_ids),),
+            )
+        ]
+        conn.execute(
+            "UPDATE runs SET status = 'lost', finished_at = ?, error = ? || "
+            "' while this run was running' WHERE node_id = ANY(?) "
+            "AND status = 'running'",
+            (now, why, list(node_ids)),
+        )
+        for row in rows:
+            _roll_up(conn, dict(row, status="lost", finished_at=now), self)
+        unstarted = [
+            dict(r)
+            for r in conn.execute(
+                "DELETE FROM runs WHERE node_id = ANY(?) AND status = 'queued' "
+                "RETURNING *",
+                (list(node_ids),),
+            )
+        ]
+        self._run_changed([r["id"] for r in rows])
+        return rows, unstarted
+
+    def _lose(self, conn, rows, now) -> list:
+        """Put back ``rows`` (deleted by :meth:`_take_over`) as ``lost``."""
+        for row in rows:
+            row = dict(row, status="lost", finished_at=now)
+            row["error"] = "the server stopped before this run started"
+            cols = [c for c in self.RUN_INSERT_COLUMNS if c in row]
+            conn.execute(
+                "INSERT INTO runs ({}) VALUES ({}) ON CONFLICT DO NOTHING".format(
+                    ", ".join(cols), ", ".join("?" * len(cols))
+                ),
+                [row[c] for c in cols],
+            )
+            _roll_up(conn, row, self)
+        return rows
+
+    # -- nodes (the cluster thread) -----------------------------------------------
+
+    def register(self, name, tags, address) -> tuple:
+        """Add this node (a new row: a new lease, an id no fenced life of it
+        holds) and become it: ``(node id, the database's clock)``."""
+        row = self._query(
+            "INSERT INTO nodes (name, tags, version, address, pid) VALUES "
+            "(?, ?, ?, ?, ?) RETURNING id, extract(epoch FROM now()) AS now",
+            (name, json.dumps(tags), __version__, address, os.getpid()),
+            one=True,
+        )
+        self.node_id, self.node_name = row["id"], name
+        return row["id"], float(row["now"])
+
+    def heartbeat(self, running: int, skew: float | None):
+        """Renew this node's lease: the database's clock, or None when the
+        node was declared dead (fenced) meanwhile."""
+        row = self._query(
+            "UPDATE nodes SET heartbeat = now(), running = ?, clock_skew = ? "
+            "WHERE id = ? AND NOT dead RETURNING extract(epoch FROM now()) AS now",
+            (running, skew, self.node_id),
+            one=True,
+        )
+        return float(row["now"]) if row else None
+
+    def db_clock(self) -> float:
+        return float(
+            self._query("SELECT extract(epoch FROM now()) AS now", one=True)["now"]
+        )
+
+    def nodes(self) -> list:
+        """Every node row that is alive or died in the last day, by name."""
+        rows = self._query(
+            "SELECT id, name, tags, version, address, pid, dead, running, clock_skew, "
+            "extract(epoch FROM started_at) AS started_at, "
+            "extract(epoch FROM heartbeat) AS heartbeat, "
+            "extract(epoch FROM now() - heartbeat) AS age FROM nodes "
+            "WHERE NOT dead OR heartbeat > now() - interval '1 day' "
+            "ORDER BY name, id"
+        )
+        for row in rows:
+            row["tags"] = json.loads(row["tags"])
+            for key in ("started_at", "heartbeat", "age"):
+                row[key] = float(row[key])
+        return rows
+
+    def reap(self, timeout: float, now: float):
+        """Declare dead the nodes whose heartbeat is older than ``timeout``
+        seconds (the database's clock) and take their runs over.  One node
+        gets each dead node (the row lock decides).  The future's result is
+        ``(dead nodes, lost rows, unstarted rows)``."""
+
+        def op(conn):
+            dead = [
+                dict(r)
+                for r in conn.execute(
+                    "UPDATE nodes SET dead = true WHERE NOT dead AND id != ? "
+                    "AND heartbeat < now() - ? * interval '1 second' "
+                    "RETURNING id, name",
+                    (self.node_id, timeout),
+                )
+            ]
+            if not dead:
+                return [], [], []
+            names = ", ".join(sorted({d["name"] for d in dead}))
+            why = f"node {names} stopped (no heartbeat for {_num(timeout)}s)"
+            lost, unstarted = self._take_over(conn, [d["id"] for d in dead], now, why)
+            return dead, lost, unstarted
+
+        return self._submit(op)
+
+    def add_command(self, node_id: int, kind: str, arg: str):
+        """Ask node ``node_id`` to do something (``stop`` a run, ``stop-job``)."""
+
+        def op(conn):
+            conn.execute(
+                "INSERT INTO commands (node_id, kind, arg) VALUES (?, ?, ?)",
+                (node_id, kind, arg),
+            )
+            self._note("cmd", [node_id])
+
+        return self._submit(op)
+
+    def take_commands(self) -> list:
+        """This node's commands, oldest first (each is handed out once)."""
+        return self._query(
+            "DELETE FROM commands WHERE id IN (SELECT id FROM commands WHERE "
+            "node_id = ? ORDER BY id FOR UPDATE SKIP LOCKED) RETURNING kind, arg",
+            (self.node_id,),
+        )
+
+    def jobs_version(self) -> int:
+        row = self._query(
+            "SELECT value FROM settings WHERE key = 'jobs_version'", one=True
+        )
+        return int(row["value"]) if row else 0
+
+    def get_runs(self, run_ids) -> list:
+        return self._query("SELECT * FROM runs WHERE id = ANY(?)", (list(run_ids),))
+
+    def claimed(self, pairs) -> set:
+        """Which ``(job, slot)`` pairs have a run (any claim)."""
+        if not pairs:
+            return set()
+        rows = self._query(
+            "SELECT job, slot FROM runs WHERE (job, slot) IN "
+            "(SELECT * FROM unnest(?::text[], ?::float8[]))",
+            ([p[0] for p in pairs], [p[1] for p in pairs]),
+        )
+        return {(r["job"], r["slot"]) for r in rows}
+
+    def listen(self):
+        """A new connection listening on :data:`PG_CHANNEL` (the cluster's)."""
+        conn = self._connect()
+        conn.raw.execute(f"LISTEN {PG_CHANNEL}")
+        return conn
 
 
 def _where(clauses) -> str:
@@ -3476,6 +4245,8 @@ class Run:
         self.output_bytes = 0
         self.output_truncated = False
         self.leftovers_stopped = None
+        self.node = None  # the node it runs on (a cluster's)
+        self.claim = ""  # "" or, for ``placement: all``, the node's own claim
         self.force = False  # a forced manual trigger ignores the job's concurrency
         self.deadline_armed = False
         self.counted = False  # counted in the Runner's live/busy totals
@@ -3507,6 +4278,8 @@ class Run:
         out["job"] = self.job.name
         if self.status == "starting":  # an internal step of queued
             out["status"] = "queued"
+        if self.claim:
+            out["claim"] = self.claim
         return out
 
     def public(self) -> dict:
@@ -4007,6 +4780,11 @@ class Launcher:
             if inserted is not False:
                 log.error("run %d not started: cannot record it: %s", run.id, inserted)
             return False
+        if not self.runner.lease():
+            # Fenced (or about to be): another node takes this run over.
+            log.warning("run %d not started: this node's lease ran out", run.id)
+            self.runner._start(*self.runner.admission.ended(run))
+            return False
         run.started_at = self.runner.clock()
         if run.kill_reason is not None:  # stopped while it waited to start
             run.error = run.kill_reason[1]
@@ -4053,9 +4831,10 @@ class Launcher:
             if run.slot is not None and run.started_at is not None:
                 self.runner.metrics.started(run.started_at - run.scheduled_at)
         self.runner.admission.started(runs)
-        self.runner.store.mark_started(
+        recorded = self.runner.store.mark_started(
             [(r.started_at, r.pid, r.pid_create_time, r.id, r.job.name) for r in runs]
         )
+        recorded.add_done_callback(self._check_fenced)
         for run in runs:
             # Each run on its own: one failure here must neither end this
             # thread nor leave a started run unwatched.
@@ -4071,6 +4850,14 @@ class Launcher:
             except Exception as exc:
                 log.exception("handing run %d over failed", run.id)
                 self.runner.watcher.command(("fail", run, f"internal error: {exc!r}"))
+
+    def _check_fenced(self, future) -> None:
+        """Writer thread: runs whose start the database refused (this node
+        was fenced: they are another node's now) are stopped at once."""
+        if future.exception() is not None:
+            return
+        for run_id in future.result() or ():
+            self.runner.stop_run(run_id, "stopped: this node was fenced")
 
     def _hand_over(self, run) -> None:
         """Give a started run to the io thread, which owns it from now on (an
@@ -4768,7 +5555,9 @@ class Runner:
     deleted); ``on_finished(run, job)`` is called from the completion thread
     after a run is recorded terminal (the scheduler starts dependents there);
     ``on_hook(event, public_run, job)`` hands a hook event to the notifier;
-    ``monotonic`` is the clock of job timers.
+    ``monotonic`` is the clock of job timers.  In a cluster, ``node`` is this
+    node's name (each run records it) and ``lease()`` is False while this
+    node may not start anything (its lease ran out: it may be fenced).
     """
 
     def __init__(
@@ -4783,9 +5572,13 @@ class Runner:
         on_finished=None,
         on_hook=None,
         monotonic=time.monotonic,
+        node=None,
+        lease=None,
     ):
         self.store = store
         self.bus = bus
+        self.node = node
+        self.lease = lease or (lambda: True)
         #: Server-wide ``max_rss`` and ``max_cpu`` for jobs without their own.
         self.default_rss, self.default_cpu = limits
         self.clock = clock
@@ -4895,7 +5688,7 @@ class Runner:
 
         def make_run():
             at = scheduled_at if scheduled_at is not None else now
-            return Run(self.store.allocate_run_id(), job, trigger, attempt, slot, at)
+            return self._new_run(job, trigger, attempt, slot, at)
 
         run, to_stop, later = self.admission.add(
             job, trigger, force, not_before, now, make_run
@@ -4974,13 +5767,22 @@ class Runner:
     ) -> dict:
         """Record a run that never starts (``missed``, ``skipped``)."""
         now = self.clock()
-        run = Run(self.store.allocate_run_id(), job, trigger, 1, slot, scheduled_at)
+        run = self._new_run(job, trigger, 1, slot, scheduled_at)
         run.status, run.error, run.finished_at = status, error, now
         if status == "missed":
             job_update = dict(job_update or {}, last_run_id=run.id)
         run.persisted = self.store.insert_run(run.row(), job_update)
         self.completion.announce(run, job)
         return run.public()
+
+    def _new_run(self, job, trigger, attempt, slot, scheduled_at) -> Run:
+        run = Run(
+            self.store.allocate_run_id(), job, trigger, attempt, slot, scheduled_at
+        )
+        run.node = self.node
+        if slot is not None and job.placement == "all":
+            run.claim = self.node or ""  # one run of the slot per node
+        return run
 
     def _enqueue(self, run) -> None:
         self._start(*self.admission.queue(run))
@@ -6668,7 +7470,7 @@ class Engine:
         self.config = config
         self.started_at = clock()
         self.tz = config.zone()
-        self.store = SQLiteStore(config.db)
+        self.store = open_store(config.db)
         self.bus = EventBus()
         self.metrics = Metrics()
         self.runner = Runner(

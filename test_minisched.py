@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import email
 import errno
+import glob
 import http.client
 import http.server
 import io
@@ -27,6 +28,7 @@ import socketserver
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -543,10 +545,122 @@ def test_store_refuses_newer_schema_and_second_server(tmp_path):
         SQLiteStore(path).open()
 
 
+# -- a private PostgreSQL, started by the tests ----------------------------------
+
+
+def _pg_bin():
+    """The directory of Debian's PostgreSQL programs (the newest), or None."""
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0,
+    )
+    return os.path.dirname(found[-1]) if found else None
+
+
+def _pg_missing():
+    """Why the PostgreSQL tests cannot run here, or None."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return 'psycopg is not installed (pip install "psycopg[binary]")'
+    if _pg_bin() is None:
+        return "PostgreSQL is not installed (apt-get install postgresql)"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PgCluster:
+    """A throwaway PostgreSQL cluster in a temporary directory, on loopback.
+    initdb refuses root: as root, it runs as the ``postgres`` user (or
+    ``nobody``)."""
+
+    def __init__(self, base):
+        self.base = base
+        self.data = os.path.join(base, "data")
+        self.bin = _pg_bin()
+        self.port = free_port()
+        self.user = None
+        if os.geteuid() == 0:
+            for name in ("postgres", "nobody"):
+                try:
+                    self.user = pwd.getpwnam(name)
+                    break
+                except KeyError:
+                    continue
+            os.chown(base, self.user.pw_uid, self.user.pw_gid)
+        self._dbs = itertools.count(1)
+
+    def _run(self, *argv, check=True):
+        argv = [os.path.join(self.bin, argv[0]), *argv[1:]]
+        if self.user is not None:
+            argv = ["runuser", "-u", self.user.pw_name, "--", *argv]
+        return subprocess.run(
+            argv, capture_output=True, text=True, check=check, cwd=self.base
+        )
+
+    def init(self):
+        self._run("initdb", "-D", self.data, "-A", "trust", "-U", "minisched", "-E", "UTF8")
+        return self.start()
+
+    def start(self):
+        options = (
+            f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 "
+            "-c fsync=off -c synchronous_commit=off -c max_connections=300"
+        )
+        self._run(
+            "pg_ctl", "-D", self.data, "-l", os.path.join(self.base, "log"),
+            "-o", options, "-w", "-t", "60", "start",
+        )
+        return self
+
+    def stop(self, mode="fast"):
+        self._run("pg_ctl", "-D", self.data, "-m", mode, "-w", "stop", check=False)
+
+    def url(self, db="postgres"):
+        return f"postgresql://minisched@127.0.0.1:{self.port}/{db}"
+
+    def new_database(self) -> str:
+        """A new empty database: its URL."""
+        import psycopg
+
+        name = f"t{next(self._dbs)}_{secrets.token_hex(3)}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A private PostgreSQL for the whole run, in a directory of its own
+    under /tmp (which its unprivileged user can reach), removed at the end;
+    skipped, with the reason, where it cannot start (CI requires it)."""
+    missing = _pg_missing()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI requires the PostgreSQL tests: {missing}")
+        pytest.skip(missing)
+    base = tempfile.mkdtemp(prefix="minisched-pg-")
+    cluster = PgCluster(base).init()
+    yield cluster
+    cluster.stop("immediate")
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(pg_cluster):
+    """A new, empty PostgreSQL database."""
+    return pg_cluster.new_database()
+
+
 # -- the store contract: every Store implementation passes these --------------
 
 #: The implementations the contract suite runs on.
-STORE_KINDS = ["sqlite"]
+STORE_KINDS = ["sqlite", "postgresql"]
 
 
 @pytest.fixture(params=STORE_KINDS)
@@ -554,10 +668,16 @@ def new_store(request, tmp_path):
     """Factory of opened stores of one implementation; ``make(name)`` opens
     the database ``name`` (again, after a close: it persists)."""
     made = []
+    urls = {}
 
     def make(name="m"):
         if request.param == "sqlite":
             store = SQLiteStore(str(tmp_path / f"{name}.db")).open()
+        else:
+            if name not in urls:
+                urls[name] = request.getfixturevalue("pg_cluster").new_database()
+            store = minisched.PostgresStore(urls[name]).open()
+            store.register("test-node", [], None)
         made.append(store)
         return store
 
