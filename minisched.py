@@ -124,6 +124,7 @@ import random
 import re
 import resource
 import secrets
+import select
 import selectors
 import shlex
 import signal
@@ -360,6 +361,9 @@ class Config:
         ("alert_cap", 30, int),
         ("max_rss_default", None, int),
         ("max_cpu_default", None, float),
+        ("node_name", None, str),
+        ("node_tag", [], list),
+        ("node_timeout", 20.0, float),
     )
 
     def __init__(self, **values):
@@ -426,6 +430,8 @@ class Config:
             raise UsageError(
                 "--log-max-bytes: at least 1024; --log-backups: at least 0"
             )
+        if self.node_timeout < 1:
+            raise UsageError("--node-timeout: must be at least 1 (seconds)")
         for name, low in (
             ("port", 0),
             ("max_concurrent", 0),
@@ -2827,6 +2833,52 @@ class SQLStore(Store):
     def writer_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    # -- copy-db (one command, no server) ------------------------------------
+
+    #: What ``copy-db`` copies, each with its order: jobs with their pause
+    #: state, runs, output, the statistics and open incidents.
+    COPY_TABLES = (
+        ("jobs", "name"),
+        ("runs", "id"),
+        ("chunks", "run_id, seq"),
+        ("run_days", "job, day"),
+        ("incidents", "job"),
+    )
+
+    def table_rows(self, table, order, page=5000):
+        """Every row of ``table`` (one of :data:`COPY_TABLES`), in pages."""
+        offset = 0
+        while True:
+            rows = self._query(
+                f"SELECT * FROM {table} ORDER BY {order} LIMIT ? OFFSET ?",
+                (page, offset),
+            )
+            yield from rows
+            if len(rows) < page:
+                return
+            offset += page
+
+    def count_rows(self, table) -> int:
+        return self._query(f"SELECT count(*) AS n FROM {table}", one=True)["n"]
+
+    def put_rows(self, table, rows):
+        """Insert copied rows (the columns both sides have); existing keys stay."""
+        if not rows:
+            return None
+        columns = self._columns(table)
+        cols = [c for c in rows[0] if c in columns]
+        sql = "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING".format(
+            table, ", ".join(cols), ", ".join("?" * len(cols))
+        )
+        values = [[row[c] for c in cols] for row in rows]
+        return self._submit(lambda conn: conn.executemany(sql, values))
+
+    def _columns(self, table) -> set:
+        return {r["name"] for r in self._query(f"PRAGMA table_info({table})")}
+
+    def after_copy(self) -> None:
+        """Run ids go on after the copied ones."""
+
     def count_failed(self, since: float) -> int:
         return self._query(
             f"SELECT count(*) AS n FROM runs WHERE status IN {_SQL_FAILURES} "
@@ -3693,6 +3745,26 @@ class PostgresStore(SQLStore):
             (self.node_id,),
         )
 
+    def _columns(self, table) -> set:
+        rows = self._query(
+            "SELECT column_name AS name FROM information_schema.columns "
+            "WHERE table_name = ? AND table_schema = current_schema()",
+            (table,),
+        )
+        return {r["name"] for r in rows}
+
+    def after_copy(self) -> None:
+        self._query(
+            "SELECT setval('runs_id_seq', coalesce((SELECT max(id) FROM runs), 0) + 1)"
+        )
+
+    def leave(self) -> None:
+        """A clean shutdown: this node's row is dead at once (nothing to take over)."""
+        self._query(
+            "UPDATE nodes SET dead = true WHERE id = ? RETURNING id",
+            (self.node_id,),
+        )
+
     def jobs_version(self) -> int:
         row = self._query(
             "SELECT value FROM settings WHERE key = 'jobs_version'", one=True
@@ -4247,6 +4319,7 @@ class Run:
         self.leftovers_stopped = None
         self.node = None  # the node it runs on (a cluster's)
         self.claim = ""  # "" or, for ``placement: all``, the node's own claim
+        self.epoch = None  # the node registration it was claimed under
         self.force = False  # a forced manual trigger ignores the job's concurrency
         self.deadline_armed = False
         self.counted = False  # counted in the Runner's live/busy totals
@@ -4780,7 +4853,7 @@ class Launcher:
             if inserted is not False:
                 log.error("run %d not started: cannot record it: %s", run.id, inserted)
             return False
-        if not self.runner.lease():
+        if not self.runner.lease(run):
             # Fenced (or about to be): another node takes this run over.
             log.warning("run %d not started: this node's lease ran out", run.id)
             self.runner._start(*self.runner.admission.ended(run))
@@ -5557,7 +5630,8 @@ class Runner:
     ``on_hook(event, public_run, job)`` hands a hook event to the notifier;
     ``monotonic`` is the clock of job timers.  In a cluster, ``node`` is this
     node's name (each run records it) and ``lease()`` is False while this
-    node may not start anything (its lease ran out: it may be fenced).
+    node may not start ``run`` (its lease ran out, or the run was claimed
+    under an earlier registration of this node: it may be fenced).
     """
 
     def __init__(
@@ -5578,7 +5652,7 @@ class Runner:
         self.store = store
         self.bus = bus
         self.node = node
-        self.lease = lease or (lambda: True)
+        self.lease = lease or (lambda run: True)
         #: Server-wide ``max_rss`` and ``max_cpu`` for jobs without their own.
         self.default_rss, self.default_cpu = limits
         self.clock = clock
@@ -5780,6 +5854,7 @@ class Runner:
             self.store.allocate_run_id(), job, trigger, attempt, slot, scheduled_at
         )
         run.node = self.node
+        run.epoch = getattr(self.store, "node_id", None)
         if slot is not None and job.placement == "all":
             run.claim = self.node or ""  # one run of the slot per node
         return run
@@ -6005,9 +6080,12 @@ class Scheduler:
         clock=time.time,
         wait=None,
         rand=random.random,
+        place=None,
     ):
         self.store = store
         self.runner = runner
+        #: In a cluster, :meth:`Cluster.place`: which slots this node claims.
+        self.place = place
         self.bus = bus
         self.server_tz = server_tz
         self.clock = clock
@@ -6240,6 +6318,65 @@ class Scheduler:
             "job", {"action": "paused" if paused else "resumed", "name": name}
         )
 
+    def skip_past(self) -> None:
+        """A node joining a live cluster: the slots that passed were the
+        other nodes' to run, not this one's to catch up."""
+        now = self.clock()
+        with self._lock:
+            for state in self._states.values():
+                state.last_slot = max(state.last_slot or now, now)
+                self._reschedule(state)
+
+    def sync(self, rows) -> None:
+        """Another node changed jobs: make the registry match ``rows`` (every
+        stored job, from :meth:`Store.load_jobs`) without writing anything."""
+        now = self.clock()
+        jobs = {}
+        for row in rows:
+            try:
+                definition = validate_job(row["definition"], self.server_tz)
+                jobs[row["name"]] = (row, definition)
+            except MinischedError as exc:
+                log.error(
+                    "job %s in the database is invalid, skipped: %s", row["name"], exc
+                )
+        events, removed = [], []
+        with self._lock:
+            for name, (row, definition) in jobs.items():
+                state = self._states.get(name)
+                paused = bool(row["paused"])
+                if state is not None and state.job.definition == definition:
+                    if state.paused != paused:
+                        state.paused = paused
+                        if not paused:
+                            state.last_slot = max(state.last_slot or now, now)
+                        self._reschedule(state)
+                        events.append(("paused" if paused else "resumed", name))
+                    continue
+                job = Job(definition, self.server_tz, row["source"], row["created_at"])
+                if state is None:
+                    last = max(row["last_slot"] or now, now)
+                    state = self._states[name] = _JobState(job, last, paused)
+                    events.append(("created", name))
+                else:
+                    same = (state.job.schedule, state.job.tz) == (job.schedule, job.tz)
+                    state.job, state.paused = job, paused
+                    if not same:
+                        state.last_slot = max(state.last_slot or now, now)
+                    events.append(("updated", name))
+                self._reschedule(state)
+            for name in [n for n in self._states if n not in jobs]:
+                del self._states[name]
+                self._dependents = None
+                removed.append(name)
+                events.append(("deleted", name))
+        for name in removed:
+            self.runner.stop_job(name, "stopped: the job was deleted")
+        if events:
+            self._wake.set()
+        for action, name in events:
+            self.bus.publish("job", {"action": action, "name": name})
+
     def trigger(self, name: str, force=False, trigger="manual") -> dict:
         job = self.get_job(name)
         if job is None:
@@ -6395,20 +6532,19 @@ class Scheduler:
                 f"{missed} slot{plural} missed between {iso_utc(first)} and "
                 f"{iso_utc(last_missed)}: {why}"
             )
-            calls.append(
-                (
-                    job.name,
-                    functools.partial(
-                        self.runner.record,
-                        job,
-                        "missed",
-                        "schedule",
-                        scheduled_at=first,
-                        error=error,
-                        job_update=None if fire else update,
-                    ),
-                )
+            record = functools.partial(
+                self.runner.record,
+                job,
+                "missed",
+                "schedule",
+                scheduled_at=first,
+                error=error,
+                job_update=None if fire else update,
             )
+            if self.place is not None:
+                record = self.place(job, first, record, record=True)
+            if record is not None:
+                calls.append((job.name, record))
         for i, s in enumerate(fire):
             last = i == len(fire) - 1
             self._fire(state, kind(s), s, s, calls, update if last else None)
@@ -6447,7 +6583,10 @@ class Scheduler:
             not_before=not_before,
             job_update=update or None,
         )
-        calls.append((job.name, submit))
+        if self.place is not None and slot is not None:
+            submit = self.place(job, slot, submit)
+        if submit is not None:
+            calls.append((job.name, submit))
 
     def run_finished(self, run, job) -> None:
         """Io thread: a run ended; start the jobs that run ``after`` it."""
@@ -7441,6 +7580,393 @@ def _what_happened(run) -> str:
 
 
 ###############################################################################
+# Cluster #####################################################################
+###############################################################################
+
+#: A non-owner node claims a slot its owner has not claimed after this long
+#: (the owner died between heartbeats, or is too slow): late, never twice.
+FALLBACK_CLAIM = 2.0
+#: A node whose clock differs from the database's by more says so.
+MAX_CLOCK_SKEW = 1.0
+
+
+def _matches(job, node) -> bool:
+    """Whether ``node`` (a row of ``nodes``) may run ``job`` (its ``nodes``)."""
+    wanted = job.nodes
+    return not wanted or node["name"] in wanted or bool(set(wanted) & set(node["tags"]))
+
+
+def _owner(key: str, nodes):
+    """The node a key (a job's slot) belongs to: rendezvous hashing, so the
+    load spreads and only a dead node's share moves."""
+    return max(
+        nodes,
+        key=lambda n: hashlib.blake2b(
+            f"{key}|{n['name']}".encode(), digest_size=8
+        ).digest(),
+    )
+
+
+class Cluster:
+    """This server as one node of several on one PostgreSQL database.
+
+    ``minisched-node`` renews the node's lease (heartbeat every
+    ``timeout / 5`` seconds), declares nodes dead whose heartbeat is older
+    than ``timeout`` by the database's clock and takes their runs over, runs
+    the claims deferred by :meth:`place`, picks up commands and job changes
+    (polling, the fallback) and measures the clock skew.  ``minisched-listen``
+    turns other nodes' notifications into local bus events (their runs and
+    output), commands and job reloads at once.
+
+    ``lease_ok()`` is read by the launcher before each spawn: False once
+    ``timeout`` minus a margin has passed since the last renewal was sent
+    (a frozen node wakes up unable to start anything).  The database checks
+    the same when the start is recorded.
+    """
+
+    def __init__(self, engine, name, tags, timeout):
+        self.engine = engine
+        self.store = engine.store
+        self.name = name
+        self.tags = list(tags)
+        self.timeout = timeout
+        self.interval = max(0.2, timeout / 5)
+        self._margin = min(2.0, timeout / 4)
+        self._lease_until = 0.0  # monotonic
+        self.live = []  # rows of the live nodes, this one included
+        self.skew = None
+        self._skew_logged = 0.0
+        self._deferred = []  # (monotonic due, slot, job name, call)
+        self._deferred_lock = threading.Lock()
+        self._jobs_version = None
+        self._seen_seq = {}  # remote run id -> last output seq published
+        self._wake = threading.Event()
+        self.stopping = threading.Event()
+        self._threads = []
+
+    # -- lifecycle (main thread) ---------------------------------------------
+
+    def join(self) -> None:
+        """Register this node (before the startup repair)."""
+        sent = time.monotonic()
+        _node_id, db_now = self.store.register(self.name, self.tags, None)
+        self._renewed(sent, db_now, time.time())
+        self.live = [n for n in self.store.nodes() if not n["dead"]]
+        log.info(
+            "node %s joined the cluster on %s (%d nodes alive)",
+            self.name,
+            _redacted(self.store.url),
+            len(self.live),
+        )
+
+    def others_alive(self) -> bool:
+        return any(n["id"] != self.store.node_id for n in self.live)
+
+    def start(self) -> None:
+        self._jobs_version = self.store.jobs_version()
+        for target, name in (
+            (self._loop, "minisched-node"),
+            (self._listen, "minisched-listen"),
+        ):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    def alive(self) -> bool:
+        return all(t.is_alive() for t in self._threads)
+
+    # -- the lease (any thread) ------------------------------------------------
+
+    def lease_ok(self, run=None) -> bool:
+        """Whether this node may start ``run`` now (or anything, without one)."""
+        if run is not None and run.epoch != self.store.node_id:
+            return False  # claimed by a life of this node that was fenced
+        return time.monotonic() < self._lease_until
+
+    def _renewed(self, sent, db_now, received) -> None:
+        self._lease_until = sent + self.timeout - self._margin
+        # ``sent`` is monotonic: the skew is the wall clock's at mid-request.
+        self.skew = (received - (time.monotonic() - sent) / 2) - db_now
+        if abs(self.skew) > MAX_CLOCK_SKEW and received - self._skew_logged > 60:
+            self._skew_logged = received
+            log.warning(
+                "this node's clock differs from the database's by %.1fs: slots "
+                "are wall-clock instants, so runs start that much early or late "
+                "here; synchronise the clocks (chrony, systemd-timesyncd)",
+                self.skew,
+            )
+
+    def clock_ok(self) -> bool:
+        return self.skew is None or abs(self.skew) <= MAX_CLOCK_SKEW
+
+    # -- placement (the scheduler, its lock held) ------------------------------
+
+    def place(self, job, slot, call, record=False):
+        """What this node does about ``job``'s ``slot``: ``call`` itself (it
+        claims the slot), a deferred claim (another node owns it), a
+        ``missed`` record (no live node matches), or None.  ``record``: the
+        call is a record of missed slots, written by the owner only."""
+        live = self.live
+        me = self.store.node_id
+        matching = [n for n in live if _matches(job, n)]
+        if job.placement == "all" and not record:
+            return call if any(n["id"] == me for n in matching) else None
+        key = f"{job.name}|{slot}"
+        if not matching:
+            if not live or _owner(key, live)["id"] != me:
+                return None
+            wanted = ", ".join(job.nodes)
+            return functools.partial(
+                self.engine.runner.record,
+                job,
+                "missed",
+                "schedule",
+                slot=slot,
+                scheduled_at=slot,
+                error=f"no live node matches nodes [{wanted}]",
+            )
+        if _owner(key, matching)["id"] == me:
+            return call
+        if record or not any(n["id"] == me for n in matching):
+            return None
+        return functools.partial(self._defer, slot, job.name, call)
+
+    def _defer(self, slot, name, call) -> None:
+        due = time.monotonic() + max(0.0, slot - time.time()) + FALLBACK_CLAIM
+        with self._deferred_lock:
+            heapq.heappush(self._deferred, (due, slot, name, call))
+        self._wake.set()
+
+    def _claim_deferred(self) -> float:
+        """Claim the deferred slots that are due and still unclaimed; return
+        seconds until the next one.  Node thread."""
+        now = time.monotonic()
+        due = []
+        with self._deferred_lock:
+            while self._deferred and self._deferred[0][0] <= now:
+                due.append(heapq.heappop(self._deferred))
+            left = self._deferred[0][0] - now if self._deferred else self.interval
+        if due:
+            claimed = self.store.claimed([(name, slot) for _d, slot, name, _c in due])
+            for _due, slot, name, call in due:
+                if (name, slot) in claimed:
+                    continue
+                log.warning(
+                    "job %s: slot %s claimed late (its owner did not)",
+                    name,
+                    iso_utc(slot),
+                )
+                Scheduler._call_runner([(name, call)])
+        return left
+
+    # -- the node thread ---------------------------------------------------------
+
+    def _loop(self) -> None:
+        next_beat = 0.0
+        while not self.stopping.is_set():
+            try:
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + self.interval
+                    self._beat()
+                wait = min(self._claim_deferred(), next_beat - time.monotonic())
+            except Exception as exc:  # noqa: BLE001 - the database, mostly
+                log.warning("cluster duties failed (retrying): %s", exc)
+                wait = self.interval
+            self._wake.wait(max(0.01, wait))
+            self._wake.clear()
+
+    def _beat(self) -> None:
+        """Renew the lease, see who is alive, take over the dead, pick up
+        commands and job changes."""
+        sent, running = time.monotonic(), self.engine.runner.counts()["running"]
+        db_now = self.store.heartbeat(running, self.skew)
+        if db_now is None:
+            self._fenced()
+            return
+        self._renewed(sent, db_now, time.time())
+        if self.store.outage is None:
+            self.store.healthy = True
+        self.live = [n for n in self.store.nodes() if not n["dead"]]
+        dead, lost, unstarted = self.store.result(
+            self.store.reap(self.timeout, time.time())
+        )
+        for node in dead:
+            log.warning(
+                "node %s is dead (no heartbeat for %gs): taking over its runs",
+                node["name"],
+                self.timeout,
+            )
+        self._take_over(lost, unstarted)
+        self._commands()
+        self._sync_jobs()
+
+    def _fenced(self) -> None:
+        """This node was declared dead while it could not renew its lease
+        (frozen, cut off): its runs are another node's business now.  Stop
+        them, then join again as a new node."""
+        self._lease_until = 0.0
+        active = self.engine.runner.active_runs()
+        log.error(
+            "node %s was declared dead by the cluster (no heartbeat for %gs): "
+            "stopping its %d runs (marked lost by the node that took over) "
+            "and joining again",
+            self.name,
+            self.timeout,
+            len(active),
+        )
+        for run in active:
+            self.engine.runner.stop_run(run.id, "stopped: this node was fenced")
+        self.join()
+
+    def _take_over(self, lost, unstarted) -> None:
+        runner, now = self.engine.runner, time.time()
+        for row in lost:
+            row = dict(row, status="lost", finished_at=now)
+            self.engine.announce_lost(row)
+            job = self.engine.scheduler.get_job(row["job"])
+            if job is not None and job.retry_lost:
+                runner.submit(job, "retry", attempt=row["attempt"] + 1)
+        for row in unstarted:
+            job = self.engine.scheduler.get_job(row["job"])
+            if job is None:
+                continue
+            limit = (
+                job.starting_deadline
+                if job.starting_deadline is not None
+                else LATE_AFTER
+            )
+            at = row["scheduled_at"] or now
+            if row["slot"] is None or now - at <= limit:
+                runner.submit(job, row["trigger"], slot=row["slot"], scheduled_at=at)
+            else:
+                runner.record(
+                    job, "missed", row["trigger"], slot=row["slot"], scheduled_at=at,
+                    error=f"its node {row['node']} died before starting it and "
+                    f"{_num(limit)}s had passed",
+                )  # fmt: skip
+
+    def _commands(self) -> None:
+        for command in self.store.take_commands():
+            kind, arg = command["kind"], command["arg"]
+            if kind == "stop":
+                self.engine.runner.stop_run(int(arg))
+            elif kind == "stop-job":
+                self.engine.runner.stop_job(arg)
+
+    def _sync_jobs(self, force=False) -> None:
+        version = self.store.jobs_version()
+        if force or version != self._jobs_version:
+            self._jobs_version = version
+            self.engine.scheduler.sync(self.store.load_jobs())
+
+    # -- the listener thread -----------------------------------------------------
+
+    def _listen(self) -> None:
+        """``minisched-listen``: other nodes' notifications, at once."""
+        delay = 0.5
+        while not self.stopping.is_set():
+            try:
+                conn = self.store.listen()
+            except Exception as exc:  # noqa: BLE001 - retried with backoff
+                log.debug("cannot listen for notifications: %s", exc)
+                self.stopping.wait(delay)
+                delay = min(_RECONNECT_MAX, delay * 2)
+                continue
+            delay = 0.5
+            try:
+                self._sync_jobs(force=True)  # what changed while not listening
+                while not self.stopping.is_set():
+                    ready, _, _ = select.select([conn.raw.fileno()], [], [], 1.0)
+                    if not ready:
+                        continue
+                    conn.raw.pgconn.consume_input()
+                    while True:
+                        note = conn.raw.pgconn.notifies()
+                        if note is None:
+                            break
+                        self._heard(note.extra.decode())
+                    if conn.raw.pgconn.status != self.store.psycopg.pq.ConnStatus.OK:
+                        raise OSError("the connection was lost")
+            except Exception as exc:  # noqa: BLE001 - reconnect
+                log.debug("listening failed: %s", exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    conn.close()
+
+    def _heard(self, payload: str) -> None:
+        kind, node, *rest = payload.split(" ")
+        if int(node) == self.store.node_id:
+            return
+        ids = [int(i) for i in rest[0].split(",")] if rest and rest[0] else []
+        if kind == "runs":
+            for row in self.store.get_runs(ids):
+                if row["status"] not in ACTIVE_STATUSES:
+                    self._seen_seq.pop(row["id"], None)
+                self.engine.bus.publish("run", run_public(row))
+        elif kind == "log":
+            for run_id in ids:
+                after = self._seen_seq.get(run_id, 0)
+                for chunk in self.store.get_chunks(run_id, after):
+                    after = chunk["seq"]
+                    self.engine.bus.publish("log", dict(chunk, run_id=run_id))
+                if len(self._seen_seq) > 10000:
+                    self._seen_seq.clear()
+                self._seen_seq[run_id] = after
+        elif kind == "cmd" and self.store.node_id in ids:
+            self._commands()
+        elif kind == "jobs":
+            self._sync_jobs()
+
+    # -- the API (request threads) ------------------------------------------------
+
+    def nodes(self) -> list:
+        """Every node alive or dead in the last day, as ``GET /api/nodes`` shows it."""
+        out = []
+        for row in self.store.nodes():
+            out.append(
+                {
+                    "name": row["name"],
+                    "id": row["id"],
+                    "tags": row["tags"],
+                    "version": row["version"],
+                    "pid": row["pid"],
+                    "started_at": iso_utc(row["started_at"]),
+                    "heartbeat_at": iso_utc(row["heartbeat"]),
+                    "heartbeat_age": round(row["age"], 3),
+                    "running": row["running"],
+                    "alive": not row["dead"] and row["age"] <= self.timeout,
+                    "clock_skew": row["clock_skew"],
+                    "self": row["id"] == self.store.node_id,
+                }
+            )
+        return out
+
+    def stop_remote(self, row) -> bool:
+        """Ask the node running run ``row`` to stop it: True if it is an
+        active run of another live node."""
+        node_id = row.get("node_id")
+        if (
+            row["status"] not in ACTIVE_STATUSES
+            or not node_id
+            or node_id == self.store.node_id
+        ):
+            return False
+        self.store.result(self.store.add_command(node_id, "stop", str(row["id"])))
+        return True
+
+    def stop_job_everywhere(self, name) -> None:
+        for node in self.live:
+            if node["id"] != self.store.node_id:
+                self.store.add_command(node["id"], "stop-job", name)
+
+
+###############################################################################
 # Engine ######################################################################
 ###############################################################################
 
@@ -7473,6 +7999,16 @@ class Engine:
         self.store = open_store(config.db)
         self.bus = EventBus()
         self.metrics = Metrics()
+        #: This server as a node of a cluster (a PostgreSQL database), or None.
+        self.cluster = None
+        if self.store.clustered:
+            self.cluster = Cluster(
+                self,
+                config.node_name or socket.gethostname(),
+                config.node_tag,
+                config.node_timeout,
+            )
+        cluster = self.cluster
         self.runner = Runner(
             self.store,
             self.bus,
@@ -7483,9 +8019,16 @@ class Engine:
             job_lookup=lambda name: self.scheduler.get_job(name),
             on_finished=lambda run, job: self.scheduler.run_finished(run, job),
             on_hook=lambda event, run, job: self.notifier.fire(event, run, job),
+            node=cluster.name if cluster else None,
+            lease=cluster.lease_ok if cluster else None,
         )
         self.scheduler = Scheduler(
-            self.store, self.runner, self.bus, self.tz, clock=clock
+            self.store,
+            self.runner,
+            self.bus,
+            self.tz,
+            clock=clock,
+            place=cluster.place if cluster else None,
         )
         self.jobs_file = (
             JobsFile(config.jobs, self.scheduler, self.bus) if config.jobs else None
@@ -7525,15 +8068,21 @@ class Engine:
             out["jobsfile"] = self.jobs_file.alive()
         if self.notifier:
             out["notify"] = self.notifier.alive()
+        if self.cluster:
+            out["cluster"] = self.cluster.alive()
         return out
 
     def start(self) -> Engine:
         self.store.open()
+        if self.cluster:
+            self.cluster.join()
         for name, row in self.store.last_runs().items():
             self._last_runs[name] = (row["id"], run_public(row))
         self.notifier = Notifier(self.store, self.config, metrics=self.metrics)
         self.metrics.last_success.update(self.store.last_successes())
         self.scheduler.load()
+        if self.cluster and self.cluster.others_alive():
+            self.scheduler.skip_past()
         loaded = self.jobs_file.load() if self.jobs_file else True
         if not loaded and not any(j.source == "file" for j in self.scheduler.jobs()):
             # Nothing from this file ran before: a service manager user
@@ -7552,6 +8101,8 @@ class Engine:
         self.scheduler.start()
         if self.jobs_file:
             self.jobs_file.start()
+        if self.cluster:
+            self.cluster.start()
         return self
 
     def repair(self) -> list:
@@ -7568,15 +8119,21 @@ class Engine:
                 row["status"],
                 " (leftover processes killed)" if killed else "",
             )
-            job = self.scheduler.get_job(row["job"])
             row.update(
                 status="lost",
                 error="the server stopped while this run was " + row["status"],
             )
-            self.bus.publish("run", run_public(row))
-            if self.notifier and job:
-                self.notifier.fire("on_failure", run_public(row), job)
+            self.announce_lost(row)
         return rows
+
+    def announce_lost(self, row) -> None:
+        """A run became ``lost`` (a dead server's, or a dead node's): tell
+        the listeners and fire its failure hooks and alerts."""
+        public = run_public(row)
+        self.bus.publish("run", public)
+        job = self.scheduler.get_job(row["job"])
+        if self.notifier and job:
+            self.notifier.fire("on_failure", public, job)
 
     # -- the embedding surface (any thread) ------------------------------------
 
@@ -7617,7 +8174,10 @@ class Engine:
         self.scheduler.set_paused(name, False)
 
     def stop(self, name: str) -> int:
-        """Stop a job's active runs (``cancelled``); returns how many."""
+        """Stop a job's active runs (``cancelled``); returns how many here
+        (in a cluster, the other nodes are asked to stop theirs too)."""
+        if self.cluster:
+            self.cluster.stop_job_everywhere(name)
         return self.runner.stop_job(name)
 
     def jobs(self) -> list:
@@ -7675,9 +8235,14 @@ class Engine:
             self.jobs_file.stopping.set()
             self.jobs_file.reload_event.set()
         self.scheduler.stop()
+        if self.cluster:
+            self.cluster.stop()
         self.runner.shutdown(grace)
         if self.notifier:
             self.notifier.close()
+        if self.cluster:
+            with contextlib.suppress(MinischedError):
+                self.store.leave()
         self.store.close()
 
 
@@ -8558,6 +9123,7 @@ QUERY_PARAMS = {
     "offset": ("offset", _int_schema(0, default=0), "skip this many"),
     "before": ("before", _int_schema(1), "only runs with a smaller id (a cursor)"),
     "job": ("job", {"type": "string"}, "only runs of this job"),
+    "node": ("node", {"type": "string"}, "only runs on this node (a cluster's)"),
     "purge": ("purge", _FLAG, "also delete the job's run history"),
     "force": (
         "force",
@@ -8621,6 +9187,14 @@ API_ROUTES = (
         "Run statuses and job fields with their rules (what the page's "
         "editor and colours are built from)",
         response="Meta",
+    ),
+    _route(
+        "GET",
+        "/api/nodes",
+        "nodes",
+        "The cluster's nodes: alive or dead, heartbeat age, running runs "
+        "(one node on SQLite: this server)",
+        response="Nodes",
     ),
     _route(
         "GET",
@@ -8725,7 +9299,7 @@ API_ROUTES = (
         "/api/runs",
         "list_runs",
         "All runs, newest first",
-        ("run_limit", "before", "run_status", "offset", "job"),
+        ("run_limit", "before", "run_status", "offset", "job", "node"),
         response="RunList",
     ),
     _route("GET", "/api/runs/{id}", "get_run", "One run", response="Run"),
@@ -9158,11 +9732,30 @@ class Api:
             "triggers": list(TRIGGERS),
         }
 
+    def nodes(self):
+        cluster = self.engine.cluster
+        if cluster is None:
+            counts = self.engine.runner.counts()
+            only = {
+                "name": socket.gethostname(),
+                "tags": [],
+                "version": __version__,
+                "heartbeat_age": 0.0,
+                "running": counts["running"],
+                "alive": True,
+                "self": True,
+            }
+            return {"clustered": False, "nodes": [only]}
+        return {"clustered": True, "nodes": cluster.nodes()}
+
     def health(self):
         engine = self.engine
         checks = {"database": engine.store.healthy}
         checks.update(engine.threads_alive())
         checks["scheduler_lag"] = engine.scheduler.on_time()
+        if engine.cluster:
+            checks["node_lease"] = engine.cluster.lease_ok()
+            checks["clock"] = engine.cluster.clock_ok()
         ok = all(checks.values()) and not self.closing.is_set()
         return _json(
             {
@@ -9302,7 +9895,7 @@ class Api:
 
     def stop_job(self, name):
         self.job_or_404(name)
-        return {"stopped": self.engine.runner.stop_job(name)}
+        return {"stopped": self.engine.stop(name)}
 
     def pause_job(self, name):
         self.job_or_404(name)
@@ -9326,6 +9919,7 @@ class Api:
         rows, total = self.engine.store.list_runs(
             job=job,
             status=status,
+            node=query.get("node") or None,
             before=self.int_param("before"),
             limit=self.int_param("run_limit"),
             offset=self.int_param("offset"),
@@ -9353,7 +9947,10 @@ class Api:
 
     def stop_run(self, id):
         row = self.run_or_404(id)
-        if not self.engine.runner.stop_run(row["id"]):
+        cluster = self.engine.cluster
+        if not self.engine.runner.stop_run(row["id"]) and not (
+            cluster and cluster.stop_remote(self.engine.store.get_run(row["id"]) or row)
+        ):
             raise ConflictError(
                 f"run {row['id']} is not active (it is {row['status']})", "id"
             )
@@ -10113,6 +10710,7 @@ def _schemas() -> dict:
         "output_bytes": {"type": "integer"},
         "output_truncated": {"type": "boolean"},
         "leftovers_stopped": _nullable({"type": "integer"}),
+        "node": _nullable(_STR),
     }
     run = _object(run_types, run_types)
     delivery = _object(
@@ -10282,6 +10880,28 @@ def _schemas() -> dict:
                 "triggers": {"type": "array", "items": _STR},
             },
             ["statuses", "fields", "triggers"],
+        ),
+        "Nodes": _object(
+            {
+                "clustered": {"type": "boolean"},
+                "nodes": {
+                    "type": "array",
+                    "items": _object(
+                        {
+                            "name": _STR,
+                            "tags": {"type": "array", "items": _STR},
+                            "version": _STR,
+                            "heartbeat_age": {"type": "number"},
+                            "running": {"type": "integer"},
+                            "alive": {"type": "boolean"},
+                            "self": {"type": "boolean"},
+                        },
+                        ["name", "alive"],
+                        extra=True,
+                    ),
+                },
+            },
+            ["clustered", "nodes"],
         ),
         "Health": _object(
             {
@@ -11259,7 +11879,11 @@ def _build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the scheduler and the web server")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help=f"TCP port (default {DEFAULT_PORT})")
-    serve.add_argument("--db", help="SQLite file (default ./minisched.db)")
+    serve.add_argument(
+        "--db",
+        help="SQLite file (default ./minisched.db) or postgresql://user:pass@host/db "
+        "(several hosts; or MINISCHED_DB)",
+    )
     serve.add_argument("--jobs", help="jobs file to load and watch")
     serve.add_argument("--token", help="API token (or MINISCHED_TOKEN)")
     serve.add_argument(
@@ -11355,6 +11979,20 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="max_cpu of jobs without one (default: none)",
     )
+    nodes = serve.add_argument_group("several hosts (--db postgresql://...)")
+    nodes.add_argument("--node-name", help="this node's name (default: the host name)")
+    nodes.add_argument(
+        "--node-tag",
+        action="append",
+        metavar="TAG",
+        help="a tag jobs' nodes field can name (repeatable)",
+    )
+    nodes.add_argument(
+        "--node-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a node is dead after this long without a heartbeat (default 20)",
+    )
     serve.add_argument(
         "--daemon",
         action="store_true",
@@ -11433,6 +12071,16 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     backup.add_argument("file", help="where to write the copy")
     backup.add_argument("--db", default="minisched.db", help="default %(default)s")
+    copy = sub.add_parser(
+        "copy-db",
+        help="copy jobs and history between databases (SQLite <-> PostgreSQL)",
+    )
+    copy.add_argument(
+        "source", metavar="FROM", help="a SQLite file or postgresql:// URI"
+    )
+    copy.add_argument(
+        "target", metavar="TO", help="an empty database (created if a file)"
+    )
 
     for name, helptext, args in (
         ("list", "list jobs", ()),
@@ -11771,6 +12419,58 @@ def _cmd_backup(ns) -> int:
     return 0
 
 
+def _cmd_copy_db(ns) -> int:
+    """``copy-db FROM TO``: jobs, pause state, runs, output and statistics
+    from one database to another (SQLite to PostgreSQL, or back), with no
+    server running on FROM.  TO must hold no jobs or runs yet.  Runs left
+    active on FROM arrive ``lost``, as a restart would record them."""
+    if ns.source == ns.target:
+        raise UsageError("copy-db: FROM and TO are the same database")
+    if not ns.source.startswith(
+        ("postgresql://", "postgres://")
+    ) and not os.path.exists(ns.source):
+        raise UsageError(f"copy-db: {ns.source} does not exist")
+    source = open_store(ns.source).open()
+    try:
+        target = open_store(ns.target).open()
+    except BaseException:
+        source.close()
+        raise
+    try:
+        for table in ("jobs", "runs"):
+            held = target.count_rows(table)
+            if held:
+                raise UsageError(
+                    f"copy-db: {_redacted(ns.target)} already holds {held} {table}: "
+                    "copy into an empty database"
+                )
+        now = time.time()
+        for table, order in SQLStore.COPY_TABLES:
+            copied, batch = 0, []
+            for row in source.table_rows(table, order):
+                if table == "runs" and row["status"] in ACTIVE_STATUSES:
+                    row = dict(
+                        row, status="lost", finished_at=row["finished_at"] or now
+                    )
+                    row["error"] = "the server stopped while this run was active"
+                batch.append(row)
+                if len(batch) >= 1000:
+                    target.result(target.put_rows(table, batch), 60)
+                    copied += len(batch)
+                    batch = []
+            if batch:
+                target.result(target.put_rows(table, batch), 60)
+                copied += len(batch)
+            print(f"{table}: {copied} rows")
+        target.flush(60)
+        target.after_copy()
+    finally:
+        source.close()
+        target.close()
+    print(f"copied {_redacted(ns.source)} to {_redacted(ns.target)}")
+    return 0
+
+
 def _release_startup_memory() -> None:
     """Give back what compiling this file left in the heap (about 9 MB): a
     script run as ``python minisched.py`` is compiled at every start."""
@@ -11909,6 +12609,7 @@ def main(argv=None) -> int:
         "import-crontab": _cmd_import_crontab,
         "shutdown": _cmd_shutdown,
         "backup": _cmd_backup,
+        "copy-db": _cmd_copy_db,
     }
     try:
         if ns.command == "systemd-unit":
