@@ -1924,22 +1924,34 @@ def _roll_up(conn, row, dialect) -> None:
         f"job, day, runs, {status}, timed, duration_sum, duration_max, cpu_n, "
         "cpu_sum, rss_max, last_success, last_failure, hist, streak, streak_max"
     )
-    conn.execute(
-        f"INSERT INTO run_days ({columns}) VALUES (:job, :day, 1, 1, :timed, :dsum, "
-        f":dmax, :cpun, :cpu, :rss, :ok, :bad, :hist, {insert_streak}, {insert_streak}) "
-        f"ON CONFLICT (job, day) DO UPDATE SET {common} {update_streak} job = {t}job",
-        values,
-    )
-    streak = conn.execute(
-        "SELECT streak FROM run_days WHERE job = ? AND day = ?", (row["job"], day)
-    ).fetchone()[0]
-    conn.execute(
-        f"INSERT INTO run_days ({columns}) VALUES ('*', :day, 1, 1, :timed, :dsum, "
-        f":dmax, :cpun, :cpu, :rss, :ok, :bad, :hist, 0, :streak) "
-        f"ON CONFLICT (job, day) DO UPDATE SET {common} "
-        f"streak_max = {g}({t}streak_max, :streak), job = {t}job",
-        dict(values, streak=streak),
-    )
+    streak = []
+
+    def job_row(conn):
+        conn.execute(
+            f"INSERT INTO run_days ({columns}) VALUES (:job, :day, 1, 1, :timed, "
+            f":dsum, :dmax, :cpun, :cpu, :rss, :ok, :bad, :hist, {insert_streak}, "
+            f"{insert_streak}) ON CONFLICT (job, day) DO UPDATE SET {common} "
+            f"{update_streak} job = {t}job",
+            values,
+        )
+        streak.append(
+            conn.execute(
+                "SELECT streak FROM run_days WHERE job = ? AND day = ?",
+                (row["job"], day),
+            ).fetchone()[0]
+        )
+
+    def every_job_row(conn):
+        conn.execute(
+            f"INSERT INTO run_days ({columns}) VALUES ('*', :day, 1, 1, :timed, :dsum, "
+            f":dmax, :cpun, :cpu, :rss, :ok, :bad, :hist, 0, :streak) "
+            f"ON CONFLICT (job, day) DO UPDATE SET {common} "
+            f"streak_max = {g}({t}streak_max, :streak), job = {t}job",
+            dict(values, streak=streak[0]),
+        )
+
+    dialect._shared(conn, (1, row["job"], day), job_row)
+    dialect._shared(conn, (2, "", day), every_job_row)
 
 
 class Store(abc.ABC):
@@ -2305,6 +2317,21 @@ class SQLStore(Store):
             item[1].set_result(result)
         return len(batch)
 
+    def _shared(self, conn, key, write) -> None:
+        """Apply ``write(conn)``, a change to a row that other nodes change
+        too (a job's row, a day's statistics), ordered by ``key``.  SQLite has
+        one writer: at once."""
+        write(conn)
+
+    def _set_last_run(self, conn, job, run_id) -> None:
+        self._shared(
+            conn,
+            (0, job, 0),
+            lambda conn: conn.execute(
+                "UPDATE jobs SET last_run_id = ? WHERE name = ?", (run_id, job)
+            ),
+        )
+
     def _transaction(self, batch) -> list:
         """One write transaction of ``batch``'s operations (writer thread)."""
         conn = self._writer_conn
@@ -2440,9 +2467,7 @@ class SQLStore(Store):
                 ).fetchone()
             conn.execute(f"UPDATE runs SET {sets} WHERE id = ?", values)
             if job is not None:
-                conn.execute(
-                    "UPDATE jobs SET last_run_id = ? WHERE name = ?", (run_id, job)
-                )
+                self._set_last_run(conn, job, run_id)
             if ending and old is not None and old[0] in ACTIVE_STATUSES:
                 row = conn.execute(
                     "SELECT * FROM runs WHERE id = ?", (run_id,)
@@ -2460,10 +2485,8 @@ class SQLStore(Store):
                 "pid_create_time = ? WHERE id = ?",
                 [row[:4] for row in rows],
             )
-            conn.executemany(
-                "UPDATE jobs SET last_run_id = ? WHERE name = ?",
-                [(row[3], row[4]) for row in rows],
-            )
+            for row in rows:
+                self._set_last_run(conn, row[4], row[3])
             return []
 
         return self._submit(op)
@@ -2511,14 +2534,18 @@ class SQLStore(Store):
 
         return self._submit(op)
 
-    @staticmethod
-    def _update_job(conn, name, fields):
+    def _update_job(self, conn, name, fields):
         fields = dict(fields)
         if isinstance(fields.get("definition"), dict):
             fields["definition"] = json.dumps(fields["definition"], sort_keys=True)
         sets = ", ".join(f"{key} = ?" for key in fields)
-        conn.execute(
-            f"UPDATE jobs SET {sets} WHERE name = ?", list(fields.values()) + [name]
+        self._shared(
+            conn,
+            (0, name, 0),
+            lambda conn: conn.execute(
+                f"UPDATE jobs SET {sets} WHERE name = ?",
+                list(fields.values()) + [name],
+            ),
         )
 
     def delete_job(self, name: str, purge=False):
@@ -3330,6 +3357,7 @@ class PostgresStore(SQLStore):
         self._ids = iter(())
         self._id_lock = threading.Lock()
         self._notes = {}  # writer thread: what this transaction changed
+        self._deferred = []  # writer thread: its writes to shared rows
         self._reconnect_delay = 0.5
         self._reconnect_at = 0.0
 
@@ -3368,17 +3396,28 @@ class PostgresStore(SQLStore):
     def _transaction(self, batch) -> list:
         """A deadlock between two nodes' batches is retried at once (one of
         the two was rolled back; the other went through)."""
-        for attempt in range(5):
-            self._notes = {}
+        for attempt in range(10):
+            self._notes, self._deferred = {}, []
             try:
                 return super()._transaction(batch)
             except self.psycopg.errors.TransactionRollback:
-                if attempt == 4:
+                if attempt == 9:
                     raise
-                time.sleep(0.005 * (attempt + 1))
+                time.sleep(random.uniform(0.002, 0.01) * (attempt + 1))
         raise AssertionError("unreachable")
 
+    def _shared(self, conn, key, write) -> None:
+        """Deferred to the end of the transaction, where every batch applies
+        them in ``key`` order (jobs by name, then each job's statistics, then
+        the all-jobs row): two nodes' batches take the locks of rows they
+        share in the same order, so they wait for each other but never
+        deadlock."""
+        self._deferred.append((key, write))
+
     def _before_commit(self, conn) -> None:
+        deferred, self._deferred = self._deferred, []
+        for _key, write in sorted(deferred, key=lambda item: item[0]):
+            write(conn)
         for kind, ids in self._notes.items():
             ids = sorted(ids)
             for i in range(0, max(1, len(ids)), 500):
@@ -3549,10 +3588,9 @@ class PostgresStore(SQLStore):
                 ),
             ).fetchall()
             done = {row[0] for row in started}
-            conn.executemany(
-                "UPDATE jobs SET last_run_id = ? WHERE name = ?",
-                [(r[3], r[4]) for r in rows if r[3] in done],
-            )
+            for r in rows:
+                if r[3] in done:
+                    self._set_last_run(conn, r[4], r[3])
             self._run_changed(done)
             return [r[3] for r in rows if r[3] not in done]
 
@@ -3574,9 +3612,7 @@ class PostgresStore(SQLStore):
             if row is None:
                 return
             if job is not None:
-                conn.execute(
-                    "UPDATE jobs SET last_run_id = ? WHERE name = ?", (run_id, job)
-                )
+                self._set_last_run(conn, job, run_id)
             _roll_up(conn, dict(row), self)
             self._run_changed([run_id])
 
@@ -6096,6 +6132,8 @@ class Scheduler:
         self._states = {}
         self._heap = []
         self._dependents = None  # job name -> jobs with it in ``after`` (lazy)
+        self._edits = 0  # changes queued for the store, counted (for sync)
+        self._edit_marks = {}  # job name -> the count at its last change
         self.started_at = clock()
         self.last_tick = None
         self.lag = 0.0
@@ -6237,6 +6275,7 @@ class Scheduler:
             if old is None:
                 fields["created_at"] = created
             future = self.store.save_job(job.name, fields)
+            self._edited(job.name)
         self.store.result(future)
         self._wake.set()
         self.bus.publish(
@@ -6294,6 +6333,7 @@ class Scheduler:
                 raise NotFoundError(f"no job named {name!r}", "name")
             self._dependents = None
             future = self.store.delete_job(name, purge)
+            self._edited(name)
         self.runner.stop_job(name, "stopped: the job was deleted")
         self.store.result(future)
         self.bus.publish("job", {"action": "deleted", "name": name})
@@ -6312,6 +6352,7 @@ class Scheduler:
             future = self.store.save_job(
                 name, {"paused": int(paused), "last_slot": state.last_slot}
             )
+            self._edited(name)
         self.store.result(future)
         self._wake.set()
         self.bus.publish(
@@ -6327,9 +6368,21 @@ class Scheduler:
                 state.last_slot = max(state.last_slot or now, now)
                 self._reschedule(state)
 
-    def sync(self, rows) -> None:
+    def _edited(self, name) -> None:
+        """A job's change was just queued for the store.  Lock held."""
+        self._edits += 1
+        self._edit_marks[name] = self._edits
+
+    def edit_mark(self) -> int:
+        """For :meth:`sync`: take it, flush the store, then read the jobs."""
+        with self._lock:
+            return self._edits
+
+    def sync(self, rows, mark) -> None:
         """Another node changed jobs: make the registry match ``rows`` (every
-        stored job, from :meth:`Store.load_jobs`) without writing anything."""
+        stored job, from :meth:`Store.load_jobs`, read after taking
+        :meth:`edit_mark` ``mark`` and flushing) without writing anything.
+        Jobs changed here since ``mark`` are newer than ``rows`` and kept."""
         now = self.clock()
         jobs = {}
         for row in rows:
@@ -6342,7 +6395,10 @@ class Scheduler:
                 )
         events, removed = [], []
         with self._lock:
+            newer = {n for n, m in self._edit_marks.items() if m > mark}
             for name, (row, definition) in jobs.items():
+                if name in newer:
+                    continue
                 state = self._states.get(name)
                 paused = bool(row["paused"])
                 if state is not None and state.job.definition == definition:
@@ -6365,7 +6421,7 @@ class Scheduler:
                         state.last_slot = max(state.last_slot or now, now)
                     events.append(("updated", name))
                 self._reschedule(state)
-            for name in [n for n in self._states if n not in jobs]:
+            for name in [n for n in self._states if n not in jobs and n not in newer]:
                 del self._states[name]
                 self._dependents = None
                 removed.append(name)
@@ -7639,6 +7695,7 @@ class Cluster:
         self._deferred = []  # (monotonic due, slot, job name, call)
         self._deferred_lock = threading.Lock()
         self._jobs_version = None
+        self._resync = threading.Event()  # the listener heard of job changes
         self._seen_seq = {}  # remote run id -> last output seq published
         self._wake = threading.Event()
         self.stopping = threading.Event()
@@ -7774,6 +7831,9 @@ class Cluster:
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + self.interval
                     self._beat()
+                if self._resync.is_set():
+                    self._resync.clear()
+                    self._sync_jobs(force=True)
                 wait = min(self._claim_deferred(), next_beat - time.monotonic())
             except Exception as exc:  # noqa: BLE001 - the database, mostly
                 log.warning("cluster duties failed (retrying): %s", exc)
@@ -7860,10 +7920,13 @@ class Cluster:
                 self.engine.runner.stop_job(arg)
 
     def _sync_jobs(self, force=False) -> None:
+        """Node thread: load the jobs if another node changed them."""
         version = self.store.jobs_version()
         if force or version != self._jobs_version:
             self._jobs_version = version
-            self.engine.scheduler.sync(self.store.load_jobs())
+            mark = self.engine.scheduler.edit_mark()
+            self.store.flush()
+            self.engine.scheduler.sync(self.store.load_jobs(), mark)
 
     # -- the listener thread -----------------------------------------------------
 
@@ -7880,7 +7943,8 @@ class Cluster:
                 continue
             delay = 0.5
             try:
-                self._sync_jobs(force=True)  # what changed while not listening
+                self._resync.set()  # what changed while not listening
+                self._wake.set()
                 while not self.stopping.is_set():
                     ready, _, _ = select.select([conn.raw.fileno()], [], [], 1.0)
                     if not ready:
@@ -7921,7 +7985,8 @@ class Cluster:
         elif kind == "cmd" and self.store.node_id in ids:
             self._commands()
         elif kind == "jobs":
-            self._sync_jobs()
+            self._resync.set()
+            self._wake.set()
 
     # -- the API (request threads) ------------------------------------------------
 
@@ -8292,6 +8357,7 @@ main:focus { outline: none; }
 .filestate { margin: .6rem 1rem 0; padding: .5rem .8rem; border-radius: 6px; font-size: .9rem;
   border: 1px solid var(--line); overflow-wrap: anywhere; }
 .filestate.error { border-color: var(--bad); color: var(--bad); }
+.filestate.warn { border-color: var(--warn); color: var(--warn); }
 .toolbar { display: flex; flex-wrap: wrap; gap: .5rem; margin-bottom: .8rem; align-items: center; }
 .toolbar input[type=search] { flex: 1 1 14rem; min-width: 0; }
 input, select, textarea, button { font: inherit; color: inherit; }
@@ -8375,6 +8441,7 @@ summary { cursor: pointer; font-weight: 600; }
   <div class="sys" id="sys"></div>
 </header>
 <div id="filestate" class="filestate hidden" role="status"></div>
+<div id="clockstate" class="filestate warn hidden" role="alert"></div>
 <main id="main" tabindex="-1"><p class="muted">Loading…</p></main>
 <div id="login" class="hidden">
   <form id="login-form">
@@ -8491,6 +8558,7 @@ function maskEnv(def) {
 
 // -- header: counts, system, jobs file ----------------------------------------------
 async function refreshStatus() {
+  refreshNodes();
   let st;
   try { st = await api("GET", "/api/status"); } catch (e) { return; }
   const c = st.counts;
@@ -8511,6 +8579,48 @@ async function refreshStatus() {
   fs.textContent = st.jobs_file.error
     ? "Jobs file not loaded, previous definitions keep running: " + st.jobs_file.error
     : "Jobs file " + st.jobs_file.path + " loaded " + rel(st.jobs_file.loaded_at);
+}
+
+// -- nodes of a cluster: the dashboard's panel, the clock warning ---------------------
+const MAX_CLOCK_SKEW = 1;  // seconds, as the server's MAX_CLOCK_SKEW
+let nodes = null;  // the last GET /api/nodes
+async function refreshNodes() {
+  if (nodes && !nodes.clustered) return;  // a server never becomes a cluster
+  try { nodes = await api("GET", "/api/nodes"); } catch (e) { return; }
+  const me = nodes.nodes.find(n => n.self);
+  const skew = nodes.clustered && me ? me.clock_skew : null;
+  const cs = $("#clockstate"), off = typeof skew === "number" && Math.abs(skew) > MAX_CLOCK_SKEW;
+  cs.classList.toggle("hidden", !off);
+  cs.textContent = off ? "The clock of this node (" + me.name + ") is " + Math.abs(skew).toFixed(1) + " s "
+    + (skew > 0 ? "ahead of" : "behind") + " the database's: check its time synchronisation (NTP)." : "";
+  const box = $("#nodes");
+  if (box) drawNodes(box);
+}
+function ago(s) {
+  return s < 60 ? Math.round(s * 10) / 10 + " s ago" : rel(new Date(Date.now() - s * 1000).toISOString());
+}
+function skewText(s) {
+  if (typeof s !== "number") return h("span", { class: "muted" }, "—");
+  return h("span", { class: Math.abs(s) > MAX_CLOCK_SKEW ? "c-warn" : "muted" }, (s >= 0 ? "+" : "−") + Math.abs(s).toFixed(3) + " s");
+}
+function drawNodes(box) {
+  if (!nodes || !nodes.clustered) { box.classList.add("hidden"); return box; }
+  const alive = nodes.nodes.filter(n => n.alive).length;
+  fill(box, h("h2", { id: "nodes-title" }, "Nodes"),
+    h("p", { class: "muted small" }, alive + " alive, " + (nodes.nodes.length - alive) + " dead in the last day"),
+    h("table", { class: "cards nodes" },
+      h("thead", null, h("tr", null, ["Node", "Tags", "Version", "Heartbeat", "Running", "Clock", "State"].map(t => h("th", { scope: "col" }, t)))),
+      h("tbody", null, nodes.nodes.map(n => h("tr", { "data-node": n.name },
+        h("td", { "data-label": "Node" }, h("b", null, n.name), n.self ? h("span", { class: "muted small" }, " (this node)") : null,
+          n.pid ? h("div", { class: "muted small" }, "pid " + n.pid) : null),
+        h("td", { "data-label": "Tags" }, n.tags.length ? n.tags.map(t => h("span", { class: "tag" }, t)) : h("span", { class: "muted" }, "—")),
+        h("td", { "data-label": "Version" }, n.version),
+        h("td", { "data-label": "Heartbeat" }, h("span", { title: abs(n.heartbeat_at) }, ago(n.heartbeat_age))),
+        h("td", { "data-label": "Running" }, n.running),
+        h("td", { "data-label": "Clock" }, skewText(n.clock_skew)),
+        h("td", { "data-label": "State" }, h("span", { class: "badge " + (n.alive ? "c-ok" : "c-bad") }, n.alive ? "alive" : "dead")))))));
+  box.classList.remove("hidden");
+  return box;
 }
 
 // -- live updates ---------------------------------------------------------------------
@@ -8548,7 +8658,8 @@ async function dashboard() {
   fill(main, h("h1", null, "Jobs"),
     h("div", { class: "toolbar" }, search, tagSel, statusSel,
       h("a", { class: "button primary", href: "#/new" }, "New job")),
-    table);
+    table,
+    drawNodes(h("section", { id: "nodes", class: "hidden", "aria-labelledby": "nodes-title" })));
   let all = [];
   const draw = () => {
     const q = filters.q.toLowerCase();
@@ -8646,13 +8757,15 @@ async function jobPage(name) {
     const q = "?limit=20" + (before ? "&before=" + before : "");
     const data = await api("GET", "/api/jobs/" + encodeURIComponent(name) + "/runs" + q);
     if (v !== view) return;
+    const byNode = data.runs.some(r => r.node);  // a cluster's runs name their node
     const table = h("table", { class: "cards" },
-      h("thead", null, h("tr", null, ["Run", "Status", "Trigger", "Attempt", "Started", "Duration", "Exit", "CPU", "Peak memory"].map(t => h("th", { scope: "col" }, t)))),
+      h("thead", null, h("tr", null, ["Run", "Status", "Trigger", "Attempt", byNode && "Node", "Started", "Duration", "Exit", "CPU", "Peak memory"].filter(Boolean).map(t => h("th", { scope: "col" }, t)))),
       h("tbody", null, data.runs.map(r => h("tr", null,
         h("td", { "data-label": "Run" }, h("a", { href: "#/run/" + r.id }, "#" + r.id)),
         h("td", { "data-label": "Status" }, badge(r.status)),
         h("td", { "data-label": "Trigger" }, r.trigger),
         h("td", { "data-label": "Attempt" }, r.attempt),
+        byNode ? h("td", { "data-label": "Node", class: "run-node" }, r.node || "—") : null,
         h("td", { "data-label": "Started" }, when(r.started_at || r.scheduled_at)),
         h("td", { "data-label": "Duration" }, dur(r.duration)),
         h("td", { "data-label": "Exit" }, r.signal ? "signal " + r.signal : (r.exit_code ?? "—")),
@@ -8769,6 +8882,7 @@ async function runPage(id) {
     h("p", { class: "small" }, h("a", { href: "#/job/" + encodeURIComponent(run.job) }, "← " + run.job)),
     h("h1", null, "Run #" + run.id + " of " + run.job + " ", badge(run.status)),
     h("p", { class: "muted" }, run.trigger + ", attempt " + run.attempt,
+      run.node ? [" · on node ", h("b", { class: "run-node" }, run.node)] : null,
       " · started ", when(run.started_at), " · ", dur(run.duration),
       run.exit_code !== null ? " · exit code " + run.exit_code : "", run.signal ? " · signal " + run.signal : "",
       run.output_truncated ? " · output truncated" : ""),
@@ -10359,6 +10473,13 @@ class Api:
         def job_label(job):
             return f'job="{_prom_label(job)}"'
 
+        # Each node of a cluster counts the runs it ran: their metrics carry
+        # the node's name (a lone server's carry none).
+        node = f'node="{_prom_label(engine.cluster.name)}"' if engine.cluster else ""
+
+        def run_labels(job, extra=""):
+            return ",".join(filter(None, (job_label(job), extra, node)))
+
         lines = family(
             "minisched_up",
             "gauge",
@@ -10373,16 +10494,15 @@ class Api:
             "Runs ended since the server started, by job and status.",
         )
         for (job, status), count in sorted(snap["runs"].items()):
-            lines.append(
-                f'minisched_runs_total{{{job_label(job)},status="{status}"}} {count}'
-            )
+            labels = run_labels(job, f'status="{status}"')
+            lines.append(f"minisched_runs_total{{{labels}}} {count}")
         lines += family(
             "minisched_run_duration_seconds", "histogram", "Duration of ended runs."
         )
         for job, buckets in sorted(snap["durations"].items()):
             lines += prometheus_histogram(
                 "minisched_run_duration_seconds",
-                job_label(job),
+                run_labels(job),
                 buckets,
                 DURATION_BUCKETS,
             )
@@ -10409,7 +10529,7 @@ class Api:
             "Bytes of output runs printed, by job.",
         )
         for job, size in sorted(snap["output"].items()):
-            lines.append(f"minisched_output_bytes_total{{{job_label(job)}}} {size}")
+            lines.append(f"minisched_output_bytes_total{{{run_labels(job)}}} {size}")
         lines += family(
             "minisched_hook_deliveries_total",
             "counter",
@@ -10420,11 +10540,12 @@ class Api:
                 f'minisched_hook_deliveries_total{{{job_label(job)},result="{result}"}} {count}'
             )
         lines += family("minisched_running", "gauge", "Runs running now.")
-        lines.append(f"minisched_running {counts['running']}")
+        here = f"{{{node}}}" if node else ""  # this node's runs, as above
+        lines.append(f"minisched_running{here} {counts['running']}")
         lines += family(
             "minisched_queued", "gauge", "Runs waiting to start (the queue)."
         )
-        lines.append(f"minisched_queued {counts['queued']}")
+        lines.append(f"minisched_queued{here} {counts['queued']}")
         lines += family(
             "minisched_scheduler_lag_seconds",
             "gauge",
