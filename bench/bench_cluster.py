@@ -119,6 +119,32 @@ def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def cpu_sample():
+    """The host's CPU counters (``/proc/stat``), or None off Linux."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_since(sample) -> str:
+    """The share of CPU time the hypervisor took since ``sample`` (steal):
+    on a shared virtual machine it explains much of the noise."""
+    now = cpu_sample()
+    if sample is None or now is None or len(now) < 8:
+        return "n/a"
+    delta = [b - a for a, b in zip(sample, now)]
+    return f"{delta[7] / max(1, sum(delta[:8])) * 100:.1f}%"
+
+
+def part(fn, *args) -> None:
+    """Run one measurement, then say how much CPU the host stole meanwhile."""
+    sample = cpu_sample()
+    fn(*args)
+    print(f"   (CPU steal during this part: {steal_since(sample)})", flush=True)
+
+
 def sleep_until(when) -> None:
     while True:
         left = when - time.time()
@@ -145,11 +171,11 @@ def shares(runs) -> str:
     """How many of ``runs`` each node took."""
     counts = {}
     for run in runs:
-        counts[run.get("node")] = counts.get(run.get("node"), 0) + 1
+        name = run.get("node") or "(no node: SQLite)"
+        counts[name] = counts.get(name, 0) + 1
     total = sum(counts.values()) or 1
     return ", ".join(
-        f"{name}: {n} ({n / total * 100:.0f}%)"
-        for name, n in sorted(counts.items(), key=lambda item: str(item[0]))
+        f"{name}: {n} ({n / total * 100:.0f}%)" for name, n in sorted(counts.items())
     )
 
 
@@ -679,7 +705,12 @@ def bench_lateness(single, cluster, seconds) -> None:
         f"2. lateness: {TICK_JOBS} jobs '* * * * * *' ({TICK_JOBS} runs/s) for"
         f" {seconds} s, on the SQLite node (reference), then on 3 nodes"
     )
-    ref, _missed, _doubled = lateness([single], "SQLite node", seconds)
+    ref, ref_missed, ref_doubled = lateness([single], "SQLite node", seconds)
+    if ref_missed or ref_doubled:
+        problems.append(
+            f"lateness reference on the SQLite node: {ref_missed} missed,"
+            f" {ref_doubled} doubled slots (see its log's WARNING lines)"
+        )
     p99, missed, doubled = lateness(cluster, "3 nodes", seconds)
     note(
         f"lateness p99, {TICK_JOBS} runs/s on 3 nodes",
@@ -957,7 +988,7 @@ def main(argv=None) -> int:
     if missing:
         print(f"bench_cluster: skipped: {missing}")
         return 0
-    began = time.perf_counter()
+    began, cpu_at_start = time.perf_counter(), cpu_sample()
     tmp = tempfile.mkdtemp(prefix="minisched-bench-cluster-")
     pg_base = tempfile.mkdtemp(prefix="minisched-bench-pg-")  # postgres must reach it
     pg = PgCluster(pg_base)
@@ -982,11 +1013,11 @@ def main(argv=None) -> int:
             f" alive: {', '.join(n['name'] for n in nodes if n['alive'])}",
             flush=True,
         )
-        bench_burst(single, cluster, rounds)
-        bench_lateness(single, cluster, seconds)
+        part(bench_burst, single, cluster, rounds)
+        part(bench_lateness, single, cluster, seconds)
         single.stop()  # idle from here on: out of the way
-        bench_sse(cluster, lines)
-        bench_failover(cluster, ns.node_timeout)
+        part(bench_sse, cluster, lines)
+        part(bench_failover, cluster, ns.node_timeout)
     except KeyboardInterrupt:
         print("\ninterrupted: stopping every server and PostgreSQL", flush=True)
         interrupted = True
@@ -1006,7 +1037,10 @@ def main(argv=None) -> int:
     if interrupted:
         return 130
 
-    heading(f"summary (load average now {load()})")
+    heading(
+        f"summary (load average now {load()};"
+        f" CPU steal over the run {steal_since(cpu_at_start)})"
+    )
     width = max(len(name) for name, *_rest in summary)
     for name, value, target, ok in summary:
         mark = "" if ok is None else ("PASS" if ok else "MISS")
