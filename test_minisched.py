@@ -6319,6 +6319,17 @@ def test_job_stats(api):
     assert by_job["jobs"]["s"]["success_rate"] == round(11 / 14, 4)
 
 
+def assert_promtool_accepts(text):
+    check = subprocess.run(
+        ["promtool", "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
 @pytest.mark.skipif(
     not shutil.which("promtool"), reason="promtool missing (apt install prometheus)"
 )
@@ -6346,14 +6357,7 @@ def test_metrics_pass_promtool(api):
         "minisched_queued 0",
     ):
         assert name in text, name
-    check = subprocess.run(
-        ["promtool", "check", "metrics"],
-        input=text,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert check.returncode == 0, check.stdout + check.stderr
+    assert_promtool_accepts(text)
 
 
 def cluster_with_a_job(url, definition):
@@ -6374,9 +6378,9 @@ def test_metrics_of_a_cluster_node_carry_its_name(engines, pg_url):
     api.wait_run(api.ok("POST", "/api/jobs/m/run", status=202)["id"])
     text = wait_for(
         lambda: (
-            api.get("/metrics").text
-            if "minisched_output_bytes_total{" in api.get("/metrics").text
-            else None
+            (t := api.get("/metrics").text)
+            and "minisched_output_bytes_total{" in t
+            and t
         )
     )
     lines = text.splitlines()
@@ -6392,14 +6396,7 @@ def test_metrics_of_a_cluster_node_carry_its_name(engines, pg_url):
     ):
         assert any(x == line or x.startswith(line + " ") for x in lines), line
     if shutil.which("promtool"):
-        check = subprocess.run(
-            ["promtool", "check", "metrics"],
-            input=text,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert check.returncode == 0, check.stdout + check.stderr
+        assert_promtool_accepts(text)
 
 
 def test_busiest_processes_name_their_runs(api, tmp_path):
