@@ -103,6 +103,7 @@ import contextlib
 import csv
 import ctypes
 import datetime
+import faulthandler
 import fcntl
 import functools
 import gc
@@ -2520,15 +2521,17 @@ class SQLStore(Store):
             exists = conn.execute(
                 "SELECT 1 FROM jobs WHERE name = ?", (name,)
             ).fetchone()
-            if exists:
-                self._update_job(conn, name, fields)
-            else:
+            if not exists:
                 cols = ["name"] + list(fields)
-                conn.execute(
-                    "INSERT INTO jobs ({}) VALUES ({})".format(
+                exists = not conn.execute(
+                    "INSERT INTO jobs ({}) VALUES ({}) ON CONFLICT (name) DO NOTHING".format(
                         ", ".join(cols), ", ".join("?" * len(cols))
                     ),
                     [name] + list(fields.values()),
+                ).rowcount  # another node created it since the SELECT
+            if exists:
+                self._update_job(
+                    conn, name, {k: v for k, v in fields.items() if k != "created_at"}
                 )
             self._jobs_changed(conn)
 
@@ -6240,10 +6243,16 @@ class Scheduler:
             }
 
     def put_job(
-        self, definition: dict, source="api", file_definition=None, create_only=False
+        self,
+        definition: dict,
+        source="api",
+        file_definition=None,
+        create_only=False,
+        file_owner=None,
     ) -> Job:
         """Create or replace a job.  A changed schedule never fires the slots
-        between its old last slot and now."""
+        between its old last slot and now.  ``file_owner`` (a cluster node's
+        name) records which node's jobs file the definition came from."""
         now = self.clock()
         with self._lock:
             old = self._states.get(definition["name"])
@@ -6274,6 +6283,8 @@ class Scheduler:
             }
             if old is None:
                 fields["created_at"] = created
+            if file_owner is not None:
+                fields["file_owner"] = file_owner
             future = self.store.save_job(job.name, fields)
             self._edited(job.name)
         self.store.result(future)
@@ -6809,15 +6820,26 @@ class JobsFile:
     ``minisched-jobsfile`` checks the file's stat every ``JOBS_FILE_POLL``
     seconds and reloads on change or when ``reload_event`` is set (SIGHUP).
     An invalid file is reported in ``error`` and the running definitions stay.
+
+    In a cluster (``node`` is this node's name, ``live_nodes()`` the names of
+    the live nodes) every file job belongs to the node that recorded it
+    first.  While that node lives, another node's file can neither change
+    nor remove it: the difference is reported in ``conflicts`` (and checked
+    again every poll and whenever another node changes jobs).  A dead
+    owner's job goes to the next node whose file differs.  Nodes loading
+    the same file write nothing, whoever owns the jobs.
     """
 
-    def __init__(self, path, scheduler, bus):
+    def __init__(self, path, scheduler, bus, node=None, live_nodes=None):
         self.path = path
         self.scheduler = scheduler
         self.bus = bus
+        self.node = node
+        self.live_nodes = live_nodes
         self.loaded_at = None
         self.error = None
         self.errors = []  # every problem of the last failed load
+        self.conflicts = []  # [{"job", "owner", "problem"}] of the last load
         self.reload_event = threading.Event()
         self.stopping = threading.Event()
         self._stat = None
@@ -6831,6 +6853,7 @@ class JobsFile:
             "path": self.path,
             "loaded_at": iso_utc(self.loaded_at),
             "error": self.error,
+            "conflicts": list(self.conflicts),
         }
 
     def _file_stat(self):
@@ -6876,19 +6899,58 @@ class JobsFile:
             for row in sched.store.load_jobs()
             if row["source"] == "file"
         }
+        live = self.live_nodes() if self.live_nodes else ()
+        conflicts = []
+
+        def ours(row, problem) -> bool:
+            owner = row.get("file_owner")
+            if self.node is None or owner in (None, self.node) or owner not in live:
+                return True
+            conflicts.append({"job": row["name"], "owner": owner, "problem": problem})
+            return False
+
         wanted = {d["name"] for d in definitions}
-        for name in stored:
-            if name not in wanted and sched.get_job(name) is not None:
+        for name, row in stored.items():
+            if (
+                name not in wanted
+                and sched.get_job(name) is not None
+                and ours(row, "not in this node's file")
+            ):
                 sched.remove_job(name, force=True)
         for definition in ordered:
             row = stored.get(definition["name"])
-            if row is None or row["file_definition"] != definition:
-                sched.put_job(definition, "file", file_definition=definition)
+            if row is not None and row["file_definition"] == definition:
+                continue
+            if row is None or ours(row, "defined differently in this node's file"):
+                sched.put_job(
+                    definition,
+                    "file",
+                    file_definition=definition,
+                    file_owner=self.node,
+                )
+        if conflicts != self.conflicts:
+            for item in conflicts:
+                if item not in self.conflicts:
+                    log.warning(
+                        "jobs file: job %s is %s; node %s loaded it first and keeps it",
+                        item["job"],
+                        item["problem"],
+                        item["owner"],
+                    )
+            self.conflicts = conflicts
+            self.bus.publish(
+                "job", {"action": "file_conflicts", "count": len(conflicts)}
+            )
         if self.error:
             log.info("jobs file %s loaded again", self.path)
         self.error = None
         self.loaded_at = time.time()
         return True
+
+    def recheck(self) -> None:
+        """Another node changed jobs: compare them with the file again (any
+        thread)."""
+        self.reload_event.set()
 
     def start(self) -> None:
         self._thread = threading.Thread(
@@ -6903,7 +6965,7 @@ class JobsFile:
                 return
             forced = self.reload_event.is_set()
             self.reload_event.clear()
-            if forced or self._file_stat() != self._stat:
+            if forced or self.conflicts or self._file_stat() != self._stat:
                 try:
                     self.load()
                 except Exception:
@@ -7719,6 +7781,10 @@ class Cluster:
     def others_alive(self) -> bool:
         return any(n["id"] != self.store.node_id for n in self.live)
 
+    def live_names(self) -> set:
+        """Names of the live nodes, this one included (any thread)."""
+        return {n["name"] for n in self.live}
+
     def start(self) -> None:
         self._jobs_version = self.store.jobs_version()
         for target, name in (
@@ -7927,6 +7993,8 @@ class Cluster:
             mark = self.engine.scheduler.edit_mark()
             self.store.flush()
             self.engine.scheduler.sync(self.store.load_jobs(), mark)
+            if self.engine.jobs_file:
+                self.engine.jobs_file.recheck()
 
     # -- the listener thread -----------------------------------------------------
 
@@ -8095,9 +8163,15 @@ class Engine:
             clock=clock,
             place=cluster.place if cluster else None,
         )
-        self.jobs_file = (
-            JobsFile(config.jobs, self.scheduler, self.bus) if config.jobs else None
-        )
+        self.jobs_file = None
+        if config.jobs:
+            self.jobs_file = JobsFile(
+                config.jobs,
+                self.scheduler,
+                self.bus,
+                node=cluster.name if cluster else None,
+                live_nodes=cluster.live_names if cluster else None,
+            )
         self.notifier = None
         self._last_lock = threading.Lock()
         self._last_runs = {}  # job -> (run id, public run, its JSON)
@@ -8358,6 +8432,7 @@ main:focus { outline: none; }
   border: 1px solid var(--line); overflow-wrap: anywhere; }
 .filestate.error { border-color: var(--bad); color: var(--bad); }
 .filestate.warn { border-color: var(--warn); color: var(--warn); }
+.filestate ul { margin: .3rem 0 0; padding-left: 1.2rem; }
 .toolbar { display: flex; flex-wrap: wrap; gap: .5rem; margin-bottom: .8rem; align-items: center; }
 .toolbar input[type=search] { flex: 1 1 14rem; min-width: 0; }
 input, select, textarea, button { font: inherit; color: inherit; }
@@ -8575,10 +8650,14 @@ async function refreshStatus() {
   const fs = $("#filestate");
   if (!st.jobs_file) { fs.classList.add("hidden"); return; }
   fs.classList.remove("hidden");
-  fs.classList.toggle("error", !!st.jobs_file.error);
-  fs.textContent = st.jobs_file.error
-    ? "Jobs file not loaded, previous definitions keep running: " + st.jobs_file.error
-    : "Jobs file " + st.jobs_file.path + " loaded " + rel(st.jobs_file.loaded_at);
+  const jf = st.jobs_file, clash = jf.conflicts || [];
+  fs.classList.toggle("error", !!jf.error);
+  fs.classList.toggle("warn", !jf.error && clash.length > 0);
+  if (jf.error) fs.textContent = "Jobs file not loaded, previous definitions keep running: " + jf.error;
+  else if (clash.length) fill(fs, "Jobs file " + jf.path + " differs from what other nodes loaded first; theirs are kept: ",
+    h("ul", { class: "conflicts" }, clash.map(c => h("li", { "data-job": c.job },
+      h("b", null, c.job), " is " + c.problem + " (kept from node " + c.owner + ")"))));
+  else fs.textContent = "Jobs file " + jf.path + " loaded " + rel(jf.loaded_at);
 }
 
 // -- nodes of a cluster: the dashboard's panel, the clock warning ---------------------
@@ -11043,8 +11122,19 @@ def _schemas() -> dict:
                 "counts": _object(counts, counts),
                 "jobs_file": _nullable(
                     _object(
-                        {"path": _STR, "loaded_at": _TIME, "error": _nullable(_STR)},
-                        ["path", "loaded_at", "error"],
+                        {
+                            "path": _STR,
+                            "loaded_at": _TIME,
+                            "error": _nullable(_STR),
+                            "conflicts": {
+                                "type": "array",
+                                "items": _object(
+                                    {"job": _STR, "owner": _STR, "problem": _STR},
+                                    ["job", "owner", "problem"],
+                                ),
+                            },
+                        },
+                        ["path", "loaded_at", "error", "conflicts"],
                         extra=True,
                     )
                 ),
@@ -11837,6 +11927,13 @@ def _client_status(client, ns):
                 ),
             )
         )
+        for item in jobs_file.get("conflicts", ()):
+            items.append(
+                (
+                    "  conflict",
+                    f"{item['job']} is {item['problem']}; node {item['owner']} keeps it",
+                )
+            )
     _print_fields(items)
     return None
 
@@ -12666,6 +12763,8 @@ def _serve(config, ready) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
+    # ``kill -USR1 PID``: every thread's stack to the log, for a server that hangs.
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     try:
         http = HttpServer(engine, config)
     except OSError as exc:

@@ -4137,6 +4137,38 @@ def test_page_shows_the_nodes_of_a_cluster(browser, tmp_path, pg_url):
         assert not errors
 
 
+def test_page_says_when_this_nodes_jobs_file_differs_from_the_owners(
+    browser, tmp_path, pg_url
+):
+    first, mine = tmp_path / "first.json", tmp_path / "mine.json"
+    backup = {"name": "backup", "command": "echo one", "schedule": "@daily"}
+    _jobs_doc(first, backup)
+    _jobs_doc(mine, dict(backup, command="echo two"))
+    owner = Node(tmp_path, pg_url, "first-node", "--jobs", str(first))
+    try:
+        with live_site(tmp_path, db=pg_url, node_name="page-node", jobs=str(mine)) as (
+            engine,
+            url,
+        ):
+            page, errors = open_page(browser, url)
+            page.wait_for_selector("#filestate.warn li[data-job=backup]")
+            text = page.locator("#filestate").inner_text()
+            assert "differs from what other nodes loaded first" in text
+            assert "backup is defined differently in this node's file" in text
+            assert "(kept from node first-node)" in text
+            assert (
+                engine.scheduler.get_job("backup").definition["command"] == "echo one"
+            )
+            shot(page, "jobs-file-conflict-desktop")
+            page.set_viewport_size({"width": 375, "height": 800})
+            assert page.evaluate("document.documentElement.scrollWidth") <= 375
+            shot(page, "jobs-file-conflict-phone")
+            page.close()
+            assert not errors
+    finally:
+        owner.stop()
+
+
 # -- hardening: defects found by a day of faults and bad input (issue 9) --------
 # Each test here failed on the code before the fix it covers.
 
@@ -6685,6 +6717,111 @@ def _health(node):
     with contextlib.suppress(OSError):
         return http_json(node.port, "GET", "/api/health", timeout=5)[0]
     return None
+
+
+def _jobs_doc(path, *jobs):
+    path.write_text(json.dumps({"jobs": list(jobs)}))
+
+
+def _file_state(node):
+    return node.get("/api/status")["jobs_file"]
+
+
+def test_cluster_jobs_files_converge_and_a_differing_one_is_reported(tmp_path, pg_url):
+    """Nodes loading the same file write nothing; a node whose file differs
+    is told so and the first owner's definition stays, until that owner is
+    dead: then the differing node takes the job over."""
+    same = {"name": "same", "command": "echo same", "schedule": "@hourly"}
+    x_a = {"name": "x", "command": "echo from A", "schedule": "@hourly"}
+    x_b = dict(x_a, command="echo from B")
+    only_b = {"name": "only-b", "command": "echo b", "schedule": "@daily"}
+    file_a, file_b, file_c = (tmp_path / f"{n}.json" for n in "abc")
+    _jobs_doc(file_a, same, x_a)
+    _jobs_doc(file_b, same, x_b, only_b)
+    _jobs_doc(file_c, same, x_a)
+    nodes = []
+    try:
+        a = Node(tmp_path, pg_url, "A", "--jobs", str(file_a))
+        nodes.append(a)
+        assert _file_state(a)["conflicts"] == []
+        b = Node(tmp_path, pg_url, "B", "--jobs", str(file_b))
+        c = Node(tmp_path, pg_url, "C", "--jobs", str(file_c))
+        nodes += [b, c]
+
+        def owners():
+            rows = pg_rows(pg_url, "SELECT name, file_owner, updated_at FROM jobs")
+            return {r["name"]: (r["file_owner"], r["updated_at"]) for r in rows}
+
+        # B's x differs: reported on B, A's definition kept on every node.
+        wait_for(lambda: _file_state(b)["conflicts"], 10)
+        assert _file_state(b)["conflicts"] == [
+            {
+                "job": "x",
+                "owner": "A",
+                "problem": "defined differently in this node's file",
+            }
+        ]
+        for node in (a, b, c):
+            assert node.get("/api/jobs/x")["command"] == "echo from A"
+        # B's job of its own is B's; A's and C's files lack it: said on both.
+        missing = [
+            {"job": "only-b", "owner": "B", "problem": "not in this node's file"}
+        ]
+        wait_for(lambda: _file_state(a)["conflicts"] == missing, 10)
+        wait_for(lambda: _file_state(c)["conflicts"] == missing, 10)
+        assert b.get("/api/jobs/only-b")["command"] == "echo b"
+        assert "node A loaded it first and keeps it" in b.output()
+        # Converged: nobody rewrites a job for three polls.
+        before = owners()
+        assert before["same"][0] == "A" and before["x"][0] == "A"
+        assert before["only-b"][0] == "B"
+        time.sleep(3 * minisched.JOBS_FILE_POLL + 1)
+        assert owners() == before
+
+        # B's file agrees about x now: its conflict ends, nothing is written.
+        _jobs_doc(file_b, same, x_a, only_b)
+        wait_for(lambda: _file_state(b)["conflicts"] == [], 10)
+        assert owners()["x"] == before["x"]
+        # The owner changes x in its file: every node runs the new definition,
+        # and C, whose file still has the old one, is told.
+        x_a2 = dict(x_a, command="echo from A again")
+        _jobs_doc(file_a, same, x_a2)
+        for node in (a, b, c):
+            wait_for(
+                lambda n=node: n.get("/api/jobs/x")["command"] == x_a2["command"], 10
+            )
+        wait_for(
+            lambda: (
+                sorted(i["job"] for i in _file_state(c)["conflicts"]) == ["only-b", "x"]
+            ),
+            10,
+        )
+
+        # A leaves: B, whose file now differs about x, takes it over.
+        _jobs_doc(file_b, same, x_b, only_b)
+        wait_for(lambda: _file_state(b)["conflicts"], 10)
+        assert a.stop() == 0
+        nodes.remove(a)
+        wait_for(lambda: owners()["x"][0] in ("B", "C"), 20)
+        # B and C both differ from A's last definition; the first to see A
+        # dead owns x now, and the other reports it.
+        owner = owners()["x"][0]
+        winner, other = (b, c) if owner == "B" else (c, b)
+        expected = (x_b if owner == "B" else x_a)["command"]
+        for node in (b, c):
+            wait_for(lambda n=node: n.get("/api/jobs/x")["command"] == expected, 10)
+        assert not [i for i in _file_state(winner)["conflicts"] if i["job"] == "x"]
+        wait_for(
+            lambda: (
+                [i["owner"] for i in _file_state(other)["conflicts"] if i["job"] == "x"]
+                == [owner]
+            ),
+            10,
+        )
+        assert "Traceback" not in b.output() + c.output()
+    finally:
+        for node in nodes:
+            node.stop()
 
 
 def test_cluster_three_nodes_kill_freeze_stop_follow_and_a_database_restart(

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import datetime
 import http.client
@@ -218,6 +219,9 @@ def stop_process(proc, sig, timeout) -> int:
             proc.send_signal(sig)
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                proc.send_signal(signal.SIGUSR1)  # its threads' stacks to its log
+            time.sleep(1)
             proc.kill()
             proc.wait()
             return -1000  # did not exit in time
@@ -1300,11 +1304,16 @@ class Soak:
         left = [brief(r) for r in runs if r["status"] in ACTIVE]
         lives = self.lifecycle.lives
         terms = [life for life in lives if life.how in ("term", "final")]
-        bad_exit = [
-            f"life {life.number} ({life.how}): exit {life.exit_code}"
-            for life in terms
-            if life.exit_code != 0
-        ]
+        bad_exit = []
+        for life in terms:
+            if life.exit_code != 0:
+                bad_exit.append(
+                    f"life {life.number} ({life.how}): exit {life.exit_code}"
+                )
+                if life.exit_code == -1000:  # hung: its log ends with the stacks
+                    bad_exit += [
+                        "  " + line for line in log_lines(life.log_path)[-120:]
+                    ]
         lost = []  # a clean shutdown leaves nothing for the next start to repair
         for previous, life in itertools.pairwise(lives):
             if previous.how == "term":
