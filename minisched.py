@@ -103,7 +103,6 @@ import contextlib
 import csv
 import ctypes
 import datetime
-import faulthandler
 import fcntl
 import functools
 import gc
@@ -136,6 +135,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -12763,8 +12763,7 @@ def _serve(config, ready) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
-    # ``kill -USR1 PID``: every thread's stack to the log, for a server that hangs.
-    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    signal.signal(signal.SIGUSR1, _log_stacks)
     try:
         http = HttpServer(engine, config)
     except OSError as exc:
@@ -12795,6 +12794,15 @@ def _serve(config, ready) -> int:
     engine.shutdown()
     log.info("minisched stopped")
     return 0
+
+
+def _log_stacks(_signum, _frame) -> None:
+    """SIGUSR1 (main thread): every thread's stack to the log, for a server
+    that seems stuck.  Changes nothing."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    for ident, frame in sys._current_frames().items():
+        stack = "".join(traceback.format_stack(frame))
+        log.warning("thread %s:\n%s", names.get(ident, ident), stack.rstrip())
 
 
 def _remove_pidfile(path: str, fd: int) -> None:

@@ -1815,6 +1815,8 @@ def test_serve_killed_with_sigkill_then_restarted(tmp_path, kill_guard_too):
             .fetchone()[0]
         )
         assert minisched.find_marked_pids({str(run["id"])}, server=server_id) == []
+        server.send_signal(signal.SIGUSR1)  # the stacks, and nothing else
+        time.sleep(0.5)
         server.send_signal(signal.SIGTERM)
         assert server.wait(10) == 0
     finally:
@@ -1822,6 +1824,7 @@ def test_serve_killed_with_sigkill_then_restarted(tmp_path, kill_guard_too):
         output = server.stdout.read().decode()
         server.stdout.close()
     assert "marked lost" in output
+    assert "WARNING thread MainThread:\n" in output
     assert len(read_runs(tmp_path)) == 1  # the @reboot run did not run again
 
 
