@@ -109,6 +109,7 @@ import gc
 import hashlib
 import heapq
 import hmac
+import html
 import http.client
 import inspect
 import io
@@ -133,6 +134,7 @@ import socketserver
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -337,6 +339,7 @@ class Config:
         ("max_concurrent", 0, int),
         ("timezone", None, str),
         ("allow_ip", [], list),
+        ("deny_ip", [], list),
         ("public_host", [], list),
         ("max_streams", 64, int),
         ("shutdown_grace", 30.0, float),
@@ -365,27 +368,62 @@ class Config:
         ("node_name", None, str),
         ("node_tag", [], list),
         ("node_timeout", 20.0, float),
+        ("audit_keep", 10000, int),
     )
+    #: Settings whose values are never shown (the settings view says "set").
+    SECRET_FIELDS = ("token", "smtp_password")
 
     def __init__(self, **values):
+        #: Where each setting came from: "flag", "environment" or "default"
+        #: (:meth:`from_args` knows; settings given in code are "flag").
+        self.sources = {}
         for name, default, _type in self.FIELDS:
             value = values.pop(name, None)
             setattr(self, name, default if value is None else value)
+            self.sources[name] = "default" if value is None else "flag"
         if values:
             raise TypeError("unknown settings: {}".format(", ".join(sorted(values))))
 
     @classmethod
     def from_args(cls, ns, environ) -> Config:
         """Merge parsed flags (None when absent) over the environment."""
-        values = {}
+        values, sources = {}, {}
         for name, _default, kind in cls.FIELDS:
             value = getattr(ns, name, None)
+            sources[name] = "flag"
             if value in (None, [], False):
+                sources[name] = "default"
                 raw = environ.get("MINISCHED_" + name.upper())
                 if raw not in (None, ""):
                     value = _parse_setting(name, raw, kind)
+                    sources[name] = "environment"
             values[name] = value
-        return cls(**values)
+        config = cls(**values)
+        config.sources = sources
+        return config
+
+    def effective(self) -> list:
+        """Every setting as the settings view shows it: ``name``, ``flag``,
+        ``value`` (secrets only as set or not; a database URL without its
+        password) and ``source``."""
+        out = []
+        for name, _default, _kind in self.FIELDS:
+            value = getattr(self, name)
+            if name in self.SECRET_FIELDS:
+                value = "(set)" if value else "(not set)"
+            elif name == "db":
+                value = _redacted(value)
+            elif name == "notify_url":  # a webhook's path is often its secret
+                value = [re.sub(r"^(\w+://[^/?#]*).*", r"\1/***", u) for u in value]
+            out.append(
+                {
+                    "name": name,
+                    "flag": "--" + name.replace("_", "-"),
+                    "value": value,
+                    "source": self.sources.get(name, "default"),
+                }
+            )
+        return out
 
     def zone(self) -> datetime.tzinfo:
         """The server's default zone for jobs without ``timezone``."""
@@ -414,6 +452,9 @@ class Config:
         except InvalidError as exc:
             raise UsageError("--timezone: " + exc.message) from None
         self.networks("allow_ip")
+        self.networks("deny_ip")
+        if self.audit_keep < 1:
+            raise UsageError("--audit-keep: must be at least 1")
         if self.notify_email and not self.smtp_host:
             raise UsageError("--notify-email: needs --smtp-host (a mail relay)")
         for url in self.notify_url:
@@ -454,6 +495,7 @@ class Config:
                 raise UsageError(f"--token-file: cannot read it: {exc}") from None
             if not self.token:
                 raise UsageError(f"--token-file: {self.token_file} is empty")
+            self.sources["token"] = "file"
 
 
 def _parse_setting(name, raw, kind):
@@ -1227,6 +1269,35 @@ def _command_problem(value):
     return "must be a non-empty string or list of strings"
 
 
+_CALL_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def _call_problem(value):
+    if value is None or (isinstance(value, str) and _CALL_RE.fullmatch(value)):
+        return None
+    return "must be package.module:function (a function or other callable)"
+
+
+def _args_problem(value):
+    return None if isinstance(value, list) else "must be a JSON list"
+
+
+def _kwargs_problem(value):
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and k.isidentifier() for k in value
+    ):
+        return "must be a JSON object whose keys are argument names"
+    return None
+
+
+def _paths_problem(value):
+    if not isinstance(value, list) or not all(
+        isinstance(p, str) and p and "\0" not in p for p in value
+    ):
+        return "must be a list of directories"
+    return None
+
+
 def _optional_url_problem(value):
     return None if value is None else _url_problem(value)
 
@@ -1333,6 +1404,9 @@ def _field(
 _STRING = {"type": "string"}
 _STRINGS = {"type": "array", "items": _STRING}
 _STRING_MAP = {"type": "object", "additionalProperties": _STRING}
+#: The ``kind`` of fields about a process: a command's or a Python call's
+#: (a field's kinds are space-separated; None: every kind).
+_PROCESS = "command python"
 _HOOKS = {"type": "array", "items": {"$ref": "#/components/schemas/Hook"}}
 _HOOK_HELP = 'JSON list: [{"url": "https://…"}] or [{"command": "…"}]'
 
@@ -1344,8 +1418,22 @@ JOB_FIELDS = (
            "for argv", True, "command", _command_problem, csv_text=True,
            schema={"oneOf": [{"type": "string", "minLength": 1},
                              dict(_STRINGS, minItems=1)]}),
-    _field("kind", "command", "select", "Kind", "A command, or an HTTP request",
-           True, choices=("command", "http"), csv_text=True),
+    _field("kind", "command", "select", "Kind",
+           "A command, an HTTP request or a Python function",
+           True, choices=("command", "http", "python"), csv_text=True),
+    _field("call", None, "text", "Function", "package.module:function, run in a "
+           "child Python process; its return value is logged", True, "python",
+           _call_problem, schema={"type": "string", "pattern": _CALL_RE.pattern},
+           csv_text=True),
+    _field("args", [], "json", "Arguments", "JSON list of positional arguments",
+           False, "python", _args_problem, schema={"type": "array"}),
+    _field("kwargs", {}, "json", "Keyword arguments", "JSON object", False,
+           "python", _kwargs_problem, schema={"type": "object"}),
+    _field("python", None, "text", "Python", "Interpreter (default: the server's)",
+           False, "python", _optional_str_problem, schema=_STRING, csv_text=True),
+    _field("pythonpath", [], "list", "Python path",
+           "Comma-separated directories put before sys.path", False, "python",
+           _paths_problem, schema=_STRINGS),
     _field("url", None, "text", "URL", "http:// or https://", True, "http",
            _optional_url_problem, schema={"type": "string", "format": "uri"},
            csv_text=True),
@@ -1379,11 +1467,11 @@ JOB_FIELDS = (
            schema={"type": "array",
                    "items": {"type": "string", "minLength": 1, "maxLength": 64}}),
     _field("cwd", None, "text", "Working directory", "Default: the server's",
-           False, "command", _optional_str_problem, schema=_STRING, csv_text=True),
+           False, _PROCESS, _optional_str_problem, schema=_STRING, csv_text=True),
     _field("env", {}, "env", "Environment", "One KEY=value per line", False,
-           "command", _env_problem, schema=_STRING_MAP, masked=True),
+           _PROCESS, _env_problem, schema=_STRING_MAP, masked=True),
     _field("user", None, "text", "Run as user", "Needs the server to run as root",
-           False, "command", _optional_str_problem, schema=_STRING, csv_text=True),
+           False, _PROCESS, _optional_str_problem, schema=_STRING, csv_text=True),
     _field("timeout", 0, "number", "Timeout (s)",
            "0 = none; then the whole tree is killed", limits=(0, 31536000, False)),
     _field("kill_grace", 10, "number", "Kill grace (s)",
@@ -1430,7 +1518,7 @@ JOB_FIELDS = (
                    "items": {"type": "string", "pattern": _NAME_RE.pattern}}),
     _field("leftovers", "kill", "select", "Leftover processes",
            "When the job exits: stop what it left running (kill, default) or "
-           "keep it, as cron does (for jobs that start daemons)", False, "command",
+           "keep it, as cron does (for jobs that start daemons)", False, _PROCESS,
            choices=("kill", "keep")),
     _field("notify_email", [], "list", "Mail on failure",
            "Comma-separated addresses, besides the server's --notify-email",
@@ -1438,10 +1526,10 @@ JOB_FIELDS = (
            schema={"type": "array", "items": {"type": "string", "format": "email"}}),
     _field("max_rss", None, "number", "Max memory (bytes)",
            "The whole tree; over it the run is stopped and fails", False,
-           "command", limits=(1 << 20, 1 << 50, True)),
+           _PROCESS, limits=(1 << 20, 1 << 50, True)),
     _field("max_cpu", None, "number", "Max CPU (s)",
            "The whole tree's CPU seconds; over it the run is stopped and fails",
-           False, "command", limits=(0.1, 31536000, False)),
+           False, _PROCESS, limits=(0.1, 31536000, False)),
     _field("nodes", [], "list", "Nodes",
            "Several hosts: node names or tags that may run it (default: any)",
            check=_tags_problem,
@@ -1457,8 +1545,9 @@ JOB_FIELDS = (
 FIELDS_BY_NAME = {f.name: f for f in JOB_FIELDS}
 #: Every job field but ``name`` and its default (SPEC §3).
 JOB_DEFAULTS = {f.name: f.default for f in JOB_FIELDS if f.name != "name"}
-#: Fields only meaningful for ``kind: http``.
+#: Fields only meaningful for ``kind: http``, and for ``kind: python``.
 HTTP_FIELDS = tuple(f.name for f in JOB_FIELDS if f.kind == "http")
+PYTHON_FIELDS = tuple(f.name for f in JOB_FIELDS if f.kind == "python")
 
 
 def _field_problem(name, value):
@@ -1514,17 +1603,18 @@ def validate_job(data, server_tz: datetime.tzinfo | None = None) -> dict:
             if problem:
                 bad(key, problem)
     kind = data.get("kind", "command")
-    if kind == "command":
-        if data.get("command") is None:
-            bad("command", "required for kind command")
-        for key in HTTP_FIELDS:
-            if key in data and data[key] is not None:
-                bad(key, "only valid with kind http")
-    elif kind == "http":
-        if data.get("url") is None:
-            bad("url", "required for kind http")
-        if data.get("command") is not None:
-            bad("command", "not used with kind http (use url)")
+    needs = {"command": "command", "http": "url", "python": "call"}
+    if isinstance(kind, str) and kind in needs:
+        if data.get(needs[kind]) is None:
+            bad(needs[kind], f"required for kind {kind}")
+        for other, fields in (
+            ("command", ("command",)),
+            ("http", HTTP_FIELDS),
+            ("python", PYTHON_FIELDS),
+        ):
+            for key in fields if other != kind else ():
+                if key in data and data[key] is not None:
+                    bad(key, f"only valid with kind {other} (use {needs[kind]})")
     tz = server_tz or local_zone()
     if isinstance(data.get("timezone"), str):
         try:
@@ -1769,6 +1859,30 @@ MIGRATIONS = (
     """
     ALTER TABLE runs ADD COLUMN node TEXT;
     """,
+    """
+    ALTER TABLE runs ADD COLUMN triggered_by TEXT;
+    CREATE TABLE tokens (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL,
+        hash TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL,
+        created_by TEXT,
+        last_used REAL,
+        expires_at REAL
+    );
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        who TEXT NOT NULL,
+        address TEXT,
+        action TEXT NOT NULL,
+        job TEXT,
+        run_id INTEGER,
+        detail TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX audit_job ON audit (job, id);
+    CREATE INDEX audit_who ON audit (who, id);
+    """,
 )
 #: Columns of ``runs`` in API order.
 RUN_COLUMNS = (
@@ -1793,6 +1907,7 @@ RUN_COLUMNS = (
     "output_truncated",
     "leftovers_stopped",
     "node",
+    "triggered_by",
 )
 _WRITE_BATCH = 2000
 #: sqlite3 messages of failures that pass (a full disk, an I/O error, a lock
@@ -2048,6 +2163,27 @@ class Store(abc.ABC):
         """End one session, or every session of a token."""
 
     @abc.abstractmethod
+    def add_token(self, row: dict):
+        """Record a named token: ``name``, ``role``, ``hash`` (never the
+        secret), ``created_at``, ``created_by``, ``expires_at``.  The
+        future's result is False if the name was taken."""
+
+    @abc.abstractmethod
+    def change_token(self, name: str, role=None, last_used=None):
+        """Set a token's role (ending its sessions) or its last use; the
+        future's result is whether the token exists."""
+
+    @abc.abstractmethod
+    def delete_token(self, name: str):
+        """Revoke a token and end its sessions; the result: whether it existed."""
+
+    @abc.abstractmethod
+    def add_audit(self, row: dict, keep: int):
+        """Append an audit entry (``at``, ``who``, ``address``, ``action``,
+        ``job``, ``run_id``, ``detail`` as JSON text), keeping the newest
+        ``keep``."""
+
+    @abc.abstractmethod
     def add_delivery(self, row: dict):
         """Record a hook or alert delivery; the future's result is its id."""
 
@@ -2108,6 +2244,18 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def get_session(self, session_id: str) -> dict | None:
         """A session row by id (a hash of the cookie), or None."""
+
+    @abc.abstractmethod
+    def get_token(self, name=None, token_hash=None) -> dict | None:
+        """A token row by name or by the hash of its secret, or None."""
+
+    @abc.abstractmethod
+    def list_tokens(self) -> list:
+        """Every token row (without the hash), by name."""
+
+    @abc.abstractmethod
+    def audit_entries(self, job=None, who=None, limit=100, before=None) -> list:
+        """Audit entries newest first, ``detail`` decoded; ``before`` is an id."""
 
     @abc.abstractmethod
     def get_run(self, run_id: int) -> dict | None:
@@ -2596,6 +2744,50 @@ class SQLStore(Store):
             )
         )
 
+    def add_token(self, row: dict):
+        cols = list(row)
+        sql = (
+            "INSERT INTO tokens ({}) VALUES ({}) ON CONFLICT (name) DO NOTHING".format(
+                ", ".join(cols), ", ".join("?" * len(cols))
+            )
+        )
+        return self._submit(
+            lambda conn: conn.execute(sql, [row[c] for c in cols]).rowcount > 0
+        )
+
+    def change_token(self, name: str, role=None, last_used=None):
+        def op(conn):
+            if role is not None:
+                conn.execute("DELETE FROM sessions WHERE token_name = ?", (name,))
+                sql, value = "UPDATE tokens SET role = ? WHERE name = ?", role
+            else:
+                sql, value = "UPDATE tokens SET last_used = ? WHERE name = ?", last_used
+            return conn.execute(sql, (value, name)).rowcount > 0
+
+        return self._submit(op)
+
+    def delete_token(self, name: str):
+        def op(conn):
+            conn.execute("DELETE FROM sessions WHERE token_name = ?", (name,))
+            return (
+                conn.execute("DELETE FROM tokens WHERE name = ?", (name,)).rowcount > 0
+            )
+
+        return self._submit(op)
+
+    def add_audit(self, row: dict, keep: int):
+        cols = list(row)
+        sql = "INSERT INTO audit ({}) VALUES ({})".format(
+            ", ".join(cols), ", ".join("?" * len(cols))
+        )
+
+        def op(conn):
+            entry = self._insert_id(conn, sql, [row[c] for c in cols])
+            conn.execute("DELETE FROM audit WHERE id <= ?", (entry - keep,))
+            return entry
+
+        return self._submit(op)
+
     def add_delivery(self, row: dict):
         row = dict(row, spec=json.dumps(row["spec"]))
         cols = [c for c in row if c != "id"]
@@ -2820,6 +3012,35 @@ class SQLStore(Store):
             "SELECT * FROM sessions WHERE id = ?", (session_id,), one=True
         )
 
+    def get_token(self, name=None, token_hash=None) -> dict | None:
+        column, value = ("name", name) if name is not None else ("hash", token_hash)
+        return self._query(
+            f"SELECT * FROM tokens WHERE {column} = ?", (value,), one=True
+        )
+
+    def list_tokens(self) -> list:
+        return self._query(
+            "SELECT name, role, created_at, created_by, last_used, expires_at "
+            "FROM tokens ORDER BY name"
+        )
+
+    def audit_entries(self, job=None, who=None, limit=100, before=None) -> list:
+        where, args = [], []
+        for column, value in (("job", job), ("who", who)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if before is not None:
+            where.append("id < ?")
+            args.append(before)
+        sql = "SELECT * FROM audit{} ORDER BY id DESC LIMIT ?".format(
+            " WHERE " + " AND ".join(where) if where else ""
+        )
+        rows = self._query(sql, (*args, limit))
+        for row in rows:
+            row["detail"] = json.loads(row["detail"])
+        return rows
+
     def get_run(self, run_id: int) -> dict | None:
         return self._query("SELECT * FROM runs WHERE id = ?", (run_id,), one=True)
 
@@ -2873,6 +3094,8 @@ class SQLStore(Store):
         ("chunks", "run_id, seq"),
         ("run_days", "job, day"),
         ("incidents", "job"),
+        ("tokens", "name"),
+        ("audit", "id"),
     )
 
     def table_rows(self, table, order, page=5000):
@@ -2907,7 +3130,7 @@ class SQLStore(Store):
         return {r["name"] for r in self._query(f"PRAGMA table_info({table})")}
 
     def after_copy(self) -> None:
-        """Run ids go on after the copied ones."""
+        """Run and audit ids go on after the copied ones."""
 
     def count_failed(self, since: float) -> int:
         return self._query(
@@ -3219,6 +3442,30 @@ PG_MIGRATIONS = (
         created_at timestamptz NOT NULL DEFAULT now()
     );
     INSERT INTO settings VALUES ('jobs_version', '0');
+    """,
+    """
+    ALTER TABLE runs ADD COLUMN triggered_by text;
+    CREATE TABLE tokens (
+        name text PRIMARY KEY,
+        role text NOT NULL,
+        hash text NOT NULL UNIQUE,
+        created_at double precision NOT NULL,
+        created_by text,
+        last_used double precision,
+        expires_at double precision
+    );
+    CREATE TABLE audit (
+        id bigserial PRIMARY KEY,
+        at double precision NOT NULL,
+        who text NOT NULL,
+        address text,
+        action text NOT NULL,
+        job text,
+        run_id bigint,
+        detail text NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX audit_job ON audit (job, id);
+    CREATE INDEX audit_who ON audit (who, id);
     """,
 )
 _ID_BLOCK = 100
@@ -3793,9 +4040,11 @@ class PostgresStore(SQLStore):
         return {r["name"] for r in rows}
 
     def after_copy(self) -> None:
-        self._query(
-            "SELECT setval('runs_id_seq', coalesce((SELECT max(id) FROM runs), 0) + 1)"
-        )
+        for table in ("runs", "audit"):
+            self._query(
+                f"SELECT setval('{table}_id_seq', "
+                f"coalesce((SELECT max(id) FROM {table}), 0) + 1)"
+            )
 
     def leave(self) -> None:
         """A clean shutdown: this node's row is dead at once (nothing to take over)."""
@@ -3833,6 +4082,220 @@ class PostgresStore(SQLStore):
 
 def _where(clauses) -> str:
     return (" WHERE " + " AND ".join(clauses)) if clauses else ""
+
+
+###############################################################################
+# Access: tokens, roles, the audit trail ######################################
+###############################################################################
+
+#: Roles, each allowed what the one before it is, and more: a ``viewer``
+#: reads everything but secrets, an ``operator`` also triggers, stops,
+#: pauses and resumes, an ``admin`` also edits jobs and manages tokens.
+ROLES = ("viewer", "operator", "admin")
+#: Who the bootstrap token (``--token``) acts as, and who acts where no
+#: token is needed (loopback without any token).
+BOOTSTRAP = {"name": "bootstrap", "role": "admin"}
+ANONYMOUS = {"name": "anonymous", "role": "admin"}
+#: Who the audit trail names for changes made by the jobs file.
+FILE_ACTOR = "file"
+#: A new token's secret: this prefix (so secret scanners know it) and 32
+#: random bytes.
+TOKEN_PREFIX = "msk_"
+_TOKEN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+#: How often a token's ``last_used`` is written (not on every request).
+TOKEN_TOUCH = 60.0
+
+
+def role_allows(role: str, needed: str) -> bool:
+    """Does ``role`` include what ``needed`` may do?"""
+    return ROLES.index(role) >= ROLES.index(needed)
+
+
+def validate_token(body, now: float) -> dict:
+    """A token request (``name``, ``role``, optional ``expires`` such as
+    ``90d``) as the row to store, or :class:`InvalidError` naming the field."""
+    if not isinstance(body, dict):
+        raise InvalidError('the body must be an object: {"name", "role", "expires"}')
+    unknown = sorted(set(body) - {"name", "role", "expires"})
+    if unknown:
+        raise InvalidError(
+            f"{unknown[0]}: unknown field (use name, role, expires)", unknown[0]
+        )
+    name, role, expires = body.get("name"), body.get("role"), body.get("expires")
+    if not isinstance(name, str) or not _TOKEN_NAME_RE.fullmatch(name):
+        raise InvalidError(
+            "name: 1 to 64 letters, digits, '.', '_', '@' or '-', "
+            "starting with a letter or digit",
+            "name",
+        )
+    if name in (BOOTSTRAP["name"], ANONYMOUS["name"], FILE_ACTOR):
+        raise InvalidError(f"name: {name!r} is reserved", "name")
+    if role not in ROLES:
+        raise InvalidError("role: must be one of " + ", ".join(ROLES), "role")
+    expires_at = None
+    if expires is not None:
+        try:
+            seconds = parse_duration(expires) if isinstance(expires, str) else -1
+        except InvalidError:
+            seconds = -1
+        if not 0 < seconds <= 100 * 365 * 86400:
+            raise InvalidError(
+                "expires: a duration such as 12h, 90d or 52w (at most 100 years), "
+                "or null for never",
+                "expires",
+            )
+        expires_at = now + seconds
+    return {"name": name, "role": role, "expires_at": expires_at}
+
+
+def token_public(row: dict) -> dict:
+    """A token row as ``token list`` and the API show it (never the hash)."""
+    return {
+        "name": row["name"],
+        "role": row["role"],
+        "created_at": iso_utc(row["created_at"]),
+        "created_by": row.get("created_by"),
+        "last_used": iso_utc(row.get("last_used")),
+        "expires_at": iso_utc(row.get("expires_at")),
+    }
+
+
+def _secret_hash(secret: str) -> str:
+    """What is stored of a token or a session cookie: never the secret."""
+    return hashlib.sha256(secret.encode("utf-8", "replace")).hexdigest()
+
+
+class Access:
+    """Who a request is, what their role lets them do, and the audit trail,
+    over a :class:`Store`.  Tokens live in the database (``token add`` works
+    with or without a server), so each check reads them: a revocation or a
+    role change counts at the next request.  Any thread.
+
+    A *principal* is ``{"name", "role"}``: the bootstrap token's, a named
+    token's, or :data:`ANONYMOUS` where no token is needed at all.
+    """
+
+    def __init__(self, store, bootstrap=None, keep=10000, clock=time.time):
+        self.store = store
+        self.bootstrap = bootstrap or None
+        self.keep = keep
+        self.clock = clock
+        self._named = (-1e9, False)  # (monotonic time checked, any token stored)
+
+    def required(self) -> bool:
+        """A token is needed: there is a bootstrap token or a named one (the
+        latter checked at most once a second)."""
+        if self.bootstrap:
+            return True
+        checked, named = self._named
+        if time.monotonic() - checked >= 1.0:
+            named = bool(self.store.list_tokens())
+            self._named = (time.monotonic(), named)
+        return named
+
+    def identify(self, secret: str) -> dict | None:
+        """The principal a token's secret belongs to, or None (unknown,
+        revoked or expired)."""
+        if self.bootstrap and hmac.compare_digest(
+            secret.encode(), self.bootstrap.encode()
+        ):
+            return BOOTSTRAP
+        row = self.store.get_token(token_hash=_secret_hash(secret))
+        now = self.clock()
+        if row is None or (row["expires_at"] is not None and now >= row["expires_at"]):
+            return None
+        if row["last_used"] is None or now - row["last_used"] >= TOKEN_TOUCH:
+            self.store.change_token(row["name"], last_used=now)
+        return {"name": row["name"], "role": row["role"]}
+
+    def session_check(self, principal) -> str:
+        """What a session records of the token it was opened with: a session
+        outlives neither a new bootstrap token nor a revoked, re-created or
+        re-roled named one."""
+        if principal is BOOTSTRAP:
+            return _secret_hash(self.bootstrap or "")
+        row = self.store.get_token(name=principal["name"])
+        return _secret_hash(
+            "{}:{}".format(row["hash"] if row else "", principal["role"])
+        )
+
+    def session_principal(self, row: dict) -> dict | None:
+        """The principal of a stored session, or None if its token changed."""
+        check = row["token_check"]
+        if self.bootstrap and hmac.compare_digest(check, _secret_hash(self.bootstrap)):
+            return BOOTSTRAP
+        token = self.store.get_token(name=row["token_name"])
+        if token is None or (
+            token["expires_at"] is not None and self.clock() >= token["expires_at"]
+        ):
+            return None
+        principal = {"name": token["name"], "role": token["role"]}
+        expected = _secret_hash("{}:{}".format(token["hash"], token["role"]))
+        return principal if hmac.compare_digest(check, expected) else None
+
+    # -- managing tokens (API and command line) --------------------------------
+
+    def add(self, body, by: str) -> tuple:
+        """Create a token from a request (:func:`validate_token`); returns
+        ``(secret, public row)``.  The secret is shown once, never stored."""
+        now = self.clock()
+        row = validate_token(body, now)
+        if self.store.get_token(name=row["name"]) is not None:
+            raise ConflictError(f"a token named {row['name']!r} exists", "name")
+        secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        row.update(hash=_secret_hash(secret), created_at=now, created_by=by)
+        if not self.store.result(self.store.add_token(row)):  # taken meanwhile
+            raise ConflictError(f"a token named {row['name']!r} exists", "name")
+        self._named = (-1e9, True)
+        return secret, token_public(row)
+
+    def set_role(self, name: str, role) -> dict:
+        """Change a token's role; its sessions end."""
+        if role not in ROLES:
+            raise InvalidError("role: must be one of " + ", ".join(ROLES), "role")
+        if not self.store.result(self.store.change_token(name, role=role)):
+            raise NotFoundError(f"no token named {name!r}", "name")
+        return token_public(self.store.get_token(name=name))
+
+    def revoke(self, name: str) -> None:
+        """Delete a token; its sessions end."""
+        if not self.store.result(self.store.delete_token(name)):
+            raise NotFoundError(f"no token named {name!r}", "name")
+        self._named = (-1e9, False)
+
+    def tokens(self) -> list:
+        return [token_public(row) for row in self.store.list_tokens()]
+
+    # -- the audit trail -------------------------------------------------------
+
+    def record(self, who, action, *, job=None, run_id=None, detail=None, address=None):
+        """Append an audit entry (not waited for: the writer keeps order)."""
+        self.store.add_audit(
+            {
+                "at": self.clock(),
+                "who": who,
+                "address": address,
+                "action": action,
+                "job": job,
+                "run_id": run_id,
+                "detail": json.dumps(detail or {}, sort_keys=True),
+            },
+            self.keep,
+        )
+
+    def entries(self, job=None, who=None, limit=100, before=None) -> list:
+        self.store.flush()
+        return [
+            dict(row, at=iso_utc(row["at"]))
+            for row in self.store.audit_entries(job, who, limit, before)
+        ]
+
+
+def changed_fields(old: dict | None, new: dict | None) -> list:
+    """Names of the job fields that differ between two definitions (what the
+    audit trail records of an edit: names, never values)."""
+    old, new = old or {}, new or {}
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
 ###############################################################################
@@ -4212,6 +4675,56 @@ _RESTORED_SIGNALS = tuple(
 )
 
 
+#: What ``kind: python`` runs in its child interpreter: import ``call``,
+#: call it with the JSON ``args`` and ``kwargs``, write the return value as
+#: JSON to ``$MINISCHED_RESULT_FILE`` (the server logs it).  An exception
+#: propagates: Python prints its traceback and exits 1, so the run fails.
+PYTHON_CALL = """\
+import importlib, json, os, sys
+target, args, kwargs = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+sys.argv = [target]
+module, _, path = target.partition(":")
+func = importlib.import_module(module)
+for part in path.split("."):
+    func = getattr(func, part)
+result = func(*args, **kwargs)
+try:
+    text = json.dumps(result)
+except (TypeError, ValueError):
+    text = "a %s (not JSON-serialisable)" % type(result).__name__
+with open(os.environ.pop("MINISCHED_RESULT_FILE"), "w", encoding="utf-8") as out:
+    out.write(text)
+"""
+#: The most of a return value that is logged.
+PYTHON_RESULT_MAX = 64 << 10
+
+
+def python_call_argv(job) -> list:
+    """The argv of a ``kind: python`` run."""
+    return [
+        job.python or sys.executable,
+        "-c",
+        PYTHON_CALL,
+        job.call,
+        json.dumps(job.args),
+        json.dumps(job.kwargs),
+    ]
+
+
+def _result_file(run) -> str:
+    """A new empty file the run's child may write its return value to (owned
+    by the job's user, if it has one).  Launcher thread."""
+    fd, path = tempfile.mkstemp(prefix=f"minisched-result-{run.id}-")
+    try:
+        if run.job.user:
+            with contextlib.suppress(KeyError, OSError):
+                pw = pwd.getpwnam(run.job.user)
+                os.fchown(fd, pw.pw_uid, pw.pw_gid)
+    finally:
+        os.close(fd)
+    return path
+
+
 def spawn_session(argv, env, stdin, stdout, stderr, cwd=None, ids=None) -> tuple:
     """Start ``argv`` in a new session with the given descriptors as its
     stdin, stdout and stderr; returns ``(pid, popen)``.  The caller reaps
@@ -4357,6 +4870,8 @@ class Run:
         self.output_truncated = False
         self.leftovers_stopped = None
         self.node = None  # the node it runs on (a cluster's)
+        self.triggered_by = None  # who asked for a manual run (a token's name)
+        self.result_file = None  # kind python: where the child writes its result
         self.claim = ""  # "" or, for ``placement: all``, the node's own claim
         self.epoch = None  # the node registration it was claimed under
         self.force = False  # a forced manual trigger ignores the job's concurrency
@@ -5000,11 +5515,15 @@ class Launcher:
         env[b"MINISCHED_SERVER"] = enc(self.runner.store.server_id or "")
         env[b"MINISCHED_JOB"] = enc(job.name)
         env[b"PYTHONUNBUFFERED"] = b"1"
-        argv = (
-            ["/bin/sh", "-c", job.command]
-            if isinstance(job.command, str)
-            else job.command
-        )
+        if job.kind == "python":
+            argv = python_call_argv(job)
+            if job.pythonpath:
+                paths = [*job.pythonpath, os.environ.get("PYTHONPATH", "")]
+                env[b"PYTHONPATH"] = enc(os.pathsep.join(p for p in paths if p))
+        elif isinstance(job.command, str):
+            argv = ["/bin/sh", "-c", job.command]
+        else:
+            argv = job.command
         ids = None
         if job.user:
             try:
@@ -5029,6 +5548,9 @@ class Launcher:
             raise _SpawnError(f"cannot start: cwd {job.cwd!r} is not a directory")
         opened = []
         try:
+            if job.kind == "python":
+                run.result_file = _result_file(run)
+                env[b"MINISCHED_RESULT_FILE"] = enc(run.result_file)
             opened.extend(os.pipe())
             opened.extend(os.pipe())
             out_r, out_w, err_r, err_w = opened
@@ -5047,6 +5569,10 @@ class Launcher:
             for fd in opened:  # the write ends; everything if it failed
                 if fd not in run.pipes:
                     os.close(fd)
+            if run.pid is None and run.result_file is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(run.result_file)
+                run.result_file = None
 
     def _http_run(self, run) -> None:
         """``minisched-http-run``: one request; the result goes to the io
@@ -5553,6 +6079,22 @@ class Watcher:
             run.tail_bytes -= first[1] - len(kept.encode())
             first[0]["text"], first[1] = kept, len(kept.encode())
 
+    def _python_result(self, run) -> None:
+        """Kind python: the call's return value, as a system line.  Io thread."""
+        path, run.result_file = run.result_file, None
+        try:
+            with open(path, "rb") as f:
+                data = f.read(PYTHON_RESULT_MAX + 1)
+            os.unlink(path)
+        except OSError:
+            return
+        if not data:
+            return  # the call raised or the process was killed: nothing returned
+        text = data[:PYTHON_RESULT_MAX].decode("utf-8", "replace")
+        if len(data) > PYTHON_RESULT_MAX:
+            text += f" [cut at {PYTHON_RESULT_MAX} bytes]"
+        self._system_line(run, "returned: " + text)
+
     def _system_line(self, run, text) -> None:
         """A line of minisched's own (stream ``system``), always stored."""
         run.seq += 1
@@ -5578,6 +6120,8 @@ class Watcher:
             self._emit(
                 run, stream, decoder.decode(b"", final=True), store=run.head_left > 0
             )
+        if run.result_file is not None:
+            self._python_result(run)
         for fd in list(run.fds):
             self._close_fd(run, fd)
         if run.pidfd is not None:
@@ -5787,11 +6331,13 @@ class Runner:
         force=False,
         not_before=None,
         job_update=None,
+        triggered_by=None,
     ) -> dict:
         """Create a run of ``job`` and start it when the job's ``concurrency`` and
         the global limit allow.  Returns the run's public dict (status
         ``queued``, or ``skipped``).  A manual trigger that would be skipped
         raises :class:`ConflictError` instead (``force`` overrides ``forbid``).
+        ``triggered_by`` names who asked for it.
 
         ``concurrency`` is decided at the run's start time: a slot handled
         ahead (``LOOKAHEAD``, jitter) while another run of the job is active
@@ -5801,7 +6347,9 @@ class Runner:
 
         def make_run():
             at = scheduled_at if scheduled_at is not None else now
-            return self._new_run(job, trigger, attempt, slot, at)
+            run = self._new_run(job, trigger, attempt, slot, at)
+            run.triggered_by = triggered_by
+            return run
 
         run, to_stop, later = self.admission.add(
             job, trigger, force, not_before, now, make_run
@@ -6444,11 +6992,12 @@ class Scheduler:
         for action, name in events:
             self.bus.publish("job", {"action": action, "name": name})
 
-    def trigger(self, name: str, force=False, trigger="manual") -> dict:
+    def trigger(self, name: str, force=False, trigger="manual", by=None) -> dict:
+        """Run a job now; ``by`` names who asked (the run's ``triggered_by``)."""
         job = self.get_job(name)
         if job is None:
             raise NotFoundError(f"no job named {name!r}", "name")
-        return self.runner.submit(job, trigger, force=force)
+        return self.runner.submit(job, trigger, force=force, triggered_by=by)
 
     def upcoming(self, until: float, limit: int = 10000) -> tuple:
         """Every scheduled fire of every enabled, unpaused job from now until
@@ -6830,10 +7379,11 @@ class JobsFile:
     the same file write nothing, whoever owns the jobs.
     """
 
-    def __init__(self, path, scheduler, bus, node=None, live_nodes=None):
+    def __init__(self, path, scheduler, bus, audit=None, node=None, live_nodes=None):
         self.path = path
         self.scheduler = scheduler
         self.bus = bus
+        self.audit = audit or (lambda *args, **kwargs: None)
         self.node = node
         self.live_nodes = live_nodes
         self.loaded_at = None
@@ -6917,6 +7467,7 @@ class JobsFile:
                 and ours(row, "not in this node's file")
             ):
                 sched.remove_job(name, force=True)
+                self.audit(FILE_ACTOR, "job.delete", job=name)
         for definition in ordered:
             row = stored.get(definition["name"])
             if row is not None and row["file_definition"] == definition:
@@ -6927,6 +7478,16 @@ class JobsFile:
                     "file",
                     file_definition=definition,
                     file_owner=self.node,
+                )
+                self.audit(
+                    FILE_ACTOR,
+                    "job.update" if row else "job.create",
+                    job=definition["name"],
+                    detail={
+                        "fields": changed_fields(
+                            row and row["file_definition"], definition
+                        )
+                    },
                 )
         if conflicts != self.conflicts:
             for item in conflicts:
@@ -8130,6 +8691,7 @@ class Engine:
         self.started_at = clock()
         self.tz = config.zone()
         self.store = open_store(config.db)
+        self.access = Access(self.store, config.token, config.audit_keep)
         self.bus = EventBus()
         self.metrics = Metrics()
         #: This server as a node of a cluster (a PostgreSQL database), or None.
@@ -8169,6 +8731,7 @@ class Engine:
                 config.jobs,
                 self.scheduler,
                 self.bus,
+                audit=self.access.record,
                 node=cluster.name if cluster else None,
                 live_nodes=cluster.live_names if cluster else None,
             )
@@ -8302,9 +8865,10 @@ class Engine:
         """Delete a job (see :meth:`Scheduler.remove_job`)."""
         self.scheduler.remove_job(name, purge=purge, force=force)
 
-    def trigger(self, name: str, force=False) -> dict:
-        """Run a job now; returns the new run (status ``queued``)."""
-        return self.scheduler.trigger(name, force=force)
+    def trigger(self, name: str, force=False, by=None) -> dict:
+        """Run a job now; returns the new run (status ``queued``).  ``by``
+        names who asked (the run's ``triggered_by``)."""
+        return self.scheduler.trigger(name, force=force, by=by)
 
     def pause(self, name: str) -> None:
         self.scheduler.set_paused(name, True)
@@ -8422,7 +8986,12 @@ a { color: var(--accent); }
 header { display: flex; flex-wrap: wrap; gap: .5rem 1.5rem; align-items: center;
   padding: .6rem 1rem; border-bottom: 1px solid var(--line); background: var(--card); }
 header .brand { font-weight: 700; font-size: 1.1rem; text-decoration: none; color: var(--fg); }
-header .nav { display: flex; gap: .8rem; font-size: .95rem; }
+header .nav { display: flex; flex-wrap: wrap; gap: .8rem; font-size: .95rem; }
+.whoami { display: flex; gap: .4rem; align-items: center; font-size: .9rem; }
+.whoami .badge { margin-left: .2rem; }
+button.link { border: 0; background: none; color: var(--accent); padding: 0; text-decoration: underline; cursor: pointer; font: inherit; }
+#new-secret { user-select: all; overflow-wrap: anywhere; }
+.new-secret { margin: .6rem 0; padding: .5rem .8rem; border: 1px solid var(--ok); border-radius: 6px; }
 .counts, .sys { display: flex; flex-wrap: wrap; gap: .3rem 1rem; color: var(--muted); font-size: .9rem; }
 .counts b, .sys b { color: var(--fg); }
 .sys { margin-left: auto; }
@@ -8511,9 +9080,12 @@ summary { cursor: pointer; font-weight: 600; }
 <body>
 <header>
   <a class="brand" href="#/">minisched</a>
-  <nav class="nav"><a href="#/">Jobs</a> <a href="#/upcoming">Upcoming</a> <a href="#/system">System</a></nav>
+  <nav class="nav"><a href="#/">Jobs</a> <a href="#/upcoming">Upcoming</a> <a href="#/system">System</a>
+    <a href="#/audit" class="admin-only hidden">Audit</a> <a href="#/settings" class="admin-only hidden">Settings</a>
+    <a href="/api/docs">API</a></nav>
   <div class="counts" id="counts" aria-live="polite"></div>
   <div class="sys" id="sys"></div>
+  <div class="whoami" id="whoami"></div>
 </header>
 <div id="filestate" class="filestate hidden" role="status"></div>
 <div id="clockstate" class="filestate warn hidden" role="alert"></div>
@@ -8521,7 +9093,7 @@ summary { cursor: pointer; font-weight: 600; }
 <div id="login" class="hidden">
   <form id="login-form">
     <h1>minisched</h1>
-    <label for="token">This server needs its token</label>
+    <label for="token">Sign in with your token</label>
     <input id="token" name="token" type="password" autocomplete="current-password" required>
     <div class="error-box" id="login-error" role="alert"></div>
     <button class="primary" type="submit">Sign in</button>
@@ -8576,6 +9148,23 @@ async function api(method, path, body) {
   if (r.status === 401 && !path.startsWith("/api/login")) showLogin();
   if (!r.ok) throw new ApiError((data && data.error) || r.statusText, data && data.field, r.status);
   return data;
+}
+// -- who is looking: the role decides which buttons there are ---------------------------
+const ROLES = ["viewer", "operator", "admin"];
+const NOBODY = { name: "", role: "", token_required: true };
+let me = NOBODY;  // until GET /api/me answers: no buttons at all
+const can = role => ROLES.indexOf(me.role) >= ROLES.indexOf(role) && me.role !== "";
+function drawMe() {
+  for (const a of document.querySelectorAll(".admin-only")) a.classList.toggle("hidden", !can("admin"));
+  const box = $("#whoami");
+  if (!me.token_required || !me.name) { box.textContent = ""; return; }
+  fill(box, h("span", { class: "muted" }, "signed in as "), h("b", null, me.name),
+    h("span", { class: "badge role-" + me.role }, me.role), " ",
+    h("button", { type: "button", class: "link", onclick: async () => { await api("POST", "/api/logout"); showLogin(); } }, "Sign out"));
+}
+async function refreshMe() {
+  try { me = await api("GET", "/api/me"); } catch (e) { me = NOBODY; }
+  drawMe();
 }
 function toast(text) {
   const t = $("#toast");
@@ -8717,6 +9306,10 @@ function connectEvents() {
   events.addEventListener("run", changed);
   events.addEventListener("job", changed);
   events.addEventListener("reconnect", () => { connectEvents(); changed(); });
+  events.addEventListener("end", (e) => {
+    const d = JSON.parse(e.data || "null");
+    if (d && d.reason === "signed out") { events.close(); refreshMe(); }
+  });
 }
 
 // -- dashboard ------------------------------------------------------------------------
@@ -8736,7 +9329,7 @@ async function dashboard() {
     body);
   fill(main, h("h1", null, "Jobs"),
     h("div", { class: "toolbar" }, search, tagSel, statusSel,
-      h("a", { class: "button primary", href: "#/new" }, "New job")),
+      can("admin") ? h("a", { class: "button primary", href: "#/new" }, "New job") : null),
     table,
     drawNodes(h("section", { id: "nodes", class: "hidden", "aria-labelledby": "nodes-title" })));
   let all = [];
@@ -8773,6 +9366,8 @@ async function dashboard() {
 function jobActions(j, after) {
   const name = j.name, path = "/api/jobs/" + encodeURIComponent(name);
   const done = () => { if (after) after(); };
+  if (!can("operator")) return h("div", { class: "actions muted small" }, "view only");
+  const edits = can("admin") && j.source !== "file";
   return h("div", { class: "actions" },
     h("button", { type: "button", "aria-label": "Run " + name + " now",
       onclick: () => act(async () => {
@@ -8789,9 +9384,9 @@ function jobActions(j, after) {
           onclick: () => act(() => api("POST", path + "/resume"), "Resumed " + name).then(done) }, "Resume")
       : h("button", { type: "button", "aria-label": "Pause " + name,
           onclick: () => act(() => api("POST", path + "/pause"), "Paused " + name).then(done) }, "Pause"),
-    j.source === "file" ? null : h("a", { class: "button", href: "#/edit/" + encodeURIComponent(name),
-      "aria-label": "Edit " + name }, "Edit"),
-    j.source === "file" ? null : h("button", { type: "button", class: "danger", "aria-label": "Delete " + name,
+    edits ? h("a", { class: "button", href: "#/edit/" + encodeURIComponent(name),
+      "aria-label": "Edit " + name }, "Edit") : null,
+    !edits ? null : h("button", { type: "button", class: "danger", "aria-label": "Delete " + name,
       onclick: () => { if (confirm("Delete job " + name + "? Its run history is kept.")) {
         act(() => api("DELETE", path), "Deleted " + name).then(() => { location.hash = "#/"; done(); }); } } }, "Delete"));
 }
@@ -8842,7 +9437,7 @@ async function jobPage(name) {
       h("tbody", null, data.runs.map(r => h("tr", null,
         h("td", { "data-label": "Run" }, h("a", { href: "#/run/" + r.id }, "#" + r.id)),
         h("td", { "data-label": "Status" }, badge(r.status)),
-        h("td", { "data-label": "Trigger" }, r.trigger),
+        h("td", { "data-label": "Trigger" }, r.trigger, r.triggered_by ? h("span", { class: "muted small" }, " by " + r.triggered_by) : null),
         h("td", { "data-label": "Attempt" }, r.attempt),
         byNode ? h("td", { "data-label": "Node", class: "run-node" }, r.node || "—") : null,
         h("td", { "data-label": "Started" }, when(r.started_at || r.scheduled_at)),
@@ -8960,7 +9555,7 @@ async function runPage(id) {
   const drawHead = () => fill(head, 
     h("p", { class: "small" }, h("a", { href: "#/job/" + encodeURIComponent(run.job) }, "← " + run.job)),
     h("h1", null, "Run #" + run.id + " of " + run.job + " ", badge(run.status)),
-    h("p", { class: "muted" }, run.trigger + ", attempt " + run.attempt,
+    h("p", { class: "muted" }, run.trigger + (run.triggered_by ? " by " + run.triggered_by : "") + ", attempt " + run.attempt,
       run.node ? [" · on node ", h("b", { class: "run-node" }, run.node)] : null,
       " · started ", when(run.started_at), " · ", dur(run.duration),
       run.exit_code !== null ? " · exit code " + run.exit_code : "", run.signal ? " · signal " + run.signal : "",
@@ -8970,7 +9565,7 @@ async function runPage(id) {
       h("b", null, d.event), " → ", h("code", null, d.target), ": ", d.status,
       d.attempts > 1 ? " after " + d.attempts + " attempts" : "", d.error ? " (" + d.error + ")" : ""))) : null,
     h("div", { class: "logbar" },
-      !META.status[run.status].terminal
+      !META.status[run.status].terminal && can("operator")
         ? h("button", { type: "button", class: "danger", onclick: () => act(() => api("POST", "/api/runs/" + run.id + "/stop"), "Stopping run " + run.id) }, "Stop")
         : null,
       h("a", { class: "button", href: "/api/runs/" + run.id + "/log", download: "run-" + run.id + ".log" }, "Download log"),
@@ -8995,6 +9590,7 @@ async function runPage(id) {
   es.addEventListener("end", (e) => {
     const d = JSON.parse(e.data);
     if (d && d.status) { run = d; drawHead(); es.close(); conn.textContent = ""; setTimeout(refreshHooks, 1500); }
+    else if (d && d.reason === "signed out") { es.close(); refreshMe(); }
   });
   es.onopen = () => { conn.textContent = ""; };
   es.onerror = () => { if (es.readyState !== EventSource.CLOSED) conn.textContent = "reconnecting…"; };
@@ -9030,6 +9626,104 @@ async function upcomingPage() {
 }
 
 // -- system: the host's busiest processes, and the runs they belong to ---------------
+// -- the audit trail and the settings (admins) -------------------------------------------
+async function auditPage() {
+  const main = $("#main"), v = view;
+  const q = new URLSearchParams(location.hash.split("?")[1] || "");
+  const jobIn = h("input", { type: "search", placeholder: "job", value: q.get("job") || "", "aria-label": "Only this job" });
+  const whoIn = h("input", { type: "search", placeholder: "who", value: q.get("who") || "", "aria-label": "Only this token" });
+  const body = h("tbody");
+  const more = h("button", { type: "button", class: "hidden" }, "Older entries");
+  let before = null;
+  const load = async (append) => {
+    const p = new URLSearchParams({ limit: 100 });
+    if (jobIn.value.trim()) p.set("job", jobIn.value.trim());
+    if (whoIn.value.trim()) p.set("who", whoIn.value.trim());
+    if (append && before) p.set("before", before);
+    let data;
+    try { data = await api("GET", "/api/audit?" + p); }
+    catch (e) { if (v === view) fill(main, h("h1", null, "Audit"), h("p", { class: "error-box" }, e.message)); return; }
+    if (v !== view) return;
+    const rows = data.entries.map(e => h("tr", { "data-action": e.action },
+      h("td", { "data-label": "When" }, h("time", { datetime: e.at, title: abs(e.at) }, rel(e.at))),
+      h("td", { "data-label": "Who" }, h("b", null, e.who)),
+      h("td", { "data-label": "From" }, e.address || h("span", { class: "muted" }, "—")),
+      h("td", { "data-label": "Action" }, h("code", null, e.action)),
+      h("td", { "data-label": "Job" }, e.job ? h("a", { href: "#/job/" + encodeURIComponent(e.job) }, e.job) : h("span", { class: "muted" }, "—")),
+      h("td", { "data-label": "Change" }, e.run_id ? h("a", { href: "#/run/" + e.run_id }, "run #" + e.run_id) : null, e.run_id ? " " : null,
+        Object.keys(e.detail).length ? h("code", { class: "small" }, JSON.stringify(e.detail)) : null)));
+    if (!append && !rows.length) rows.push(h("tr", null, h("td", { colspan: 6, class: "muted" }, "No entries match.")));
+    if (append) body.append(...rows); else fill(body, rows);
+    before = data.entries.length ? data.entries[data.entries.length - 1].id : null;
+    more.classList.toggle("hidden", data.entries.length < 100);
+  };
+  more.addEventListener("click", () => load(true));
+  let t = null;
+  for (const el of [jobIn, whoIn]) el.addEventListener("input", () => { clearTimeout(t); t = setTimeout(() => load(false), 250); });
+  fill(main, h("h1", null, "Audit"),
+    h("p", { class: "muted" }, "Who changed what: job edits, runs started and stopped, pauses, imports, tokens and sign-ins, newest first."),
+    h("div", { class: "toolbar" }, jobIn, whoIn),
+    h("table", { class: "cards audit" },
+      h("thead", null, h("tr", null, ["When", "Who", "From", "Action", "Job", "Change"].map(x => h("th", { scope: "col" }, x)))), body),
+    more);
+  onChange = () => load(false);
+  await load(false);
+}
+async function settingsPage() {
+  const main = $("#main"), v = view;
+  let data, tokens;
+  try { [data, tokens] = await Promise.all([api("GET", "/api/settings"), api("GET", "/api/tokens")]); }
+  catch (e) { if (v === view) fill(main, h("h1", null, "Settings"), h("p", { class: "error-box" }, e.message)); return; }
+  if (v !== view) return;
+  const show = x => Array.isArray(x) ? (x.length ? x.join(", ") : "—") : x === null || x === undefined ? "—" : String(x);
+  const jf = data.jobs_file;
+  const secret = h("div", { class: "hidden", role: "status" });
+  const name = h("input", { id: "tok-name", required: true, autocomplete: "off" });
+  const role = h("select", { id: "tok-role" }, ROLES.map(r => h("option", { value: r }, r)));
+  const expires = h("input", { id: "tok-expires", placeholder: "never (or 90d, 12h)", autocomplete: "off" });
+  const err = h("div", { class: "error-box", role: "alert" });
+  const form = h("form", { class: "toolbar", id: "token-form" },
+    h("label", { for: "tok-name" }, "Name "), name, h("label", { for: "tok-role" }, " Role "), role,
+    h("label", { for: "tok-expires" }, " Expires "), expires, h("button", { class: "primary", type: "submit" }, "Add token"));
+  form.addEventListener("submit", async ev => {
+    ev.preventDefault();
+    err.textContent = "";
+    try {
+      const made = await api("POST", "/api/tokens", { name: name.value.trim(), role: role.value, expires: expires.value.trim() || null });
+      fill(secret, "Token ", h("b", null, made.name), " (" + made.role + "): ", h("code", { id: "new-secret" }, made.token),
+        h("div", { class: "muted small" }, "Copy it now: it is shown only once; the server keeps only its hash."));
+      secret.className = "new-secret";
+      name.value = ""; expires.value = ""; role.value = ROLES[0];
+      drawTokens((await api("GET", "/api/tokens")).tokens);
+    } catch (e) { err.textContent = e.message; }
+  });
+  const tokBody = h("tbody");
+  const drawTokens = list => fill(tokBody, list.length ? list.map(t => h("tr", { "data-token": t.name },
+    h("td", { "data-label": "Name" }, h("b", null, t.name)),
+    h("td", { "data-label": "Role" }, t.role),
+    h("td", { "data-label": "Created" }, rel(t.created_at), t.created_by ? " by " + t.created_by : ""),
+    h("td", { "data-label": "Last used" }, t.last_used ? rel(t.last_used) : "never"),
+    h("td", { "data-label": "Expires" }, t.expires_at ? rel(t.expires_at) : "never"),
+    h("td", { "data-label": "Actions" }, h("button", { type: "button", class: "danger", "aria-label": "Revoke " + t.name,
+      onclick: () => { if (confirm("Revoke token " + t.name + "? Its sessions end at once.")) act(() => api("DELETE", "/api/tokens/" + encodeURIComponent(t.name)), "Revoked " + t.name).then(settingsPage); } }, "Revoke"))))
+    : [h("tr", null, h("td", { colspan: 6, class: "muted" }, "No named tokens yet: only the server's --token (if any) signs in."))]);
+  drawTokens(tokens.tokens);
+  fill(main, h("h1", null, "Settings"),
+    h("p", { class: "muted" }, "minisched " + data.version + " on " + data.database.kind + " (" + data.database.url + "). Secrets are never shown."),
+    h("h2", null, "Tokens"), form, err, secret,
+    h("table", { class: "cards tokens" }, h("thead", null, h("tr", null, ["Name", "Role", "Created", "Last used", "Expires", ""].map(x => h("th", { scope: "col" }, x)))), tokBody),
+    h("h2", null, "Jobs file"),
+    jf ? h("p", null, h("code", null, jf.path), jf.error ? h("span", { class: "s-failed" }, " not loaded: " + jf.error) : " loaded " + rel(jf.loaded_at),
+      jf.conflicts && jf.conflicts.length ? " · " + jf.conflicts.length + " conflicts with other nodes" : "")
+      : h("p", { class: "muted" }, "No jobs file (--jobs)."),
+    h("h2", null, "Configuration"),
+    h("table", { class: "cards settings" },
+      h("thead", null, h("tr", null, ["Setting", "Value", "From"].map(x => h("th", { scope: "col" }, x)))),
+      h("tbody", null, data.settings.map(st => h("tr", { "data-setting": st.name },
+        h("td", { "data-label": "Setting" }, h("code", null, st.flag)),
+        h("td", { "data-label": "Value" }, show(st.value)),
+        h("td", { "data-label": "From" }, h("span", { class: st.source === "default" ? "muted" : "" }, st.source)))))));
+}
 async function systemPage() {
   const main = $("#main"), v = view;
   const sortSel = h("select", { "aria-label": "Sort processes by" },
@@ -9091,7 +9785,7 @@ async function editor(name) {
     catch (e) { if (v === view) fill(main, h("h1", null, "Edit"), h("p", { class: "error-box" }, e.message)); return; }
     if (v !== view) return;
   }
-  const readOnly = job.source === "file";
+  const readOnly = job.source === "file" || !can("admin");
   const inputs = {}, errs = {}, wraps = {};
   const general = h("div", { class: "error-box", role: "alert" });
   const preview = h("ol", { class: "preview", "aria-live": "polite" });
@@ -9128,7 +9822,7 @@ async function editor(name) {
     readOnly ? null : h("div", { class: "toolbar" }, h("button", { class: "primary", type: "submit" }, name ? "Save" : "Create job"),
       h("a", { class: "button", href: name ? "#/job/" + encodeURIComponent(name) : "#/" }, "Cancel")));
   const kindSel = inputs.kind[1];
-  const showKind = () => { for (const [k, w] of Object.entries(wraps)) { const kd = w.getAttribute("data-kind"); w.classList.toggle("hidden", !!kd && kd !== kindSel.value); } };
+  const showKind = () => { for (const [k, w] of Object.entries(wraps)) { const kd = w.getAttribute("data-kind"); w.classList.toggle("hidden", !!kd && !kd.split(" ").includes(kindSel.value)); } };
   kindSel.addEventListener("change", showKind);
   showKind();
   const collect = () => {
@@ -9195,7 +9889,9 @@ async function editor(name) {
   fill(main, 
     h("p", { class: "small" }, h("a", { href: name ? "#/job/" + encodeURIComponent(name) : "#/" }, "← Back")),
     h("h1", null, name ? "Edit " + name : "New job"),
-    readOnly ? h("p", { class: "note" }, "This job is defined in the jobs file and is read-only here: edit the file (it is reloaded within 2 seconds).") : null,
+    readOnly ? h("p", { class: "note" }, job.source === "file"
+      ? "This job is defined in the jobs file and is read-only here: edit the file (it is reloaded within 2 seconds)."
+      : "Your role (" + me.role + ") may only view jobs; an admin can edit them.") : null,
     form);
   onChange = null;
   if (!name) inputs.name[1].focus();
@@ -9203,6 +9899,8 @@ async function editor(name) {
 
 // -- login and routing -------------------------------------------------------------------
 function showLogin() {
+  me = NOBODY;
+  drawMe();
   $("#login").classList.remove("hidden");
   $("#token").focus();
 }
@@ -9213,7 +9911,9 @@ $("#login-form").addEventListener("submit", async (ev) => {
     $("#login").classList.add("hidden");
     $("#token").value = "";
     $("#login-error").textContent = "";
+    await refreshMe();
     connectEvents();
+    refreshStatus();
     route();
   } catch (e) { $("#login-error").textContent = e.message; }
 });
@@ -9224,7 +9924,7 @@ async function route() {
     return;
   }
   if (stream && !location.hash.startsWith("#/run/")) { stream.close(); stream = null; }
-  const parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+  const parts = location.hash.replace(/^#\/?/, "").split("?")[0].split("/").map(decodeURIComponent);
   onChange = null;
   if (parts[0] === "job" && parts[1]) await jobPage(parts[1]);
   else if (parts[0] === "run" && parts[1]) await runPage(parts[1]);
@@ -9232,6 +9932,8 @@ async function route() {
   else if (parts[0] === "upcoming") await upcomingPage();
   else if (parts[0] === "system") await systemPage();
   else if (parts[0] === "edit" && parts[1]) await editor(parts[1]);
+  else if (parts[0] === "audit") await auditPage();
+  else if (parts[0] === "settings") await settingsPage();
   else await dashboard();
   document.title = "minisched" + (parts[1] ? " · " + parts[1] : "");
 }
@@ -9239,7 +9941,7 @@ window.addEventListener("hashchange", () => { route(); $("#main").focus({ preven
 setInterval(() => { refreshStatus(); for (const t of document.querySelectorAll("time[datetime]")) t.textContent = rel(t.getAttribute("datetime")); }, 10000);
 connectEvents();
 refreshStatus();
-route();
+refreshMe().then(route);
 </script>
 </body>
 </html>
@@ -9284,6 +9986,9 @@ SESSION_IDLE = 12 * 3600
 SESSION_MAX_AGE = 7 * 86400
 #: How often a session's ``last_seen`` is written (not on every request).
 SESSION_TOUCH = 300
+#: How often an open live stream checks that its token or session is still
+#: valid (a revocation ends it within this).
+ACCESS_RECHECK = 2.0
 
 #: Largest id or count accepted in a URL (SQLite's integer range).
 MAX_INT = 2**63 - 1
@@ -9338,14 +10043,20 @@ QUERY_PARAMS = {
     "timezone": ("timezone", {"type": "string"}, "an IANA zone"),
     "after": ("after", {"type": "string"}, "ISO 8601 time (default: now)"),
     "anchor": ("anchor", {"type": "string"}, "where @every counts from"),
+    "audit_job": ("job", {"type": "string"}, "only entries about this job"),
+    "who": ("who", {"type": "string"}, "only entries by this token name (or file)"),
+    "audit_limit": ("limit", _int_schema(1, 1000, 100), "at most this many"),
+    "audit_before": ("before", _int_schema(1), "only older entries (an id, a cursor)"),
 }
 
 #: One API route: method, OpenAPI path, ``Api`` handler name, summary, query
-#: parameter keys (:data:`QUERY_PARAMS`), request body schema (a component
-#: name or None), success status, response schema (a component name, or a
-#: media type for text), and error statuses it answers beyond the common ones.
+#: parameter keys (:data:`QUERY_PARAMS`), the least role that may call it
+#: (one of :data:`ROLES`, or ``public``: no token needed), request body
+#: schema (a component name or None), success status, response schema (a
+#: component name, or a media type for text), and error statuses it
+#: answers beyond the common ones.
 Route = collections.namedtuple(
-    "Route", "method path handler summary params body ok response errors"
+    "Route", "method path handler summary params role body ok response errors"
 )
 
 
@@ -9355,12 +10066,18 @@ def _route(
     handler,
     summary,
     params=(),
+    *,
+    role,
     body=None,
     ok=200,
     response=None,
     errors=(),
 ):
-    return Route(method, path, handler, summary, params, body, ok, response, errors)
+    if role not in ("public", *ROLES):
+        raise ValueError(f"{method} {path}: role {role!r}")
+    return Route(
+        method, path, handler, summary, params, role, body, ok, response, errors
+    )
 
 
 #: Every route.  ``make_app`` registers routes from this table and
@@ -9372,6 +10089,7 @@ API_ROUTES = (
         "health",
         "Liveness of the engine's threads and database",
         response="Health",
+        role="public",
     ),
     _route(
         "GET",
@@ -9380,6 +10098,7 @@ API_ROUTES = (
         "Run statuses and job fields with their rules (what the page's "
         "editor and colours are built from)",
         response="Meta",
+        role="public",
     ),
     _route(
         "GET",
@@ -9388,6 +10107,7 @@ API_ROUTES = (
         "The cluster's nodes: alive or dead, heartbeat age, running runs "
         "(one node on SQLite: this server)",
         response="Nodes",
+        role="viewer",
     ),
     _route(
         "GET",
@@ -9395,6 +10115,7 @@ API_ROUTES = (
         "status",
         "Version, uptime, counts, jobs file state",
         response="Status",
+        role="viewer",
     ),
     _route(
         "GET",
@@ -9403,6 +10124,7 @@ API_ROUTES = (
         "List jobs",
         ("tag", "q", "job_status", "job_limit", "offset"),
         response="JobList",
+        role="viewer",
     ),
     _route(
         "POST",
@@ -9413,6 +10135,7 @@ API_ROUTES = (
         ok=201,
         response="Job",
         errors=(409,),
+        role="admin",
     ),
     _route(
         "GET",
@@ -9420,6 +10143,7 @@ API_ROUTES = (
         "get_job",
         "A job's definition and state",
         response="Job",
+        role="viewer",
     ),
     _route(
         "PUT",
@@ -9429,6 +10153,7 @@ API_ROUTES = (
         body="JobDefinition",
         response="Job",
         errors=(409,),
+        role="admin",
     ),
     _route(
         "PATCH",
@@ -9438,6 +10163,7 @@ API_ROUTES = (
         body="JobChanges",
         response="Job",
         errors=(409,),
+        role="admin",
     ),
     _route(
         "DELETE",
@@ -9447,6 +10173,7 @@ API_ROUTES = (
         ("purge", "force"),
         response="Deleted",
         errors=(409,),
+        role="admin",
     ),
     _route(
         "POST",
@@ -9457,6 +10184,7 @@ API_ROUTES = (
         ok=202,
         response="Run",
         errors=(409,),
+        role="operator",
     ),
     _route(
         "POST",
@@ -9464,6 +10192,7 @@ API_ROUTES = (
         "stop_job",
         "Stop the job's active runs",
         response="Stopped",
+        role="operator",
     ),
     _route(
         "POST",
@@ -9471,6 +10200,7 @@ API_ROUTES = (
         "pause_job",
         "Pause the schedule",
         response="Job",
+        role="operator",
     ),
     _route(
         "POST",
@@ -9478,6 +10208,7 @@ API_ROUTES = (
         "resume_job",
         "Resume the schedule",
         response="Job",
+        role="operator",
     ),
     _route(
         "GET",
@@ -9486,6 +10217,7 @@ API_ROUTES = (
         "A job's runs, newest first",
         ("run_limit", "before", "run_status", "offset"),
         response="RunList",
+        role="viewer",
     ),
     _route(
         "GET",
@@ -9494,8 +10226,11 @@ API_ROUTES = (
         "All runs, newest first",
         ("run_limit", "before", "run_status", "offset", "job", "node"),
         response="RunList",
+        role="viewer",
     ),
-    _route("GET", "/api/runs/{id}", "get_run", "One run", response="Run"),
+    _route(
+        "GET", "/api/runs/{id}", "get_run", "One run", response="Run", role="viewer"
+    ),
     _route(
         "POST",
         "/api/runs/{id}/stop",
@@ -9503,6 +10238,7 @@ API_ROUTES = (
         "Stop one run",
         response="Stopped",
         errors=(409,),
+        role="operator",
     ),
     _route(
         "GET",
@@ -9511,6 +10247,7 @@ API_ROUTES = (
         "A run's stored output",
         ("log_format",),
         response="text/plain+Chunks",
+        role="viewer",
     ),
     _route(
         "GET",
@@ -9519,6 +10256,7 @@ API_ROUTES = (
         "A run's output live (SSE)",
         ("last_event_id",),
         response="text/event-stream",
+        role="viewer",
     ),
     _route(
         "GET",
@@ -9526,6 +10264,7 @@ API_ROUTES = (
         "events",
         "Run and job changes (SSE)",
         response="text/event-stream",
+        role="viewer",
     ),
     _route(
         "POST",
@@ -9534,6 +10273,7 @@ API_ROUTES = (
         "One action on several jobs",
         body="Batch",
         response="BatchResults",
+        role="operator",
     ),
     _route(
         "POST",
@@ -9542,6 +10282,7 @@ API_ROUTES = (
         "Validate a job or jobs document",
         body="JobOrDocument",
         response="Validation",
+        role="viewer",
     ),
     _route(
         "GET",
@@ -9550,6 +10291,7 @@ API_ROUTES = (
         "Next fire times of a schedule",
         ("expr", "n", "timezone", "after", "anchor"),
         response="FireTimes",
+        role="viewer",
     ),
     _route(
         "GET",
@@ -9558,6 +10300,7 @@ API_ROUTES = (
         "All jobs as a jobs document",
         ("export_format",),
         response="text/csv+JobsDocument",
+        role="viewer",
     ),
     _route(
         "POST",
@@ -9568,6 +10311,7 @@ API_ROUTES = (
         body="JobsDocument",
         response="ImportReport",
         errors=(409,),
+        role="admin",
     ),
     _route(
         "GET",
@@ -9576,6 +10320,7 @@ API_ROUTES = (
         "An account of a job's runs over the last days",
         ("days",),
         response="Stats",
+        role="viewer",
     ),
     _route(
         "GET",
@@ -9584,6 +10329,7 @@ API_ROUTES = (
         "The same across all jobs (by_job: with each job's counts)",
         ("days", "by_job"),
         response="Stats",
+        role="viewer",
     ),
     _route(
         "GET",
@@ -9592,9 +10338,15 @@ API_ROUTES = (
         "Every fire of every job in the next hours, in time order",
         ("hours",),
         response="Upcoming",
+        role="viewer",
     ),
     _route(
-        "GET", "/api/system", "system", "Host and server metrics", response="System"
+        "GET",
+        "/api/system",
+        "system",
+        "Host and server metrics",
+        response="System",
+        role="viewer",
     ),
     _route(
         "GET",
@@ -9603,6 +10355,7 @@ API_ROUTES = (
         "The host's busiest processes, with the runs they belong to",
         ("proc_sort", "proc_limit"),
         response="Processes",
+        role="viewer",
     ),
     _route(
         "POST",
@@ -9612,14 +10365,103 @@ API_ROUTES = (
         body="Login",
         response="LoginResult",
         errors=(429,),
+        role="public",
     ),
-    _route("POST", "/api/logout", "logout", "End the session", response="LoginResult"),
     _route(
-        "GET", "/api/openapi.json", "openapi", "This description", response="Object"
+        "POST",
+        "/api/logout",
+        "logout",
+        "End the session",
+        response="LoginResult",
+        role="public",
     ),
-    _route("GET", "/metrics", "metrics", "Prometheus metrics", response="text/plain"),
+    _route(
+        "GET",
+        "/api/me",
+        "me",
+        "Who this request is: token name and role",
+        response="Me",
+        role="viewer",
+    ),
+    _route(
+        "GET",
+        "/api/tokens",
+        "list_tokens",
+        "Named tokens (never their secrets)",
+        response="TokenList",
+        role="admin",
+    ),
+    _route(
+        "POST",
+        "/api/tokens",
+        "add_token",
+        "Create a named token; its secret is in this answer only",
+        body="TokenRequest",
+        ok=201,
+        response="NewToken",
+        errors=(409,),
+        role="admin",
+    ),
+    _route(
+        "PATCH",
+        "/api/tokens/{name}",
+        "change_token",
+        "Change a token's role (its sessions end)",
+        body="TokenRole",
+        response="Token",
+        role="admin",
+    ),
+    _route(
+        "DELETE",
+        "/api/tokens/{name}",
+        "delete_token",
+        "Revoke a token (its sessions end)",
+        response="Revoked",
+        role="admin",
+    ),
+    _route(
+        "GET",
+        "/api/audit",
+        "audit_log",
+        "Who changed what, newest first",
+        ("audit_job", "who", "audit_limit", "audit_before"),
+        response="AuditList",
+        role="admin",
+    ),
+    _route(
+        "GET",
+        "/api/settings",
+        "settings",
+        "The effective configuration, where each value came from (no secrets)",
+        response="Settings",
+        role="admin",
+    ),
+    _route(
+        "GET",
+        "/api/openapi.json",
+        "openapi",
+        "This description",
+        response="Object",
+        role="viewer",
+    ),
+    _route(
+        "GET",
+        "/api/docs",
+        "docs",
+        "This reference as a page (every route with its role)",
+        response="text/html",
+        role="viewer",
+    ),
+    _route(
+        "GET",
+        "/metrics",
+        "metrics",
+        "Prometheus metrics",
+        response="text/plain",
+        role="viewer",
+    ),
 )
-_OPEN_PATHS = ("/api/health", "/api/login", "/api/meta")
+_OPEN_PATHS = ("/api/health", "/api/login", "/api/logout", "/api/meta")
 #: State-changing routes that write nothing to the database.
 _WRITE_FREE_PATHS = ("/api/validate", "/api/logout")
 _STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
@@ -9630,11 +10472,6 @@ CSV_FIELDS = tuple(f.name for f in JOB_FIELDS)
 def _rate(good: int, bad: int):
     """``good / (good + bad)`` rounded, or None when there is neither."""
     return round(good / (good + bad), 4) if good + bad else None
-
-
-def _token_hash(secret: str) -> str:
-    """What is stored of a token or a session cookie: never the secret."""
-    return hashlib.sha256(secret.encode("utf-8", "replace")).hexdigest()
 
 
 def _error_body(exc: MinischedError) -> str:
@@ -9713,9 +10550,10 @@ class Api:
         self._hosts = _allowed_hosts(config)
         self._sampler = _ProcessTable()
         self._networks = config.networks("allow_ip")
-        #: What a session opened with the current token records: one made
-        #: with another token (the server restarted with a new one) is void.
-        self._token_check = _token_hash(config.token or "")
+        self._denied = config.networks("deny_ip")
+        #: Tokens and roles for this app's bootstrap token (``serve_engine``
+        #: may serve an engine with another one).
+        self.access = Access(engine.store, config.token, engine.config.audit_keep)
 
     # -- request checks (before every route) -----------------------------------
 
@@ -9730,6 +10568,13 @@ class Api:
                 client = None
             if client is None or not any(client in net for net in self._networks):
                 raise ForbiddenError("your address is not allowed (--allow-ip)")
+        if self._denied:
+            try:
+                client = ipaddress.ip_address(request.remote_addr or "")
+            except ValueError:
+                client = None
+            if client is None or any(client in net for net in self._denied):
+                raise ForbiddenError("your address is denied (--deny-ip)")
         host = _host_name(request.get_header("Host", ""))
         if host not in self._hosts:
             raise ForbiddenError(
@@ -9744,8 +10589,12 @@ class Api:
         protected = (path.startswith("/api/") or path == "/metrics") and (
             path not in _OPEN_PATHS
         )
-        if self.config.token and protected and not self._authorized():
-            raise UnauthorizedError("missing or wrong token")
+        who = self._principal()
+        request.environ["minisched.who"] = who
+        if protected and who is None:
+            raise UnauthorizedError(
+                "missing or wrong token (or it expired, or was revoked)"
+            )
         if (
             request.method in _STATE_CHANGING
             and path not in _WRITE_FREE_PATHS
@@ -9774,27 +10623,58 @@ class Api:
                     "request bodies must be application/json", "Content-Type"
                 )
 
-    def _authorized(self) -> bool:
+    def _principal(self) -> dict | None:
+        """Who the request is (``{"name", "role"}``): by its bearer token or
+        its session cookie; :data:`ANONYMOUS` where no token is needed; None
+        when one is and the request has none that is valid."""
         request = bottle.request
-        header = request.get_header("Authorization", "")
-        if header.startswith("Bearer "):
-            return hmac.compare_digest(
-                header[7:].strip().encode(), self.config.token.encode()
-            )
-        return self._session() is not None
+        return self._principal_of(
+            request.get_header("Authorization", ""), request.get_cookie(SESSION_COOKIE)
+        )
 
-    def _session(self) -> dict | None:
-        """The live session the request's cookie names, or None.  Sessions are
-        kept in the database: a logout or a new token ends them at once."""
+    def _principal_of(self, header: str, cookie) -> dict | None:
+        if not self.access.required():
+            return ANONYMOUS
+        if header.startswith("Bearer "):
+            return self.access.identify(header[7:].strip())
+        session = self._session(cookie)
+        return self.access.session_principal(session) if session else None
+
+    def _signed_out(self):
+        """For a stream: a function that says (checking at most every
+        ``ACCESS_RECHECK`` seconds) whether the token or session that opened
+        it no longer admits it: revoked, expired, another role, logged out."""
+        header = bottle.request.get_header("Authorization", "")
         cookie = bottle.request.get_cookie(SESSION_COOKIE)
+        checked = [time.monotonic()]
+
+        def signed_out() -> bool:
+            now = time.monotonic()
+            if now - checked[0] < ACCESS_RECHECK:
+                return False
+            checked[0] = now
+            return self._principal_of(header, cookie) is None
+
+        return signed_out
+
+    def _wait(self) -> float:
+        """How long a stream waits for an event before a heartbeat: at most
+        ``ACCESS_RECHECK`` while tokens are needed, so a revocation ends it."""
+        if self.access.required():
+            return min(self.heartbeat, ACCESS_RECHECK)
+        return self.heartbeat
+
+    def _session(self, cookie) -> dict | None:
+        """The live session ``cookie`` names, or None.  Sessions are kept in
+        the database: a logout, a revoked token or a new role ends them at
+        once (see :meth:`Access.session_principal`)."""
         if not cookie:
             return None
-        session_id = _token_hash(cookie)
+        session_id = _secret_hash(cookie)
         row = self.engine.store.get_session(session_id)
         now = time.time()
         if (
             row is None
-            or not hmac.compare_digest(row["token_check"], self._token_check)
             or now >= row["expires_at"]
             or now - row["last_seen"] >= SESSION_IDLE
         ):
@@ -9802,6 +10682,50 @@ class Api:
         if now - row["last_seen"] >= SESSION_TOUCH:
             self.engine.store.touch_session(session_id, now)
         return row
+
+    @staticmethod
+    def who() -> dict:
+        """The request's principal (``check_request`` found it)."""
+        return bottle.request.environ.get("minisched.who") or ANONYMOUS
+
+    def require(self, role: str) -> None:
+        """:class:`ForbiddenError` (403, naming the role) unless the request's
+        principal has ``role``."""
+        if role == "public":
+            return
+        who = self.who()
+        if not role_allows(who["role"], role):
+            raise ForbiddenError(
+                f"this needs the {role} role; token {who['name']!r} has the "
+                f"{who['role']} role",
+                "role",
+            )
+
+    def guarded(self, route):
+        """``route``'s handler behind its role check."""
+        handler = getattr(self, route.handler)
+
+        @functools.wraps(handler)
+        def call(*args, **kwargs):
+            self.require(route.role)
+            return handler(*args, **kwargs)
+
+        return call
+
+    def audit(self, action, job=None, run_id=None, detail=None, who=None) -> None:
+        """Record a state change made by this request in the audit trail."""
+        self.access.record(
+            who or self.who()["name"],
+            action,
+            job=job,
+            run_id=run_id,
+            detail=detail,
+            address=bottle.request.remote_addr,
+        )
+
+    def secrets_visible(self) -> bool:
+        """Env values are shown to admins only (others see ``***``)."""
+        return role_allows(self.who()["role"], "admin")
 
     # -- helpers -----------------------------------------------------------------
 
@@ -9879,9 +10803,10 @@ class Api:
         )
         return out
 
-    def job_json(self, job, mask=False) -> dict:
-        """A job as the API shows it: definition plus state."""
-        out = job.public(mask_env=mask)
+    def job_json(self, job) -> dict:
+        """A job as the API shows it: definition plus state (``env`` values
+        masked for those below admin)."""
+        out = job.public(mask_env=not self.secrets_visible())
         out.update(self._state(job, self._running()))
         last = self.engine.last_run(job.name)
         out["last_run"] = last[1] if last else None
@@ -9897,7 +10822,13 @@ class Api:
 
     def save(self, definition, create=False):
         definition = validate_job(definition, self.engine.tz)
+        old = self.engine.scheduler.get_job(definition["name"])
         job = self.engine.scheduler.put_job(definition, "api", create_only=create)
+        self.audit(
+            "job.update" if old else "job.create",
+            job.name,
+            detail={"fields": changed_fields(old and old.definition, definition)},
+        )
         return self.job_json(job)
 
     # -- jobs --------------------------------------------------------------------
@@ -10006,7 +10937,7 @@ class Api:
                 continue
             if text and not any(
                 text in str(v).lower()
-                for v in (job.name, job.description, job.command or job.url)
+                for v in (job.name, job.description, job.command or job.url or job.call)
             ):
                 continue
             state = self._state(job, running)
@@ -10078,26 +11009,34 @@ class Api:
         self.engine.scheduler.remove_job(
             name, purge=self.flag("purge"), force=self.flag("force")
         )
+        self.audit("job.delete", name, detail={"purge": self.flag("purge")})
         return {"deleted": name, "purged": self.flag("purge")}
 
     def run_job(self, name):
         self.job_or_404(name)
-        run = self.engine.scheduler.trigger(name, force=self.flag("force"))
+        run = self.engine.scheduler.trigger(
+            name, force=self.flag("force"), by=self.who()["name"]
+        )
+        self.audit("job.trigger", name, run["id"], {"force": self.flag("force")})
         self.engine.store.flush()  # so GET /api/runs/{id} finds it at once
         return run
 
     def stop_job(self, name):
         self.job_or_404(name)
-        return {"stopped": self.engine.stop(name)}
+        stopped = self.engine.stop(name)
+        self.audit("job.stop", name, detail={"stopped": stopped})
+        return {"stopped": stopped}
 
     def pause_job(self, name):
         self.job_or_404(name)
         self.engine.scheduler.set_paused(name, True)
+        self.audit("job.pause", name)
         return self.get_job(name)
 
     def resume_job(self, name):
         self.job_or_404(name)
         self.engine.scheduler.set_paused(name, False)
+        self.audit("job.resume", name)
         return self.get_job(name)
 
     # -- runs --------------------------------------------------------------------
@@ -10147,6 +11086,7 @@ class Api:
             raise ConflictError(
                 f"run {row['id']} is not active (it is {row['status']})", "id"
             )
+        self.audit("run.stop", row["job"], row["id"])
         return {"stopped": 1}
 
     def run_log(self, id):
@@ -10212,6 +11152,7 @@ class Api:
             )
 
         sub = bus.subscribe(maxsize=2000, filter_fn=wanted)
+        signed_out, wait = self._signed_out(), self._wait()
 
         def replay():
             """The stored output after ``last_seq``, in writes of ~64 KiB
@@ -10251,7 +11192,10 @@ class Api:
                         yield _sse("end", run_public(current))
                         return
                     while not sub.lagged:
-                        item = sub.get(self.heartbeat)
+                        if signed_out():
+                            yield _sse("end", {"reason": "signed out"})
+                            return
+                        item = sub.get(wait)
                         if item is None:
                             yield ": heartbeat\n\n"
                             continue
@@ -10289,6 +11233,8 @@ class Api:
             filter_fn=lambda kind, _data: kind in ("run", "job", "shutdown"),
         )
 
+        signed_out, wait = self._signed_out(), self._wait()
+
         def stream():
             try:
                 yield "retry: 2000\n: minisched events\n\n"
@@ -10298,7 +11244,10 @@ class Api:
                             "reconnect", {"reason": "too slow; reload the state"}
                         )
                         return
-                    item = sub.get(self.heartbeat)
+                    if signed_out():
+                        yield _sse("end", {"reason": "signed out"})
+                        return
+                    item = sub.get(wait)
                     if item is None:
                         yield ": heartbeat\n\n"
                     elif item[0] == "shutdown":
@@ -10323,6 +11272,8 @@ class Api:
             raise InvalidError("action: must be one of " + ", ".join(actions), "action")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise InvalidError("jobs: must be a list of job names", "jobs")
+        if action == "delete":
+            self.require("admin")
         handlers = {
             "run": self.run_job,
             "stop": self.stop_job,
@@ -10341,6 +11292,14 @@ class Api:
             if action == "run":
                 item["run"] = out
             results.append(item)
+        self.audit(
+            "batch",
+            detail={
+                "action": action,
+                "jobs": names,
+                "failed": [r["job"] for r in results if not r["ok"]],
+            },
+        )
         return {"results": results}
 
     def validate(self):
@@ -10455,8 +11414,9 @@ class Api:
         fmt = bottle.request.query.get("format", "json")
         if fmt not in ("json", "csv"):
             raise InvalidError("format: must be json or csv", "format")
+        mask = not self.secrets_visible()
         jobs = [
-            job.definition
+            job.public(mask_env=mask)
             for job in self.engine.scheduler.jobs()
             if job.source == "api"
         ]
@@ -10516,6 +11476,10 @@ class Api:
             for definition in dependency_order(definitions):
                 if definition["name"] not in report["unchanged"]:
                     sched.put_job(definition, "api")
+            self.audit(
+                "import",
+                detail={k: report[k] for k in ("created", "updated", "unchanged")},
+            )
         return report
 
     # -- system, metrics, login, openapi -------------------------------------------
@@ -10636,8 +11600,8 @@ class Api:
         return response
 
     def login(self):
-        if not self.config.token:
-            return {"ok": True, "token_required": False}
+        if not self.access.required():
+            return {"ok": True, "token_required": False, **ANONYMOUS}
         client = bottle.request.remote_addr or ""
         now = time.monotonic()
         with self._lock:
@@ -10651,21 +11615,23 @@ class Api:
                 raise TooManyRequestsError("too many failed logins; wait a minute")
         body = self.body()
         token = body.get("token") if isinstance(body, dict) else None
-        if not isinstance(token, str) or not hmac.compare_digest(
-            token.encode(), self.config.token.encode()
-        ):
+        who = self.access.identify(token) if isinstance(token, str) else None
+        if who is None:
             with self._lock:
                 self._logins[client].append(now)
-            raise UnauthorizedError("wrong token", "token")
+            self.audit("login.failed", detail={"reason": "wrong token"}, who="-")
+            raise UnauthorizedError(
+                "wrong token (or it expired, or was revoked)", "token"
+            )
         cookie = secrets.token_urlsafe(32)
         created = time.time()
         store = self.engine.store
         store.result(
             store.add_session(
                 {
-                    "id": _token_hash(cookie),
-                    "token_name": "admin",
-                    "token_check": self._token_check,
+                    "id": _secret_hash(cookie),
+                    "token_name": who["name"],
+                    "token_check": self.access.session_check(who),
                     "address": client,
                     "created_at": created,
                     "last_seen": created,
@@ -10673,6 +11639,7 @@ class Api:
                 }
             )
         )
+        self.audit("login", who=who["name"])
         bottle.response.set_cookie(
             SESSION_COOKIE,
             cookie,
@@ -10681,19 +11648,85 @@ class Api:
             path="/",
             max_age=SESSION_MAX_AGE,
         )
-        return {"ok": True, "token_required": True}
+        return {"ok": True, "token_required": True, **who}
 
     def logout(self):
         """End the request's session (on the server, not only the cookie)."""
         cookie = bottle.request.get_cookie(SESSION_COOKIE)
         if cookie:
             store = self.engine.store
-            store.result(store.delete_sessions(_token_hash(cookie)))
+            store.result(store.delete_sessions(_secret_hash(cookie)))
+            if bottle.request.environ.get("minisched.who"):
+                self.audit("logout")
         bottle.response.delete_cookie(SESSION_COOKIE, path="/")
         return {"ok": True}
 
+    def me(self):
+        """Who the request is: what the page shows and hides by."""
+        return dict(self.who(), token_required=self.access.required())
+
+    # -- tokens, audit, settings (admins) ------------------------------------------
+
+    def list_tokens(self):
+        return {"tokens": self.access.tokens()}
+
+    def add_token(self):
+        secret, row = self.access.add(self.body(), by=self.who()["name"])
+        self.audit(
+            "token.add",
+            detail={
+                "name": row["name"],
+                "role": row["role"],
+                "expires_at": row["expires_at"],
+            },
+        )
+        return dict(row, token=secret)
+
+    def change_token(self, name):
+        if self.engine.store.get_token(name=name) is None:
+            raise NotFoundError(f"no token named {name!r}", "name")
+        body = self.body()
+        if not isinstance(body, dict) or set(body) != {"role"}:
+            raise InvalidError('the body must be {"role": ...}', "role")
+        row = self.access.set_role(name, body["role"])
+        self.audit("token.role", detail={"name": name, "role": row["role"]})
+        return row
+
+    def delete_token(self, name):
+        self.access.revoke(name)
+        self.audit("token.revoke", detail={"name": name})
+        return {"revoked": name}
+
+    def audit_log(self):
+        query = bottle.request.query
+        entries = self.access.entries(
+            job=query.get("job") or None,
+            who=query.get("who") or None,
+            limit=self.int_param("audit_limit"),
+            before=self.int_param("audit_before"),
+        )
+        return {"entries": entries}
+
+    def settings(self):
+        """The effective configuration and where each value came from."""
+        engine = self.engine
+        return {
+            "settings": engine.config.effective(),
+            "jobs_file": engine.jobs_file.status() if engine.jobs_file else None,
+            "database": {
+                "url": _redacted(engine.config.db),
+                "kind": "postgresql" if engine.store.clustered else "sqlite",
+            },
+            "version": __version__,
+        }
+
     def openapi(self):
         return openapi_document()
+
+    def docs(self):
+        response = bottle.HTTPResponse(api_docs_html(openapi_document()))
+        response.content_type = "text/html; charset=utf-8"
+        return response
 
 
 def _csv_cell(key, value) -> str:
@@ -10890,6 +11923,7 @@ def _schemas() -> dict:
     definition["anyOf"] = [
         {"required": ["command"], "properties": {"kind": {"enum": ["command"]}}},
         {"required": ["kind", "url"], "properties": {"kind": {"enum": ["http"]}}},
+        {"required": ["kind", "call"], "properties": {"kind": {"enum": ["python"]}}},
     ]
     run_types = {
         "id": {"type": "integer"},
@@ -10911,8 +11945,19 @@ def _schemas() -> dict:
         "output_truncated": {"type": "boolean"},
         "leftovers_stopped": _nullable({"type": "integer"}),
         "node": _nullable(_STR),
+        "triggered_by": _nullable(_STR),
     }
     run = _object(run_types, run_types)
+    role = {"type": "string", "enum": list(ROLES)}
+    token_types = {
+        "name": _STR,
+        "role": role,
+        "created_at": _TIME,
+        "created_by": _nullable(_STR),
+        "last_used": _TIME,
+        "expires_at": _TIME,
+    }
+    token = _object(token_types, token_types)
     delivery = _object(
         {
             "event": _STR,
@@ -11154,7 +12199,86 @@ def _schemas() -> dict:
         ),
         "Login": _object({"token": _STR}, ["token"]),
         "LoginResult": _object(
-            {"ok": {"type": "boolean"}, "token_required": {"type": "boolean"}}, ["ok"]
+            {
+                "ok": {"type": "boolean"},
+                "token_required": {"type": "boolean"},
+                "name": _STR,
+                "role": role,
+            },
+            ["ok"],
+        ),
+        "Me": _object(
+            {"name": _STR, "role": role, "token_required": {"type": "boolean"}},
+            ["name", "role", "token_required"],
+        ),
+        "Token": token,
+        "NewToken": _object(dict(token_types, token=_STR), [*token_types, "token"]),
+        "TokenList": _object({"tokens": {"type": "array", "items": token}}, ["tokens"]),
+        "TokenRequest": _object(
+            {
+                "name": {
+                    "type": "string",
+                    "pattern": "^" + _TOKEN_NAME_RE.pattern + "$",
+                },
+                "role": role,
+                "expires": _nullable(_STR),
+            },
+            ["name", "role"],
+        ),
+        "TokenRole": _object({"role": role}, ["role"]),
+        "Revoked": _object({"revoked": _STR}, ["revoked"]),
+        "AuditList": _object(
+            {
+                "entries": {
+                    "type": "array",
+                    "items": _object(
+                        {
+                            "id": {"type": "integer"},
+                            "at": _TIME,
+                            "who": _STR,
+                            "address": _nullable(_STR),
+                            "action": _STR,
+                            "job": _nullable(_STR),
+                            "run_id": _nullable({"type": "integer"}),
+                            "detail": {"type": "object"},
+                        },
+                        [
+                            "id",
+                            "at",
+                            "who",
+                            "address",
+                            "action",
+                            "job",
+                            "run_id",
+                            "detail",
+                        ],
+                    ),
+                }
+            },
+            ["entries"],
+        ),
+        "Settings": _object(
+            {
+                "settings": {
+                    "type": "array",
+                    "items": _object(
+                        {
+                            "name": _STR,
+                            "flag": _STR,
+                            "value": {},
+                            "source": {
+                                "type": "string",
+                                "enum": ["flag", "environment", "file", "default"],
+                            },
+                        },
+                        ["name", "flag", "value", "source"],
+                    ),
+                },
+                "jobs_file": {"type": "object", "nullable": True},
+                "database": {"type": "object"},
+                "version": _STR,
+            },
+            ["settings", "jobs_file", "database", "version"],
         ),
         "Object": {"type": "object"},
         "Processes": _object(
@@ -11259,7 +12383,7 @@ def _content(response: str) -> dict:
 _ERROR_TEXT = {
     400: "invalid input (a field, a query parameter, malformed JSON)",
     401: "no token or a wrong one",
-    403: "forbidden host, origin or client address",
+    403: "forbidden host, origin or client address, or a role too low",
     404: "no such job or run",
     408: "the request was not received in time",
     409: "conflicts with the current state",
@@ -11317,9 +12441,17 @@ def openapi_document() -> dict:
         op = {
             "operationId": route.handler,
             "summary": route.summary,
+            "description": (
+                "No token needed."
+                if route.role == "public"
+                else f"Needs the {route.role} role."
+            ),
+            "x-minisched-role": route.role,
             "parameters": parameters,
             "responses": responses,
         }
+        if route.role == "public":
+            op["security"] = []
         if route.body:
             content = {
                 "application/json": {
@@ -11340,6 +12472,108 @@ def openapi_document() -> dict:
         },
         "security": [{"bearer": []}],
     }
+
+
+def _schema_text(schema: dict) -> str:
+    """A schema in a few words: ``string``, ``Job``, ``array of Run``..."""
+    if "$ref" in schema:
+        return schema["$ref"].rsplit("/", 1)[-1]
+    kind = schema.get("type", "any")
+    if kind == "array":
+        return "array of " + _schema_text(schema.get("items", {}))
+    if "enum" in schema:
+        kind = " | ".join(map(str, schema["enum"]))
+    return kind + (" or null" if schema.get("nullable") else "")
+
+
+def api_docs_html(doc: dict) -> str:
+    """``/api/docs``: the OpenAPI document as one page of plain HTML (no
+    script, no CDN), each route with the role it needs."""
+    esc = html.escape
+    out = [
+        "<!doctype html><html lang=en><head><meta charset=utf-8>",
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        "<title>minisched API</title><style>",
+        (
+            "body{font:15px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1100px;"
+            "padding:1rem;color:#1b1f24}code,pre{font-family:ui-monospace,monospace}"
+            "h2{margin-top:2rem;border-bottom:1px solid #d0d7de}"
+            "section{border:1px solid #d0d7de;border-radius:8px;padding:.6rem 1rem;margin:.8rem 0}"
+            ".m{display:inline-block;min-width:4.5rem;font-weight:700}"
+            ".role{float:right;border-radius:1rem;padding:0 .6rem;font-size:.85rem;"
+            "border:1px solid #57606a}.r-admin{color:#cf222e;border-color:#cf222e}"
+            ".r-operator{color:#9a6700;border-color:#9a6700}.r-public{color:#1a7f37;"
+            "border-color:#1a7f37}table{border-collapse:collapse;width:100%;margin:.4rem 0}"
+            "td,th{text-align:left;padding:.2rem .5rem;border-bottom:1px solid #eaeef2;"
+            "vertical-align:top;overflow-wrap:anywhere}.muted{color:#57606a}"
+            "@media (prefers-color-scheme: dark){body{background:#0d1117;color:#e6edf3}"
+            ".muted{color:#9198a1}}</style></head><body>"
+        ),
+        f"<h1>minisched {esc(doc['info']['version'])} API</h1>",
+        (
+            "<p>JSON in and out. Send a token as <code>Authorization: Bearer TOKEN</code> "
+            "(or log in on the page). Roles: <b>viewer</b> reads everything but secrets, "
+            "<b>operator</b> also triggers, stops, pauses and resumes, <b>admin</b> also "
+            "edits jobs and manages tokens. A role too low answers 403 naming the role "
+            'needed. The machine-readable form is <a href="/api/openapi.json">'
+            "/api/openapi.json</a>.</p><h2>Routes</h2>"
+        ),
+    ]
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            role = op["x-minisched-role"]
+            out.append(
+                f'<section id="{esc(op["operationId"])}" data-role="{esc(role)}">'
+                f'<span class="role r-{esc(role)}">{esc(role)}</span>'
+                f'<span class="m">{esc(method.upper())}</span> <code>{esc(path)}</code>'
+                f"<div>{esc(op['summary'])}</div>"
+            )
+            if op["parameters"]:
+                out.append(
+                    "<table><tr><th>parameter</th><th>in</th><th>type</th>"
+                    "<th>meaning</th></tr>"
+                )
+                for p in op["parameters"]:
+                    need = " (required)" if p.get("required") else ""
+                    out.append(
+                        f"<tr><td><code>{esc(p['name'])}</code>{need}</td>"
+                        f"<td>{esc(p['in'])}</td><td>{esc(_schema_text(p['schema']))}</td>"
+                        f"<td>{esc(p.get('description', ''))}</td></tr>"
+                    )
+                out.append("</table>")
+            body = op.get("requestBody")
+            if body:
+                kinds = ", ".join(
+                    f"{esc(t)}: {esc(_schema_text(c['schema']))}"
+                    for t, c in body["content"].items()
+                )
+                out.append(f"<div>Body: {kinds}</div>")
+            codes = ", ".join(
+                f"<b>{esc(code)}</b> {esc(r['description'])}"
+                for code, r in op["responses"].items()
+            )
+            out.append(f'<div class="muted">Answers: {codes}</div></section>')
+    out.append("<h2>Schemas</h2>")
+    for name, schema in doc["components"]["schemas"].items():
+        out.append(f'<section id="schema-{esc(name)}"><b>{esc(name)}</b>')
+        props = schema.get("properties") or {}
+        if props:
+            required = set(schema.get("required", ()))
+            out.append("<table>")
+            for prop, sub in props.items():
+                mark = (
+                    "" if prop in required else ' <span class="muted">optional</span>'
+                )
+                out.append(
+                    f"<tr><td><code>{esc(prop)}</code>{mark}</td>"
+                    f"<td>{esc(_schema_text(sub))}</td></tr>"
+                )
+            out.append("</table>")
+        else:
+            out.append(f" <span class=muted>{esc(_schema_text(schema))}</span>")
+        out.append("</section>")
+    out.append("</body></html>")
+    return "\n".join(out)
 
 
 #: The answer to a failure not even Bottle could turn into a response.
@@ -11447,7 +12681,7 @@ def make_app(engine, config=None, heartbeat=SSE_HEARTBEAT) -> bottle.Bottle:
     app.install(_JsonPlugin())
     for route in API_ROUTES:
         rule = re.sub(r"{(\w+)}", r"<\1>", route.path)
-        app.route(rule, route.method, getattr(api, route.handler), ok=route.ok)
+        app.route(rule, route.method, api.guarded(route), ok=route.ok)
 
     app.route("/", "GET", page)
     return app
@@ -12119,6 +13353,18 @@ def _build_parser() -> argparse.ArgumentParser:
         help="only these clients (repeatable)",
     )
     serve.add_argument(
+        "--deny-ip",
+        action="append",
+        metavar="CIDR",
+        help="never these clients, even if allowed (repeatable)",
+    )
+    serve.add_argument(
+        "--audit-keep",
+        type=int,
+        metavar="N",
+        help="audit entries kept, newest first (default 10000)",
+    )
+    serve.add_argument(
         "--public-host",
         action="append",
         metavar="NAME",
@@ -12299,6 +13545,37 @@ def _build_parser() -> argparse.ArgumentParser:
     copy.add_argument(
         "target", metavar="TO", help="an empty database (created if a file)"
     )
+
+    token = sub.add_parser(
+        "token",
+        help="named tokens with roles, in the database (server running or not)",
+    )
+    token_sub = token.add_subparsers(dest="token_command", metavar="ACTION")
+    token_sub.required = True
+    for action, helptext in (
+        ("add", "create a token and print its secret (once)"),
+        ("list", "name, role, created, last used, expires"),
+        ("revoke", "delete a token; its sessions end"),
+        ("role", "change a token's role; its sessions end"),
+    ):
+        cmd = token_sub.add_parser(action, help=helptext)
+        cmd.add_argument(
+            "--db",
+            default=None,
+            help="SQLite file or postgresql:// URI "
+            "(default $MINISCHED_DB, else ./minisched.db)",
+        )
+        if action != "list":
+            cmd.add_argument("name")
+        if action == "add":
+            cmd.add_argument("--role", required=True, choices=ROLES)
+            cmd.add_argument(
+                "--expires", metavar="DURATION", help="e.g. 90d or 12h (default: never)"
+            )
+        if action == "role":
+            cmd.add_argument("role", choices=ROLES)
+        if action == "list":
+            cmd.add_argument("--json", action="store_true", help="print JSON")
 
     for name, helptext, args in (
         ("list", "list jobs", ()),
@@ -12689,6 +13966,88 @@ def _cmd_copy_db(ns) -> int:
     return 0
 
 
+def _cmd_token(ns) -> int:
+    """``token add|list|revoke|role``: named tokens, straight in the database
+    (a running server sees the change at its next request)."""
+    db = ns.db or os.environ.get("MINISCHED_DB") or "minisched.db"
+    if not db.startswith(("postgresql://", "postgres://")) and not os.path.exists(db):
+        raise UsageError(f"--db: {db} does not exist (start serve once, or name it)")
+    store = open_store(db).open(exclusive=False)  # also while a server runs
+    try:
+        access = Access(store)
+        who = "cli:" + _user_name()
+        action = ns.token_command
+        if action == "list":
+            rows = access.tokens()
+            if ns.json:
+                print(json.dumps({"tokens": rows}, indent=2))
+            else:
+                _print_table(
+                    [
+                        dict(
+                            r,
+                            created_at=_local_time(r["created_at"]),
+                            last_used=_local_time(r["last_used"]),
+                            expires_at=_local_time(r["expires_at"])
+                            if r["expires_at"]
+                            else "never",
+                        )
+                        for r in rows
+                    ],
+                    ("name", "role", "created_at", "last_used", "expires_at"),
+                )
+            return 0
+        if action == "add":
+            body = {"name": ns.name, "role": ns.role, "expires": ns.expires}
+            secret, row = access.add(body, by=who)
+            access.record(
+                who,
+                "token.add",
+                detail={k: row[k] for k in ("name", "role", "expires_at")},
+            )
+            print(secret)
+            print(
+                f"token {row['name']} ({row['role']}, expires "
+                f"{_local_time(row['expires_at']) if row['expires_at'] else 'never'}): "
+                "shown only now; only its hash is stored",
+                file=sys.stderr,
+            )
+        elif action == "revoke":
+            access.revoke(ns.name)
+            access.record(who, "token.revoke", detail={"name": ns.name})
+            print(f"token {ns.name} revoked; its sessions ended", file=sys.stderr)
+        else:
+            access.set_role(ns.name, ns.role)
+            access.record(who, "token.role", detail={"name": ns.name, "role": ns.role})
+            print(
+                f"token {ns.name} is {ns.role} now; its sessions ended", file=sys.stderr
+            )
+        return 0
+    finally:
+        store.close()
+
+
+def _has_named_tokens(db: str) -> bool:
+    """Does the database hold a named token (so requests need one)?"""
+    if not db.startswith(("postgresql://", "postgres://")) and not os.path.exists(db):
+        return False
+    try:
+        store = open_store(db).open(exclusive=False)
+    except MinischedError:
+        return False  # serve itself reports what is wrong with the database
+    try:
+        return bool(store.list_tokens())
+    finally:
+        store.close()
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
 def _release_startup_memory() -> None:
     """Give back what compiling this file left in the heap (about 9 MB): a
     script run as ``python minisched.py`` is compiled at every start."""
@@ -12714,11 +14073,12 @@ def _cmd_serve(ns) -> int:
         not _is_loopback(config.host)
         and not config.token
         and not config.insecure_no_auth
+        and not _has_named_tokens(config.db)
     ):
         print(
             f"minisched: refusing to listen on {config.host} without a token: anyone who can reach "
-            "it could run commands. Use --token (or MINISCHED_TOKEN), bind 127.0.0.1, or "
-            "pass --insecure-no-auth.",
+            "it could run commands. Use --token (or MINISCHED_TOKEN), create one with "
+            "'token add NAME --role admin', bind 127.0.0.1, or pass --insecure-no-auth.",
             file=sys.stderr,
         )
         return 2
@@ -12838,6 +14198,7 @@ def main(argv=None) -> int:
         "shutdown": _cmd_shutdown,
         "backup": _cmd_backup,
         "copy-db": _cmd_copy_db,
+        "token": _cmd_token,
     }
     try:
         if ns.command == "systemd-unit":

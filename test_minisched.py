@@ -2754,7 +2754,12 @@ def test_meta_serves_the_tables_everything_else_is_derived_from(api):
 
 TOKEN = "s3cret-token-value"
 #: Open without the token (SPEC §9); the OpenAPI description is checked apart.
-OPEN_ROUTES = {("GET", "/api/health"), ("POST", "/api/login"), ("GET", "/api/meta")}
+OPEN_ROUTES = {
+    ("GET", "/api/health"),
+    ("POST", "/api/login"),
+    ("POST", "/api/logout"),  # ending a session needs no valid one
+    ("GET", "/api/meta"),
+}
 
 
 @pytest.fixture
@@ -2832,7 +2837,12 @@ def test_login_is_rate_limited(secured):
 
 
 def test_login_without_a_token_configured(api):
-    assert api.ok("POST", "/api/login", {}) == {"ok": True, "token_required": False}
+    assert api.ok("POST", "/api/login", {}) == {
+        "ok": True,
+        "token_required": False,
+        "name": "anonymous",
+        "role": "admin",
+    }
 
 
 def test_cross_origin_writes_are_refused(api):
@@ -4170,6 +4180,286 @@ def test_page_says_when_this_nodes_jobs_file_differs_from_the_owners(
             assert not errors
     finally:
         owner.stop()
+
+
+# -- the page for several people (issue 14): sign-in, roles, audit, settings ---
+
+
+def api_as(url, token, method, path, body=None):
+    """``(status, decoded JSON)`` of one request to a live site as ``token``."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        headers = {"Authorization": "Bearer " + token}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        conn.request(method, path, body=data, headers=headers)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"null")
+    finally:
+        conn.close()
+
+
+def open_page_confirming(browser, url, prefix, width=1280, height=900):
+    """Like :func:`open_page`, but confirmations starting with ``prefix`` are
+    accepted too; their messages are collected in the third value."""
+    page = browser.new_page(viewport={"width": width, "height": height})
+    errors, confirmed = [], []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+
+    def on_dialog(dialog):
+        if dialog.type == "confirm" and dialog.message.startswith(prefix):
+            confirmed.append(dialog.message)
+            dialog.accept()
+        else:
+            errors.append("dialog: " + dialog.message)
+            dialog.dismiss()
+
+    page.on("dialog", on_dialog)
+    page.goto(url)
+    return page, errors, confirmed
+
+
+def sign_in(page, secret):
+    """Sign in through the login overlay, which must be showing."""
+    page.wait_for_selector("#login:not(.hidden)")
+    page.fill("#token", secret)
+    page.click("#login button[type=submit]")
+    page.wait_for_selector("#login", state="hidden")
+
+
+def assert_read_only_editor(page, url, name):
+    page.goto(url + "#/edit/" + name)
+    page.wait_for_selector("#f-command")
+    fields = page.locator("main form input, main form textarea, main form select")
+    assert fields.count() > 10
+    assert fields.evaluate_all("els => els.filter(e => !e.disabled).length") == 0
+    assert page.locator("main button[type=submit]").count() == 0
+    assert page.locator("main button:has-text('Save')").count() == 0
+
+
+def assert_no_horizontal_scroll(page, what):
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 375, (what, width)
+
+
+def test_page_sign_in_with_a_named_token_and_a_viewers_read_only_page(
+    browser, tmp_path
+):
+    with live_site(tmp_path, token=TOKEN) as (engine, url):
+        engine.add_job({"name": "nightly", "command": "true", "schedule": "@daily"})
+        secret, row = engine.access.add({"name": "vera", "role": "viewer"}, by="test")
+        assert secret.startswith("msk_") and row["role"] == "viewer"
+        page, errors = open_page(browser, url)
+        page.wait_for_selector("#login:not(.hidden)")
+        assert page.locator("#login-error").inner_text() == ""
+        page.fill("#token", secret[:-1])
+        page.click("#login button[type=submit]")
+        page.wait_for_selector("#login-error:has-text('wrong')")
+        assert page.locator("#login").is_visible()
+        shot(page, "login-wrong-token-desktop")
+        sign_in(page, secret)
+        page.wait_for_selector("tr[data-job=nightly]")
+        page.wait_for_selector("#whoami .badge.role-viewer")
+        who = page.locator("#whoami")
+        assert who.locator("b").inner_text() == "vera"
+        assert who.locator(".badge").inner_text() == "viewer"
+        assert "signed in as" in who.inner_text()
+        assert who.locator("button:has-text('Sign out')").is_visible()
+        assert page.locator("#login-error").inner_text() == ""
+        # A viewer sees the jobs but gets no button that changes anything.
+        assert page.locator("a[href='#/new']").count() == 0
+        job = page.locator("tr[data-job=nightly]")
+        assert job.locator("td[data-label=Actions]").inner_text() == "view only"
+        assert job.locator("button, a.button").count() == 0
+        assert page.locator("header a[href='#/audit']").is_hidden()
+        assert page.locator("header a[href='#/settings']").is_hidden()
+        shot(page, "viewer-dashboard-desktop")
+        page.set_viewport_size({"width": 375, "height": 800})
+        assert_no_horizontal_scroll(page, "viewer dashboard")
+        shot(page, "viewer-dashboard-phone")
+        page.set_viewport_size({"width": 1280, "height": 900})
+        page.goto(url + "#/job/nightly")
+        page.wait_for_selector("h2:has-text('Run history')")
+        assert page.locator("main .actions").inner_text() == "view only"
+        assert page.locator("main button:has-text('Run')").count() == 0
+        assert_read_only_editor(page, url, "nightly")
+        shot(page, "viewer-editor-desktop")
+        page.set_viewport_size({"width": 375, "height": 800})
+        assert_no_horizontal_scroll(page, "viewer editor")
+        shot(page, "viewer-editor-phone")
+        page.set_viewport_size({"width": 1280, "height": 900})
+        # The server refuses the session's writes too, not only the page.
+        status = page.evaluate(
+            "fetch('/api/jobs/nightly/run', {method: 'POST'}).then(r => r.status)"
+        )
+        assert status == 403
+        assert engine.store.get_token(name="vera")["last_used"]
+        # Revoked through the API: the page's next request signs it out.
+        assert api_as(url, TOKEN, "DELETE", "/api/tokens/vera") == (
+            200,
+            {"revoked": "vera"},
+        )
+        page.goto(url + "#/")
+        page.wait_for_selector("#login:not(.hidden)")
+        page.fill("#token", secret)
+        page.click("#login button[type=submit]")
+        page.wait_for_selector("#login-error:has-text('revoked')")
+        shot(page, "viewer-revoked-desktop")
+        page.close()
+        assert not errors
+
+
+def test_page_operator_runs_but_cannot_edit(browser, tmp_path):
+    with live_site(tmp_path, token=TOKEN) as (engine, url):
+        engine.add_job({"name": "deploy", "command": "echo deployed"})
+        secret, _row = engine.access.add(
+            {"name": "olivia", "role": "operator"}, by="test"
+        )
+        page, errors = open_page(browser, url)
+        sign_in(page, secret)
+        page.wait_for_selector("#whoami .badge.role-operator")
+        assert page.locator("#whoami b").inner_text() == "olivia"
+        job = page.locator("tr[data-job=deploy]")
+        page.wait_for_selector(
+            "tr[data-job=deploy] button[aria-label='Run deploy now']"
+        )
+        assert job.locator("button[aria-label='Stop deploy']").is_disabled()
+        assert job.locator("button[aria-label='Pause deploy']").count() == 1
+        assert job.locator("[aria-label='Edit deploy']").count() == 0
+        assert job.locator("[aria-label='Delete deploy']").count() == 0
+        assert page.locator("a[href='#/new']").count() == 0
+        assert page.locator("header a[href='#/audit']").is_hidden()
+        assert page.locator("header a[href='#/settings']").is_hidden()
+        shot(page, "operator-dashboard-desktop")
+        page.click("button[aria-label='Run deploy now']")
+        link = page.wait_for_selector("tr[data-job=deploy] a[href^='#/run/']")
+        run_id = int(link.get_attribute("href").rsplit("/", 1)[1])
+        engine.wait(run_id)
+        assert engine.store.get_run(run_id)["triggered_by"] == "olivia"
+        page.goto(url + f"#/run/{run_id}")
+        page.wait_for_selector("main p.muted:has-text('by olivia')")
+        page.wait_for_selector("#log span:has-text('deployed')")
+        page.goto(url + "#/job/deploy")
+        page.wait_for_selector("td[data-label=Trigger]:has-text('by olivia')")
+        assert page.locator("main [aria-label='Edit deploy']").count() == 0
+        assert page.locator("main [aria-label='Delete deploy']").count() == 0
+        page.click("main button[aria-label='Pause deploy']")
+        page.wait_for_selector("main button[aria-label='Resume deploy']")
+        assert engine.scheduler.state("deploy")["paused"]
+        shot(page, "operator-job-desktop")
+        page.set_viewport_size({"width": 375, "height": 800})
+        assert_no_horizontal_scroll(page, "operator job page")
+        shot(page, "operator-job-phone")
+        page.set_viewport_size({"width": 1280, "height": 900})
+        assert_read_only_editor(page, url, "deploy")
+        # A new role ends the token's sessions: the next request asks again.
+        status, body = api_as(
+            url, TOKEN, "PATCH", "/api/tokens/olivia", {"role": "viewer"}
+        )
+        assert (status, body["role"]) == (200, "viewer")
+        page.goto(url + "#/")
+        page.wait_for_selector("#login:not(.hidden)")
+        sign_in(page, secret)
+        page.wait_for_selector("#whoami .badge.role-viewer")
+        page.wait_for_selector("tr[data-job=deploy] .actions:has-text('view only')")
+        assert page.locator("tr[data-job=deploy] button").count() == 0
+        page.close()
+        assert not errors
+
+
+def test_page_audit_and_settings_views_for_an_admin(browser, tmp_path):
+    with live_site(tmp_path, token=TOKEN) as (engine, url):
+        engine.access.add({"name": "old-ci", "role": "operator"}, by="test")
+        other = {"name": "other", "command": "true"}
+        assert api_as(url, TOKEN, "POST", "/api/jobs", other)[0] == 201
+        page, errors, confirmed = open_page_confirming(browser, url, "Revoke token")
+        sign_in(page, TOKEN)
+        page.wait_for_selector("#whoami .badge.role-admin")
+        assert page.locator("#whoami b").inner_text() == "bootstrap"
+        assert page.locator("header a[href='#/audit']").is_visible()
+        assert page.locator("header a[href='#/settings']").is_visible()
+        # Through the page: create a job, run it, pause it.
+        page.click("a.button.primary[href='#/new']")
+        page.fill("#f-name", "audited")
+        page.fill("#f-command", "echo audited")
+        page.click("button[type=submit]")
+        page.wait_for_selector("h1:has-text('audited')")
+        page.click("button[aria-label='Run audited now']")
+        page.wait_for_selector("td[data-label=Trigger]:has-text('by bootstrap')")
+        page.click("button[aria-label='Pause audited']")
+        page.wait_for_selector("button[aria-label='Resume audited']")
+        page.click("header a[href='#/audit']")
+        page.wait_for_selector("table.audit tr[data-action='job.pause']")
+        audit = page.locator("table.audit tbody tr")
+        for action in ("job.create", "job.trigger", "job.pause", "login"):
+            row = page.locator(f"table.audit tr[data-action='{action}']").first
+            assert row.locator("td[data-label=Who]").inner_text() == "bootstrap"
+            assert row.locator("td[data-label=From]").inner_text() == "127.0.0.1"
+        trigger = page.locator("table.audit tr[data-action='job.trigger']")
+        assert trigger.locator("td[data-label=Job]").inner_text() == "audited"
+        assert "run #" in trigger.locator("td[data-label=Change]").inner_text()
+        jobs = set(audit.locator("td[data-label=Job]").all_inner_texts())
+        assert {"audited", "other", "—"} <= jobs
+        shot(page, "audit-desktop")
+        page.fill("input[placeholder=job]", "audited")
+        page.wait_for_selector("table.audit tr[data-action=login]", state="detached")
+        assert set(audit.locator("td[data-label=Job]").all_inner_texts()) == {"audited"}
+        actions = audit.evaluate_all("rows => rows.map(r => r.dataset.action)")
+        assert {"job.create", "job.trigger", "job.pause"} <= set(actions), actions
+        shot(page, "audit-filtered-desktop")
+        page.set_viewport_size({"width": 375, "height": 800})
+        assert_no_horizontal_scroll(page, "audit")
+        shot(page, "audit-phone")
+        page.set_viewport_size({"width": 1280, "height": 900})
+        # Settings: a token added through the form shows its secret once.
+        page.click("header a[href='#/settings']")
+        page.wait_for_selector("table.tokens tr[data-token=old-ci]")
+        page.fill("#tok-name", "ci-bot")
+        page.select_option("#tok-role", "operator")
+        page.fill("#tok-expires", "90d")
+        page.click("#token-form button[type=submit]")
+        page.wait_for_selector("code#new-secret")
+        made = page.locator("#new-secret").inner_text()
+        assert made.startswith("msk_")
+        assert engine.access.identify(made) == {"name": "ci-bot", "role": "operator"}
+        bot = page.locator("table.tokens tr[data-token=ci-bot]")
+        bot.wait_for()
+        assert bot.locator("td[data-label=Role]").inner_text() == "operator"
+        assert "by bootstrap" in bot.locator("td[data-label=Created]").inner_text()
+        assert bot.locator("td[data-label=Expires]").inner_text().startswith("in ")
+        assert page.locator("#tok-name").input_value() == ""
+        setting = page.locator("table.settings tr[data-setting=token]")
+        assert setting.locator("td[data-label=Setting]").inner_text() == "--token"
+        assert setting.locator("td[data-label=Value]").inner_text() == "(set)"
+        assert setting.locator("td[data-label=From]").inner_text() == "flag"
+        assert TOKEN not in page.content()
+        shot(page, "settings-desktop")
+        page.set_viewport_size({"width": 375, "height": 800})
+        assert_no_horizontal_scroll(page, "settings")
+        shot(page, "settings-phone")
+        page.set_viewport_size({"width": 1280, "height": 900})
+        page.click("button[aria-label='Revoke old-ci']")
+        page.wait_for_selector("tr[data-token=old-ci]", state="detached")
+        assert confirmed == ["Revoke token old-ci? Its sessions end at once."]
+        assert engine.store.get_token(name="old-ci") is None
+        assert page.locator("tr[data-token=ci-bot]").count() == 1
+        assert made not in page.content()  # shown once only
+        page.goto(url + "#/audit")
+        page.wait_for_selector("table.audit tr[data-action='token.revoke']")
+        added = page.locator("table.audit tr[data-action='token.add']")
+        assert "ci-bot" in added.locator("td[data-label=Change]").inner_text()
+        assert made not in page.content() and TOKEN not in page.content()
+        # Signing out ends the session on the server, not only in the page.
+        page.click("#whoami button:has-text('Sign out')")
+        page.wait_for_selector("#login:not(.hidden)")
+        page.reload()
+        page.wait_for_selector("#login:not(.hidden)")
+        assert engine.access.entries(who="bootstrap")[0]["action"] == "logout"
+        page.close()
+        assert not errors
 
 
 # -- hardening: defects found by a day of faults and bad input (issue 9) --------
@@ -6952,3 +7242,618 @@ def test_cluster_three_nodes_kill_freeze_stop_follow_and_a_database_restart(
     assert run_a["id"] in lost and run_b["id"] in lost
     # No process of any run survives.
     assert minisched.find_marked_pids({str(r["id"]) for r in runs}) == []
+
+
+# -- several people: tokens, roles, sessions, audit (issue 14) -------------------
+
+#: The least role of every route.  A route added without a row here fails
+#: the first assertion of the test below: decide its role, then add it.
+ROUTE_ROLES = {
+    ("GET", "/api/health"): "public",
+    ("GET", "/api/meta"): "public",
+    ("POST", "/api/login"): "public",
+    ("POST", "/api/logout"): "public",
+    ("GET", "/api/nodes"): "viewer",
+    ("GET", "/api/status"): "viewer",
+    ("GET", "/api/jobs"): "viewer",
+    ("GET", "/api/jobs/{name}"): "viewer",
+    ("GET", "/api/jobs/{name}/runs"): "viewer",
+    ("GET", "/api/runs"): "viewer",
+    ("GET", "/api/runs/{id}"): "viewer",
+    ("GET", "/api/runs/{id}/log"): "viewer",
+    ("GET", "/api/runs/{id}/stream"): "viewer",
+    ("GET", "/api/events"): "viewer",
+    ("POST", "/api/validate"): "viewer",
+    ("GET", "/api/cron/next"): "viewer",
+    ("GET", "/api/export"): "viewer",
+    ("GET", "/api/jobs/{name}/stats"): "viewer",
+    ("GET", "/api/stats"): "viewer",
+    ("GET", "/api/upcoming"): "viewer",
+    ("GET", "/api/system"): "viewer",
+    ("GET", "/api/system/processes"): "viewer",
+    ("GET", "/api/me"): "viewer",
+    ("GET", "/api/openapi.json"): "viewer",
+    ("GET", "/api/docs"): "viewer",
+    ("GET", "/metrics"): "viewer",
+    ("POST", "/api/jobs/{name}/run"): "operator",
+    ("POST", "/api/jobs/{name}/stop"): "operator",
+    ("POST", "/api/jobs/{name}/pause"): "operator",
+    ("POST", "/api/jobs/{name}/resume"): "operator",
+    ("POST", "/api/runs/{id}/stop"): "operator",
+    ("POST", "/api/batch"): "operator",
+    ("POST", "/api/jobs"): "admin",
+    ("PUT", "/api/jobs/{name}"): "admin",
+    ("PATCH", "/api/jobs/{name}"): "admin",
+    ("DELETE", "/api/jobs/{name}"): "admin",
+    ("POST", "/api/import"): "admin",
+    ("GET", "/api/tokens"): "admin",
+    ("POST", "/api/tokens"): "admin",
+    ("PATCH", "/api/tokens/{name}"): "admin",
+    ("DELETE", "/api/tokens/{name}"): "admin",
+    ("GET", "/api/audit"): "admin",
+    ("GET", "/api/settings"): "admin",
+}
+#: Harmless bodies: each allowed request fails validation or finds nothing.
+_ROLE_BODIES = {
+    "/api/batch": {"action": "run", "jobs": []},
+    "/api/import": {"jobs": []},
+    "/api/validate": {"name": "x", "command": "true"},
+}
+
+
+def _bearer(secret):
+    return {"Authorization": "Bearer " + secret}
+
+
+def _role_client(engines, **settings):
+    """An app with a bootstrap token and one named token per role."""
+    engine = engines(token=TOKEN, **settings)
+    client = WsgiClient(make_app(engine), engine, Authorization="Bearer " + TOKEN)
+    secrets = {"bootstrap": TOKEN}
+    for role in minisched.ROLES:
+        secrets[role], _row = engine.access.add(
+            {"name": f"{role}-1", "role": role}, by="test"
+        )
+    return client, secrets
+
+
+def test_every_route_answers_every_role_as_its_role_says(engines):
+    assert {(r.method, r.path) for r in API_ROUTES} == set(ROUTE_ROLES), (
+        "a route without a role in ROUTE_ROLES"
+    )
+    for route in API_ROUTES:
+        assert route.role == ROUTE_ROLES[(route.method, route.path)], route.path
+    client, secrets = _role_client(engines)
+    as_who = [("nobody", None), *((r, secrets[r]) for r in minisched.ROLES)]
+    for route in API_ROUTES:
+        path = fill_path(route.path)
+        body = _ROLE_BODIES.get(route.path, {} if route.method != "GET" else _NO_BODY)
+        streams = route.path in ("/api/events",)
+        for role, secret in as_who:
+            headers = _bearer(secret) if secret else {"Authorization": None}
+            if role == "nobody":
+                allowed = route.role == "public"
+            else:
+                allowed = route.role == "public" or minisched.role_allows(
+                    role, route.role
+                )
+            if allowed and streams:
+                continue  # an open stream never ends; its refusals are checked
+            answer = client(route.method, path, body, headers=headers)
+            where = (route.method, route.path, role)
+            if allowed:
+                assert answer.status not in (403,), (where, answer.body[:300])
+                if route.path != "/api/login":
+                    assert answer.status != 401, (where, answer.body[:300])
+            elif role == "nobody":
+                answer.error(401)
+                assert "wrong token" in answer.json()["error"]
+            else:
+                error = answer.error(403, "role")
+                assert f"needs the {route.role} role" in error["error"], where
+                assert f"has the {role} role" in error["error"], where
+    # The batch's delete is an admin's, whoever may batch.
+    error = client(
+        "POST",
+        "/api/batch",
+        {"action": "delete", "jobs": ["x"]},
+        headers=_bearer(secrets["operator"]),
+    ).error(403, "role")
+    assert "needs the admin role" in error["error"]
+    # The bootstrap token is an admin.
+    assert client.ok("GET", "/api/me", headers=_bearer(TOKEN)) == {
+        "name": "bootstrap",
+        "role": "admin",
+        "token_required": True,
+    }
+
+
+def test_viewers_and_operators_never_see_env_values(engines):
+    client, secrets = _role_client(engines)
+    job = {"name": "db-dump", "command": "true", "env": {"PGPASSWORD": "hunter2"}}
+    client.ok("POST", "/api/jobs", job, status=201, headers=_bearer(TOKEN))
+    for role in ("viewer", "operator"):
+        headers = _bearer(secrets[role])
+        for path in ("/api/jobs/db-dump", "/api/jobs", "/api/export"):
+            text = client.get(path, headers=headers).body.decode()
+            assert "hunter2" not in text and '"PGPASSWORD": "***"' in text, path
+    shown = client.ok("GET", "/api/jobs/db-dump", headers=_bearer(secrets["admin"]))
+    assert shown["env"] == {"PGPASSWORD": "hunter2"}
+    exported = client.ok("GET", "/api/export", headers=_bearer(TOKEN))
+    assert exported["jobs"][0]["env"] == {"PGPASSWORD": "hunter2"}
+
+
+def test_token_commands_against_the_database_while_a_server_runs(
+    tmp_path, capsys, engines
+):
+    db = str(tmp_path / "t.db")
+    engine = engines(db=db)
+    client = WsgiClient(make_app(engine), engine)
+    assert client.ok("GET", "/api/me")["name"] == "anonymous"  # no token yet
+    code, out, err = run_cli(
+        capsys,
+        "token",
+        "add",
+        "ops",
+        "--role",
+        "operator",
+        "--expires",
+        "90d",
+        "--db",
+        db,
+    )
+    assert code == 0, err
+    secret = out.strip()
+    assert secret.startswith("msk_") and len(secret) > 40
+    assert "shown only now" in err and secret not in err
+    with open(db, "rb") as f:
+        assert secret.encode() not in f.read()  # a hash only
+    # The running server needs a token from now on (within a second), and
+    # knows this one.
+    wait_for(lambda: client.get("/api/jobs").status == 401, 3)
+    who = client.ok("GET", "/api/me", headers=_bearer(secret))
+    assert who == {"name": "ops", "role": "operator", "token_required": True}
+    code, out, err = run_cli(capsys, "token", "list", "--json", "--db", db)
+    (row,) = json.loads(out)["tokens"]
+    assert row["name"] == "ops" and row["role"] == "operator"
+    assert row["created_by"].startswith("cli:") and row["last_used"]
+    days = (minisched.parse_iso(row["expires_at"], UTC) - time.time()) / 86400
+    assert 89.9 < days <= 90
+    code, out, _err = run_cli(capsys, "token", "list", "--db", db)
+    assert out.splitlines()[0].split() == [
+        "NAME", "ROLE", "CREATED_AT", "LAST_USED", "EXPIRES_AT"
+    ]  # fmt: skip
+    code, _out, err = run_cli(
+        capsys, "token", "add", "ops", "--role", "viewer", "--db", db
+    )
+    assert code == 1 and "a token named 'ops' exists" in err
+    code, _out, err = run_cli(
+        capsys, "token", "add", "bad name", "--role", "viewer", "--db", db
+    )
+    assert code == 2 and "name:" in err
+    code, _out, err = run_cli(capsys, "token", "role", "ops", "viewer", "--db", db)
+    assert code == 0
+    assert client.ok("GET", "/api/me", headers=_bearer(secret))["role"] == "viewer"
+    code, _out, err = run_cli(capsys, "token", "revoke", "ops", "--db", db)
+    assert code == 0 and "revoked" in err
+    client.get("/api/me", headers=_bearer(secret)).error(401)  # at once
+    code, _out, err = run_cli(capsys, "token", "revoke", "ops", "--db", db)
+    assert code == 1 and "no token named 'ops'" in err
+    code, _out, err = run_cli(capsys, "token", "list", "--db", str(tmp_path / "no.db"))
+    assert code == 2 and "does not exist" in err
+    actions = [e["action"] for e in engine.access.entries()]
+    assert actions[:3] == ["token.revoke", "token.role", "token.add"]
+    assert all(e["who"].startswith("cli:") for e in engine.access.entries()[:3])
+
+
+def _login(client, secret):
+    answer = client("POST", "/api/login", {"token": secret})
+    assert answer.status == 200, answer.body
+    cookie = answer.header("Set-Cookie")
+    return {"Cookie": cookie.split(";")[0]}
+
+
+def test_sessions_end_with_their_token_its_role_and_their_time(engines, monkeypatch):
+    client, secrets = _role_client(engines)
+    admin = _bearer(TOKEN)
+    session = _login(client, secrets["viewer"])
+    session["Authorization"] = None  # the cookie alone
+    assert client.ok("GET", "/api/me", headers=session)["name"] == "viewer-1"
+    # A new role ends the session at once; a new login has the new role.
+    client.ok("PATCH", "/api/tokens/viewer-1", {"role": "operator"}, headers=admin)
+    client.get("/api/me", headers=dict(session, Authorization=None)).error(401)
+    session = _login(client, secrets["viewer"])
+    session["Authorization"] = None
+    assert client.ok("GET", "/api/me", headers=session)["role"] == "operator"
+    # So does a revocation, for the bearer token and every session of it.
+    other = _login(client, secrets["viewer"])
+    client.ok("DELETE", "/api/tokens/viewer-1", headers=admin)
+    for headers in (session, other):
+        client.get("/api/me", headers=dict(headers, Authorization=None)).error(401)
+    client.get("/api/me", headers=_bearer(secrets["viewer"])).error(401)
+    client("POST", "/api/login", {"token": secrets["viewer"]}).error(401, "token")
+    # Idle sessions end, and every session ends at its maximum age.
+    monkeypatch.setattr(minisched, "SESSION_IDLE", 0.3)
+    idle = _login(client, secrets["operator"])
+    idle["Authorization"] = None
+    assert client.ok("GET", "/api/me", headers=idle)["role"] == "operator"
+    time.sleep(0.4)
+    client.get("/api/me", headers=idle).error(401)
+    monkeypatch.setattr(minisched, "SESSION_IDLE", 3600)
+    monkeypatch.setattr(minisched, "SESSION_MAX_AGE", 0.3)
+    short = _login(client, secrets["admin"])
+    short["Authorization"] = None
+    assert client.ok("GET", "/api/me", headers=short)["role"] == "admin"
+    time.sleep(0.4)
+    client.get("/api/me", headers=short).error(401)
+    # A token that expires is refused afterwards, bearer or login alike.
+    made = client.ok(
+        "POST",
+        "/api/tokens",
+        {"name": "brief", "role": "viewer", "expires": "1s"},
+        status=201,
+        headers=admin,
+    )
+    assert (
+        client.ok("GET", "/api/me", headers=_bearer(made["token"]))["name"] == "brief"
+    )
+    time.sleep(1.1)
+    client.get("/api/me", headers=_bearer(made["token"])).error(401)
+    client("POST", "/api/login", {"token": made["token"]}).error(401, "token")
+    # Bad token requests name their field.
+    for body, field in (
+        ({"name": "x", "role": "root"}, "role"),
+        ({"name": "", "role": "viewer"}, "name"),
+        ({"name": "bootstrap", "role": "viewer"}, "name"),
+        ({"name": "x", "role": "viewer", "expires": "soon"}, "expires"),
+        ({"name": "x", "role": "viewer", "colour": 1}, "colour"),
+        (["x"], None),
+    ):
+        client("POST", "/api/tokens", body, headers=admin).error(400, field)
+    client("PATCH", "/api/tokens/brief", {"role": "boss"}, headers=admin).error(
+        400, "role"
+    )
+    # Failed logins stay rate-limited (and are in the audit trail).
+    for _ in range(minisched.LOGIN_ATTEMPTS):
+        client("POST", "/api/login", {"token": "nope"}, remote="10.9.9.9").error(
+            401, "token"
+        )
+    client("POST", "/api/login", {"token": TOKEN}, remote="10.9.9.9").error(429)
+    failed = client.ok("GET", "/api/audit?who=-&limit=1000", headers=admin)["entries"]
+    assert len([e for e in failed if e["address"] == "10.9.9.9"]) == 10
+    assert all(e["action"] == "login.failed" for e in failed)
+
+
+def test_the_audit_trail_records_every_change_and_who_made_it(engines, tmp_path):
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps([{"name": "from-file", "command": "true"}]))
+    client, secrets = _role_client(engines, jobs=str(jobs))
+    admin, ops = _bearer(secrets["admin"]), _bearer(secrets["operator"])
+    engine = client.engine
+    secret_job = {"name": "s", "command": "sleep 30", "env": {"API_KEY": "topsecret"}}
+    client.ok("POST", "/api/jobs", secret_job, status=201, headers=admin)
+    client.ok(
+        "PATCH",
+        "/api/jobs/s",
+        {"timeout": 60, "env": {"API_KEY": "other"}},
+        headers=admin,
+    )
+    run = client.ok("POST", "/api/jobs/s/run", status=202, headers=ops)
+    assert run["triggered_by"] == "operator-1"
+    client.wait_running(run["id"])
+    client.ok("POST", f"/api/runs/{run['id']}/stop", headers=ops)
+    client.ok("POST", "/api/jobs/s/stop", headers=ops)
+    client.ok("POST", "/api/jobs/s/pause", headers=ops)
+    client.ok("POST", "/api/jobs/s/resume", headers=ops)
+    client.ok("POST", "/api/batch", {"action": "pause", "jobs": ["s"]}, headers=ops)
+    client.ok(
+        "POST",
+        "/api/import",
+        {"jobs": [{"name": "imp", "command": "true"}]},
+        headers=admin,
+    )
+    client.ok("DELETE", "/api/jobs/imp", headers=admin)
+    made = client.ok(
+        "POST",
+        "/api/tokens",
+        {"name": "t2", "role": "viewer"},
+        status=201,
+        headers=admin,
+    )
+    client.ok("PATCH", "/api/tokens/t2", {"role": "operator"}, headers=admin)
+    client.ok("DELETE", "/api/tokens/t2", headers=admin)
+    session = _login(client, secrets["viewer"])
+    client.ok("POST", "/api/logout", headers=dict(session, Authorization=None))
+    client("POST", "/api/login", {"token": "wrong"}).error(401, "token")
+    jobs.write_text(json.dumps([{"name": "from-file", "command": "echo changed"}]))
+    engine.jobs_file.load()
+    entries = client.ok("GET", "/api/audit?limit=1000", headers=admin)["entries"]
+    by_action = collections.defaultdict(list)
+    for entry in entries:
+        by_action[entry["action"]].append(entry)
+    expected = {
+        "job.create": "admin-1", "job.update": "admin-1", "job.trigger": "operator-1",
+        "run.stop": "operator-1", "job.stop": "operator-1", "job.pause": "operator-1",
+        "job.resume": "operator-1", "batch": "operator-1", "import": "admin-1",
+        "job.delete": "admin-1", "token.add": "admin-1", "token.role": "admin-1",
+        "token.revoke": "admin-1", "login": "viewer-1", "logout": "viewer-1",
+        "login.failed": "-",
+    }  # fmt: skip
+    for action, who in expected.items():
+        assert who in [e["who"] for e in by_action[action]], (action, by_action[action])
+    assert all(e["address"] == "127.0.0.1" for e in entries if e["who"] != "file")
+    update = next(e for e in by_action["job.update"] if e["who"] == "admin-1")
+    assert update["job"] == "s" and update["detail"] == {"fields": ["env", "timeout"]}
+    trigger = by_action["job.trigger"][0]
+    assert trigger["run_id"] == run["id"]
+    assert by_action["batch"][0]["detail"] == {
+        "action": "pause",
+        "jobs": ["s"],
+        "failed": [],
+    }
+    assert by_action["import"][0]["detail"]["created"] == ["imp"]
+    # Jobs-file reloads are the file's doing.
+    file_entries = [e for e in entries if e["who"] == "file"]
+    assert [e["action"] for e in file_entries] == ["job.update", "job.create"]
+    assert file_entries[0]["detail"] == {"fields": ["command"]}
+    # Secrets never: neither env values nor token secrets.
+    text = json.dumps(entries)
+    assert "topsecret" not in text and "other" not in text and made["token"] not in text
+    # Filters and the cursor.
+    only_s = client.ok("GET", "/api/audit?job=s", headers=admin)["entries"]
+    assert only_s and all(e["job"] == "s" for e in only_s)
+    mine = client.ok("GET", "/api/audit?who=operator-1", headers=admin)["entries"]
+    assert {e["who"] for e in mine} == {"operator-1"}
+    first = client.ok("GET", "/api/audit?limit=2", headers=admin)["entries"]
+    older = client.ok(
+        "GET", f"/api/audit?limit=2&before={first[-1]['id']}", headers=admin
+    )["entries"]
+    assert [e["id"] for e in first + older] == [e["id"] for e in entries[:4]]
+    client("GET", "/api/audit?limit=0", headers=admin).error(400, "limit")
+    # Runs say who started them; scheduled ones nobody.
+    assert (
+        client.ok("GET", f"/api/runs/{run['id']}", headers=admin)["triggered_by"]
+        == "operator-1"
+    )
+
+
+def test_the_audit_trail_keeps_its_newest_entries(engines):
+    engine = engines(audit_keep=5)
+    client = WsgiClient(make_app(engine), engine)
+    client.ok("POST", "/api/jobs", {"name": "p", "command": "true"}, status=201)
+    for _ in range(6):
+        client.ok("POST", "/api/jobs/p/pause")
+        client.ok("POST", "/api/jobs/p/resume")
+    entries = engine.access.entries(limit=100)
+    assert len(entries) == 5
+    assert [e["action"] for e in entries][:2] == ["job.resume", "job.pause"]
+    assert all(e["who"] == "anonymous" for e in entries)
+
+
+def test_deny_ip_refuses_those_addresses_and_a_bad_cidr_is_a_usage_error(
+    engines, tmp_path
+):
+    engine = engines(deny_ip=["10.1.0.0/16", "::1"])
+    client = WsgiClient(make_app(engine), engine)
+    client.ok("GET", "/api/status", remote="127.0.0.1")
+    client.ok("GET", "/api/status", remote="10.2.0.1")
+    for remote in ("10.1.2.3", "::1"):
+        error = client.get("/api/status", remote=remote).error(403)
+        assert "--deny-ip" in error["error"]
+    # Deny beats allow.
+    engine = engines(allow_ip=["10.0.0.0/8"], deny_ip=["10.1.0.0/16"])
+    client = WsgiClient(make_app(engine), engine)
+    client.ok("GET", "/api/status", remote="10.2.0.1")
+    client.get("/api/status", remote="10.1.0.1").error(403)
+    result = run_cmd(
+        "serve", "--db", tmp_path / "d.db", "--port", 0, "--deny-ip", "10.0.0.300/8"
+    )
+    assert result.returncode == 2
+    assert "--deny-ip: '10.0.0.300/8' is not an address or CIDR" in result.stderr
+
+
+PY_MODULE = """\
+import os, subprocess, sys, time
+
+def add(a, b=0, *, scale=1):
+    print("adding", a, b, flush=True)
+    return {"sum": (a + b) * scale, "python": sys.executable}
+
+def fails(message):
+    raise ValueError(message)
+
+def returns_a_set():
+    return {1, 2}
+
+def spawns_and_hangs():
+    child = subprocess.Popen(["sleep", "300"])
+    print("child", child.pid, flush=True)
+    time.sleep(300)
+
+class Tools:
+    @staticmethod
+    def where():
+        return os.getcwd()
+"""
+
+
+def test_kind_python_calls_a_function_in_a_child_process(engines, tmp_path):
+    lib = tmp_path / "lib" / "mypkg"
+    lib.mkdir(parents=True)
+    (lib / "__init__.py").write_text("")
+    (lib / "tasks.py").write_text(PY_MODULE)
+    engine = engines()
+    client = WsgiClient(make_app(engine), engine)
+    base = {"kind": "python", "pythonpath": [str(tmp_path / "lib")]}
+
+    def run(name, **fields):
+        client.ok("POST", "/api/jobs", dict(base, name=name, **fields), status=201)
+        done = engine.wait(
+            client.ok("POST", f"/api/jobs/{name}/run", status=202)["id"], 30
+        )
+        log = client.get(f"/api/runs/{done['id']}/log?format=json").json()["chunks"]
+        return done, log
+
+    done, log = run("adds", call="mypkg.tasks:add", args=[2, 3], kwargs={"scale": 10})
+    assert done["status"] == "succeeded" and done["exit_code"] == 0
+    assert done["pid"] and done["pid"] != os.getpid()  # never inside the server
+    assert "".join(c["text"] for c in log if c["stream"] == "stdout") == "adding 2 3\n"
+    system = [c["text"] for c in log if c["stream"] == "system"]
+    assert system == [
+        'returned: {"sum": 50, "python": ' + json.dumps(sys.executable) + "}\n"
+    ]
+    done, log = run("raises", call="mypkg.tasks:fails", args=["no disk"])
+    assert done["status"] == "failed" and done["exit_code"] == 1
+    err = "".join(c["text"] for c in log if c["stream"] == "stderr")
+    assert "Traceback (most recent call last)" in err and "ValueError: no disk" in err
+    assert not [c for c in log if c["stream"] == "system"]
+    done, log = run("odd", call="mypkg.tasks:returns_a_set")
+    assert done["status"] == "succeeded"
+    assert "returned: a set (not JSON-serialisable)" in log[-1]["text"]
+    done, log = run("nested", call="mypkg.tasks:Tools.where", cwd=str(tmp_path))
+    assert log[-1]["text"] == f"returned: {json.dumps(str(tmp_path))}\n"
+    done, log = run("missing", call="mypkg.nope:f")
+    assert done["status"] == "failed"
+    assert "ModuleNotFoundError" in "".join(c["text"] for c in log)
+    done, _log = run(
+        "other-python", call="mypkg.tasks:add", args=[1], python="/no/python"
+    )
+    assert done["status"] == "failed" and "/no/python" in done["error"]
+    # A timeout stops the whole tree, as for a command.
+    client.ok(
+        "POST",
+        "/api/jobs",
+        dict(
+            base,
+            name="hangs",
+            call="mypkg.tasks:spawns_and_hangs",
+            timeout=1,
+            kill_grace=1,
+        ),
+        status=201,
+    )
+    started = client.ok("POST", "/api/jobs/hangs/run", status=202)
+    child = wait_for(
+        lambda: re.findall(
+            r"child (\d+)", client.get(f"/api/runs/{started['id']}/log").body.decode()
+        ),
+        10,
+    )
+    done = engine.wait(started["id"], 30)
+    assert done["status"] == "timed_out"
+    wait_for(lambda: gone(int(child[0])), 10)
+    leftovers = [
+        p
+        for p in os.listdir(tempfile.gettempdir())
+        if p.startswith("minisched-result-")
+    ]
+    assert not [
+        p for p in leftovers if p.split("-")[2] in {str(started["id"]), str(done["id"])}
+    ]
+    # Bad definitions name their field.
+    for fields, field in (
+        ({}, "call"),
+        ({"call": "no colon"}, "call"),
+        ({"call": "m:f", "command": "true"}, "command"),
+        ({"call": "m:f", "args": {"a": 1}}, "args"),
+        ({"call": "m:f", "kwargs": {"not valid": 1}}, "kwargs"),
+        ({"call": "m:f", "pythonpath": "/x"}, "pythonpath"),
+        ({"call": "m:f", "url": "http://x"}, "url"),
+    ):
+        body = dict(fields, name="bad", kind="python")
+        client("POST", "/api/jobs", body).error(400, field)
+    client(
+        "POST", "/api/jobs", {"name": "bad", "command": "true", "call": "m:f"}
+    ).error(400, "call")
+
+
+def test_api_docs_and_settings_views(engines, monkeypatch):
+    client, secrets = _role_client(engines)
+    docs = client.get("/api/docs", headers=_bearer(secrets["viewer"]))
+    assert docs.status == 200
+    assert docs.header("Content-Type").startswith("text/html")
+    page = docs.body.decode()
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    for route in API_ROUTES:
+        section = re.search(rf'<section id="{route.handler}" data-role="(\w+)">', page)
+        assert section and section.group(1) == route.role, route.handler
+    assert page.count('data-role="admin"') == sum(r.role == "admin" for r in API_ROUTES)
+    doc = client.ok("GET", "/api/openapi.json", headers=_bearer(TOKEN))
+    assert doc["paths"]["/api/tokens"]["post"]["x-minisched-role"] == "admin"
+    assert doc["paths"]["/api/health"]["get"]["security"] == []
+    # The settings: values, where they came from, never a secret.
+    client("GET", "/api/settings", headers=_bearer(secrets["operator"])).error(
+        403, "role"
+    )
+    ns = minisched._build_parser().parse_args(
+        ["serve", "--port", "9999", "--token", "flag-secret"]
+    )
+    config = minisched.Config.from_args(
+        ns,
+        {
+            "MINISCHED_MAX_STREAMS": "7",
+            "MINISCHED_SMTP_PASSWORD": "mail-secret",
+            "MINISCHED_NOTIFY_URL": "https://hooks.example/T000/B000/XXXX",
+            "MINISCHED_DB": "postgresql://u:pw@db/minisched",
+        },
+    )
+    shown = {s["name"]: s for s in config.effective()}
+    assert shown["port"] == {
+        "name": "port",
+        "flag": "--port",
+        "value": 9999,
+        "source": "flag",
+    }
+    assert (
+        shown["max_streams"]["value"] == 7
+        and shown["max_streams"]["source"] == "environment"
+    )
+    assert shown["shutdown_grace"]["source"] == "default"
+    assert (
+        shown["token"]["value"] == "(set)"
+        and shown["smtp_password"]["value"] == "(set)"
+    )
+    assert shown["db"]["value"] == "postgresql://u:***@db/minisched"
+    assert shown["notify_url"]["value"] == ["https://hooks.example/***"]
+    assert "secret" not in json.dumps(config.effective()).replace("(set)", "")
+    settings = client.ok("GET", "/api/settings", headers=_bearer(TOKEN))
+    assert TOKEN not in json.dumps(settings)
+    by_name = {s["name"]: s for s in settings["settings"]}
+    assert by_name["token"]["value"] == "(set)"
+    assert settings["database"]["kind"] == "sqlite" and settings["jobs_file"] is None
+
+
+def test_serve_off_loopback_needs_a_token_or_a_named_one(tmp_path, capsys):
+    db = str(tmp_path / "n.db")
+    assert not minisched._has_named_tokens(db)
+    result = run_cmd("serve", "--db", db, "--host", "0.0.0.0", "--port", 0)
+    assert result.returncode == 2 and "token add NAME --role admin" in result.stderr
+    store = minisched.SQLiteStore(db).open()
+    minisched.Access(store).add({"name": "boss", "role": "admin"}, by="test")
+    store.close()
+    assert minisched._has_named_tokens(db)
+
+
+def test_open_streams_end_when_their_token_is_revoked(live):
+    srv = live(token=TOKEN)
+    srv.ok(
+        "POST",
+        "/api/jobs",
+        {"name": "talks", "command": "while :; do echo hi; sleep 0.1; done"},
+        status=201,
+    )
+    run = srv.ok("POST", "/api/jobs/talks/run", status=202)
+    secret, _row = srv.engine.access.add(
+        {"name": "watcher", "role": "viewer"}, by="test"
+    )
+    events = srv.sse("/api/events", headers=_bearer(secret))
+    log = srv.sse(f"/api/runs/{run['id']}/stream", headers=_bearer(secret))
+    log.until(lambda e: e.event == "log")
+    revoked = time.monotonic()
+    srv.ok("DELETE", "/api/tokens/watcher")
+    for stream in (events, log):
+        tail = stream.rest()
+        assert tail and tail[-1].event == "end", tail[-3:]
+        assert tail[-1].data == {"reason": "signed out"}
+    assert time.monotonic() - revoked < minisched.ACCESS_RECHECK + 2
+    srv.ok("POST", f"/api/runs/{run['id']}/stop")
