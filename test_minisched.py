@@ -5374,10 +5374,20 @@ def test_schemathesis_finds_no_5xx_and_every_answer_matches_its_schema(api_schem
         response_schema_conformance,
     ]
     failures, operations = [], 0
+    # Public routes without parameters or a body have no input to get wrong.
+    nothing_to_negate = {
+        (r.method, r.path)
+        for r in API_ROUTES
+        if r.role == "public" and not r.params and not r.body and "{" not in r.path
+    }
     for result in api_schema.get_all_operations():
         operation = result.ok()
         operations += 1
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            if mode is GenerationMode.NEGATIVE and (
+                (operation.method.upper(), operation.path) in nothing_to_negate
+            ):
+                continue
 
             @settings(
                 max_examples=SCHEMATHESIS_EXAMPLES,
