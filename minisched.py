@@ -14148,8 +14148,25 @@ def _serve(config, ready) -> int:
     if ready is not None:
         os.write(ready, b"ok %d" % os.getpid())
         os.close(ready)
-    while not stopping.wait(3600):
-        pass
+    # The kernel may hand SIGTERM to any thread (one that just unblocked
+    # signals after pthread_create or posix_spawn takes it first); CPython
+    # then only flags it for the main thread, which an Event.wait would not
+    # notice until its timeout.  The wakeup fd is written by the C handler on
+    # whichever thread got the signal, so select() returns and the Python
+    # handler runs here at once.
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    try:
+        while not stopping.is_set():
+            select.select([wake_r], [], [], 1.0)
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake_r, 4096)
+    finally:
+        signal.set_wakeup_fd(-1)
+        os.close(wake_r)
+        os.close(wake_w)
     http.close()
     engine.shutdown()
     log.info("minisched stopped")
