@@ -2129,12 +2129,21 @@ class Store(abc.ABC):
     def update_run(self, run_id: int, fields: dict, job: str | None = None):
         """Change a run's columns; with ``job``, also make it that job's last run."""
 
+    def begin_starts(self, run_ids: list, now: float) -> set:
+        """Before their processes are spawned: record runs ``run_ids`` as
+        started, committed, and return the ids refused (a fenced node's: they
+        are another node's now, and must not start).  A single server's store
+        refuses none and needs no round trip: its startup repair accounts for
+        a run whose start was not recorded.  Launcher thread."""
+        return set()
+
     @abc.abstractmethod
     def mark_started(self, rows: list):
         """Runs that started: ``[(started_at, pid, pid_create_time, id, job)]``;
         each also becomes its job's last run.  One operation per batch.  The
-        future's result is the ids whose start was refused (a fenced node's:
-        the caller stops them); a single server's store refuses none."""
+        future's result is the ids whose start was refused (their node was
+        declared dead since :meth:`begin_starts`: the caller stops them); a
+        single server's store refuses none."""
 
     @abc.abstractmethod
     def add_chunks(self, rows: list):
@@ -3475,6 +3484,10 @@ PG_CHANNEL = "minisched"
 _PG_MIGRATION_LOCK = 810042
 #: Longest wait between two reconnection attempts of the writer.
 _RECONNECT_MAX = 8.0
+#: Seconds a session may sit in a transaction without a statement before
+#: PostgreSQL ends it (a frozen node's; this node's transactions are
+#: milliseconds long).
+PG_STALLED_AFTER = 3.0
 _PG_PARAM = re.compile(r"\?|(?<![:\w]):([a-z_]+)\b|%")
 
 
@@ -3619,6 +3632,13 @@ class PostgresStore(SQLStore):
     def _connect(self) -> _PgConnection:
         raw = self.psycopg.connect(
             self.url, autocommit=True, connect_timeout=5, row_factory=_pg_row_factory
+        )
+        # A node frozen inside a transaction (SIGSTOP, a VM pause, a cut
+        # network) would hold its row locks, and every other node's writer
+        # behind them, until it woke: the server ends such a session instead.
+        raw.execute(
+            "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+            (f"{PG_STALLED_AFTER * 1000:.0f}",),
         )
         return _PgConnection(raw)
 
@@ -3815,17 +3835,38 @@ class PostgresStore(SQLStore):
         )
         self._note("jobs")
 
-    def mark_started(self, rows: list):
+    def begin_starts(self, run_ids: list, now: float) -> set:
         """Fencing: a run is marked started only by the node that holds it,
-        while that node is alive; the ids refused are the result."""
+        while that node is alive, committed before its process exists (so a
+        node that dies a moment later leaves it ``running``, to be marked
+        ``lost``, never ``queued``, to be run again).  One statement on a pool
+        connection, not behind the writer's batches.  The node's row is
+        share-locked: a reaper declaring it dead either waits for this start
+        (and then finds the runs running) or is waited for (and then none
+        starts)."""
+        if not run_ids:
+            return set()
+        rows = self._query(
+            "UPDATE runs SET status = 'running', started_at = ? "
+            "WHERE id = ANY(?) AND node_id = ? AND status = 'queued' AND EXISTS "
+            "(SELECT 1 FROM nodes WHERE id = ? AND NOT dead FOR SHARE) "
+            "RETURNING id",
+            (now, list(run_ids), self.node_id, self.node_id),
+        )
+        return set(run_ids) - {row["id"] for row in rows}
+
+    def mark_started(self, rows: list):
+        """The pids of runs :meth:`begin_starts` recorded; the ids refused
+        (their node was declared dead since: they are ``lost``) are the
+        result."""
 
         def op(conn):
             started = conn.execute(
-                "UPDATE runs SET status = 'running', started_at = v.started, "
+                "UPDATE runs SET started_at = v.started, "
                 "pid = v.pid, pid_create_time = v.created FROM unnest("
                 "?::bigint[], ?::float8[], ?::int[], ?::float8[]) "
                 "AS v(id, started, pid, created) WHERE runs.id = v.id "
-                "AND runs.node_id = ? AND runs.status = 'queued' AND EXISTS "
+                "AND runs.node_id = ? AND runs.status = 'running' AND EXISTS "
                 "(SELECT 1 FROM nodes WHERE nodes.id = ? AND NOT nodes.dead) "
                 "RETURNING runs.id",
                 (
@@ -5338,8 +5379,10 @@ class Launcher:
         join_until = time.monotonic() + LAUNCH_JOIN_SECONDS
         started = []
         while batch:
+            runs = []
             for item in batch:
                 if item is None:
+                    started += self._launch(runs)
                     self._after_launch(started)
                     return False
                 if callable(item):
@@ -5347,18 +5390,64 @@ class Launcher:
                     self.runner.guard.start()
                     item()
                     continue
-                try:
-                    if self._launch(item):
-                        started.append(item)
-                except Exception as exc:
-                    log.exception("launching run %d failed", item.id)
-                    item.error = f"cannot start: {exc}"
-                    started.append(item)
+                runs.append(item)
+            started += self._launch(runs)
             # Runs that came due while this batch spawned join it, for a while.
             joining = time.monotonic() < join_until
             batch = self._take_due(held, 0) if joining else []
         self._after_launch(started)
         return True
+
+    def _launch(self, runs) -> list:
+        """Spawn those of ``runs`` that may start, after their inserts
+        committed and their start is recorded (one round trip for them all,
+        in a cluster); return the runs started, those that could not spawn
+        included (they fail)."""
+        ready = []
+        for run in runs:
+            try:
+                if self._may_start(run):
+                    ready.append(run)
+            except Exception as exc:
+                log.exception("launching run %d failed", run.id)
+                run.error = f"cannot start: {exc}"
+                ready.append(run)
+        ready = self._begin(ready)
+        for run in ready:
+            try:
+                self._spawn_run(run)
+            except Exception as exc:
+                log.exception("launching run %d failed", run.id)
+                run.error = f"cannot start: {exc}"
+        return ready
+
+    def _unrecordable(self, run, why: str) -> None:
+        # Its writes are held until the database can be written again, and so
+        # is this record of why it never ran: the slot is accounted for.
+        self.runner._end_unstarted(
+            run,
+            "missed" if run.slot is not None else "failed",
+            f"not started: the database cannot record it ({why})",
+            starting=True,
+        )
+
+    def _begin(self, runs) -> list:
+        """Record ``runs`` started before they spawn (a cluster's fence);
+        return those that may go on."""
+        try:
+            refused = self.runner.store.begin_starts(
+                [run.id for run in runs], self.runner.clock()
+            )
+        except UnavailableError as exc:
+            for run in runs:
+                self._unrecordable(run, exc.message)
+            return []
+        for run in runs:
+            if run.id in refused:
+                # Declared dead a moment ago: another node takes this run over.
+                log.warning("run %d not started: this node was fenced", run.id)
+                self.runner._start(*self.runner.admission.ended(run))
+        return [run for run in runs if run.id not in refused]
 
     def _take_due(self, held, timeout) -> list:
         """Wait up to ``timeout`` (None: forever) for the launch queue; file
@@ -5388,19 +5477,12 @@ class Launcher:
             time.sleep(latest - now)
         return batch
 
-    def _launch(self, run) -> bool:
-        """Spawn one run (after its insert committed).  False if it must not
-        run (its slot already had a run, or it could not be recorded)."""
+    def _may_start(self, run) -> bool:
+        """Whether ``run`` may start: its insert committed (waited for), its
+        slot had no run, this node's lease holds.  Launcher thread."""
         inserted = self._committed(run)
         if isinstance(inserted, UnavailableError):
-            # Its insert is held until the database can be written again, and
-            # so is this record of why it never ran: the slot is accounted for.
-            self.runner._end_unstarted(
-                run,
-                "missed" if run.slot is not None else "failed",
-                f"not started: the database cannot record it ({inserted.message})",
-                starting=True,
-            )
+            self._unrecordable(run, inserted.message)
             return False
         if inserted is not True:
             self.runner._start(*self.runner.admission.ended(run))
@@ -5412,12 +5494,17 @@ class Launcher:
             log.warning("run %d not started: this node's lease ran out", run.id)
             self.runner._start(*self.runner.admission.ended(run))
             return False
+        return True
+
+    def _spawn_run(self, run) -> None:
+        """Start ``run``: spawn its process (an http run's request and a run
+        stopped while it waited start in :meth:`_hand_over`)."""
         run.started_at = self.runner.clock()
         if run.kill_reason is not None:  # stopped while it waited to start
             run.error = run.kill_reason[1]
-            return True
+            return
         if run.job.kind == "http":
-            return True
+            return
         # Before the spawn: a server killed while a batch spawns (before
         # ``_after_launch`` registers the groups) takes these processes along.
         self.runner.guard.expect(run.id)
@@ -5426,7 +5513,6 @@ class Launcher:
         except _SpawnError as exc:
             run.error = str(exc)
             self.runner.guard.unregister(run.id)
-        return True
 
     def _committed(self, run):
         """The result of a run's insert: True, False (its slot had a run),

@@ -734,7 +734,9 @@ def test_store_runs_start_end_and_list_with_filters(new_store):
         row = new_run(store, scheduled_at=100.0 + i)
         store.insert_run(row)
         ids.append(row["id"])
-    store.mark_started([(200.0, 4242, 1.5, ids[0], "a")])
+    store.flush()  # the launcher starts a run only after its insert committed
+    assert store.begin_starts([ids[0]], 199.0) == set()
+    assert store.mark_started([(200.0, 4242, 1.5, ids[0], "a")]).result() == []
     store.update_run(
         ids[0],
         {"status": "failed", "finished_at": 201.0, "duration": 1.0, "exit_code": 3},
@@ -1555,19 +1557,20 @@ def test_a_run_due_while_a_batch_spawns_joins_the_batch(harness):
     h.add(name="first")
     h.add(name="second")
     batches = []
-    real_after, real_launch = h.runner.launcher._after_launch, h.runner.launcher._launch
+    launcher = h.runner.launcher
+    real_after, real_spawn = launcher._after_launch, launcher._spawn_run
 
     def after_launch(runs):
         batches.append(sorted(r.job.name for r in runs))
         real_after(runs)
 
-    def launch(run):
+    def spawn_run(run):
         if run.job.name == "first":
             h.sched.trigger("second")  # queued in the middle of the batch
-        return real_launch(run)
+        return real_spawn(run)
 
-    h.runner.launcher._after_launch = after_launch
-    h.runner.launcher._launch = launch
+    launcher._after_launch = after_launch
+    launcher._spawn_run = spawn_run
     h.sched.trigger("first")
     h.wait_idle()
     assert ["first", "second"] in batches
@@ -6940,6 +6943,70 @@ def test_pg_newer_schema_is_refused_and_left_untouched(pg_url):
         minisched.PostgresStore(pg_url).open()
     rows = pg_rows(pg_url, "SELECT value FROM settings WHERE key = 'schema_version'")
     assert rows == [{"value": "999"}]
+
+
+def test_pg_a_run_begun_by_a_node_that_died_is_lost_never_run_again(pg_url):
+    """A run is recorded started before its process exists: a node killed
+    right after the spawn leaves it ``running`` (so ``lost``), and only a run
+    it never began is claimed again.  A node declared dead may begin none."""
+    a, b = (minisched.PostgresStore(pg_url).open() for _ in range(2))
+    try:
+        a.register("A", [], None)
+        b.register("B", [], None)
+        a.save_job("j", {"definition": {"name": "j"}, "created_at": 1, "updated_at": 1})
+        begun, waiting, late = (new_run(a, job="j", slot=float(i)) for i in (1, 2, 3))
+        for row in (begun, waiting, late):
+            assert a.insert_run(row).result() is True
+        assert a.begin_starts([begun["id"]], time.time()) == set()
+        time.sleep(0.3)  # A's heartbeat is older than the timeout below
+        dead, lost, unstarted = b.reap(0.2, time.time()).result()
+        assert [d["name"] for d in dead] == ["A"]
+        assert [r["id"] for r in lost] == [begun["id"]]
+        assert b.get_run(begun["id"])["status"] == "lost"
+        assert sorted(r["id"] for r in unstarted) == [waiting["id"], late["id"]]
+        # A wakes: fenced, it may begin nothing and record no start.
+        assert a.begin_starts([late["id"]], time.time()) == {late["id"]}
+        refused = a.mark_started([(1.0, 99, 1.0, begun["id"], "j")]).result()
+        assert refused == [begun["id"]]
+        assert b.get_run(begun["id"])["status"] == "lost"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_pg_a_node_frozen_inside_a_transaction_does_not_block_the_others(pg_url):
+    """A node stopped (SIGSTOP, a VM pause) in the middle of its writer's
+    transaction holds its row locks; the server ends that session after
+    ``PG_STALLED_AFTER`` so the live node declares it dead anyway."""
+    a, b = (minisched.PostgresStore(pg_url).open() for _ in range(2))
+    frozen = a._connect()  # as the writer's: a heartbeat, then nothing
+    try:
+        a.register("A", [], None)
+        b.register("B", [], None)
+        frozen.execute("BEGIN")
+        frozen.execute("UPDATE nodes SET running = 1 WHERE id = ?", (a.node_id,))
+        time.sleep(0.3)
+        started = time.monotonic()
+        dead, _lost, _unstarted = b.reap(0.2, time.time()).result(timeout=30)
+        waited = time.monotonic() - started
+        assert [d["name"] for d in dead] == ["A"]
+        assert (
+            minisched.PG_STALLED_AFTER - 0.5 < waited < minisched.PG_STALLED_AFTER + 5
+        )
+        assert not _pg_alive(frozen)  # ended by the server, its locks let go
+    finally:
+        with contextlib.suppress(Exception):
+            frozen.close()
+        a.close()
+        b.close()
+
+
+def _pg_alive(conn) -> bool:
+    try:
+        conn.execute("SELECT 1")
+    except Exception:  # noqa: BLE001 - the server ended the session
+        return False
+    return True
 
 
 def test_copy_db_sqlite_to_postgresql_and_back(tmp_path, pg_url):
