@@ -843,6 +843,13 @@ def _cron_field_problem(fields: list) -> str | None:
     return None
 
 
+#: Cron texts already proven to parse and fire (that holds in any zone): a
+#: schedule seen before (a restart's stored jobs, then the jobs file; every
+#: reload) is checked by its fields alone and makes its croniter only when
+#: it first computes a fire time.
+_CRON_FIRES = set()
+
+
 class Schedule:
     """A parsed ``schedule`` field: cron, ``@every``, ``@at``, ``@reboot`` or manual.
 
@@ -902,6 +909,10 @@ class Schedule:
             raise InvalidError(f"invalid schedule {self.expr!r}: {problem}", "schedule")
         minute, hour = fields[-5], fields[-4]
         self.fixed = bool(_SINGLE_VALUE.match(minute) and _SINGLE_VALUE.match(hour))
+        self._fields = fields
+        key = " ".join(fields)
+        if key in _CRON_FIRES:
+            return  # known good: its croniter is made when first needed
         try:
             self._cron = _make_croniter(fields, datetime.datetime(2000, 1, 1))
         except (ValueError, KeyError, TypeError) as exc:
@@ -917,6 +928,9 @@ class Schedule:
                 "all of its day and month fields)",
                 "schedule",
             ) from None
+        if len(_CRON_FIRES) >= 10000:
+            _CRON_FIRES.clear()
+        _CRON_FIRES.add(key)
 
     def next_after(self, t: float, anchor: float | None = None) -> float | None:
         """The first fire instant strictly after ``t`` (epoch seconds), or None.
@@ -949,6 +963,8 @@ class Schedule:
                 wall = datetime.datetime.fromtimestamp(gap_end, self.tz)
                 if wall.replace(tzinfo=None) <= start:
                     start = wall.replace(tzinfo=None) - datetime.timedelta(seconds=1)
+        if self._cron is None:
+            self._cron = _make_croniter(self._fields, datetime.datetime(2000, 1, 1))
         self._cron.set_current(start, force=True)
         best, bound = None, None
         for _ in range(100000):
@@ -6931,6 +6947,8 @@ class Scheduler:
     def _check_after(self, definition) -> None:
         """``after`` must name existing jobs and not form a cycle.  Lock held."""
         name = definition["name"]
+        if not definition.get("after"):
+            return  # a cycle through it needs an edge out of it
         deps = {n: s.job.after for n, s in self._states.items()}
         deps[name] = definition.get("after", [])
         for dep in deps[name]:

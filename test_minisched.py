@@ -7970,3 +7970,22 @@ def test_sigterm_taken_by_a_worker_thread_still_stops_the_server(tmp_path):
         output = server.stdout.read().decode()
         server.stdout.close()
     assert "received SIGTERM" in output and "minisched stopped" in output
+
+
+def test_a_schedule_seen_before_is_checked_by_its_fields_and_fires_the_same():
+    """Schedules already proven skip croniter until their first fire time
+    (a restart parses each twice, a reload once more); the answers match."""
+    tz = minisched.get_zone("Europe/Berlin")
+    for expr in ("30 2 * * *", "*/7 * * * * *", "0 9 * * mon-fri"):
+        first = minisched.Schedule(expr, tz)
+        again = minisched.Schedule(expr, tz)
+        assert again._cron is None  # made when first needed
+        t = 1774746000.0  # 2026-03-29 01:00 UTC, the spring-forward night
+        for _ in range(5):
+            a, b = first.next_after(t), again.next_after(t)
+            assert a == b
+            t = a
+    for bad in ("0 0 31 2 *", "61 * * * *"):
+        for _ in range(2):  # an invalid one is never remembered as valid
+            with pytest.raises(minisched.InvalidError):
+                minisched.Schedule(bad, tz)
