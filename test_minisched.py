@@ -8073,8 +8073,8 @@ def test_cron_fire_times_without_croniter_are_croniters():
                     assert a == b, (zone, expr, t)
                     t = a
     for theirs in ("0 0 L * *", "0 0 * * 5#3", "0 0 * * 7"):
-        assert minisched.Schedule(theirs, datetime.UTC)._times is None
+        assert minisched.Schedule(theirs, UTC)._times is None
     for bad in ("0 0 31 2 *", "61 * * * *", "0 0 30 2 *"):
         for _ in range(2):  # an invalid one is never remembered as valid
             with pytest.raises(minisched.InvalidError):
-                minisched.Schedule(bad, datetime.UTC)
+                minisched.Schedule(bad, UTC)
