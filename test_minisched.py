@@ -1874,7 +1874,15 @@ def test_sigterm_exits_zero_within_the_grace(tmp_path):
         wait_for(lambda: [r for r in read_runs(tmp_path) if r["status"] == "running"])
         started = time.monotonic()
         server.send_signal(signal.SIGTERM)
-        assert server.wait(10) == 0
+        try:
+            code = server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.send_signal(signal.SIGUSR1)  # every thread's stack, into the log
+            time.sleep(1)
+            server.kill()
+            out = server.communicate()[0].decode(errors="replace")
+            raise AssertionError(f"no exit 10 s after SIGTERM; its log:\n{out[-6000:]}")
+        assert code == 0
         assert time.monotonic() - started < 4
     finally:
         server.kill()
