@@ -895,8 +895,8 @@ class _CronTimes:
         if None in values:
             return None
         self = cls()
-        self.seconds, self.minutes, self.hours = values[:3]
-        self.days, self.months, self.weekdays = (frozenset(v) for v in values[3:])
+        self.seconds, self.minutes, self.hours, _, self.months, _ = values
+        self.days, self.weekdays = frozenset(values[3]), frozenset(values[5])
         self.day_or = not (fields[3].startswith("*") or fields[5].startswith("*"))
         if self.day_or and (len(self.days) == 31 or len(self.weekdays) == 7):
             return None  # croniter 1.3 reads a full field as *, later ones do not
@@ -914,14 +914,11 @@ class _CronTimes:
         limit = t.year + 30
         while t.year <= limit:
             if t.month not in self.months:
-                later = [m for m in sorted(self.months) if m > t.month]
-                year = t.year if later else t.year + 1
-                t = datetime.datetime(year, later[0] if later else min(self.months), 1)
+                month = _next_value(self.months, t.month)
+                year = t.year if month else t.year + 1
+                t = datetime.datetime(year, month or self.months[0], 1)
                 continue
-            if not self._day_ok(t):
-                t = datetime.datetime(t.year, t.month, t.day) + _DAY
-                continue
-            hour = _next_value(self.hours, t.hour)
+            hour = _next_value(self.hours, t.hour) if self._day_ok(t) else None
             if hour is None:
                 t = datetime.datetime(t.year, t.month, t.day) + _DAY
                 continue
@@ -1025,26 +1022,17 @@ class Schedule:
             self._times = _CRON_KNOWN[key]
             return  # known good: a croniter is made when first needed
         self._times = _CronTimes.parse(fields)
-        if self._times is not None:
+        if self._times is None:
             try:
-                self._times.after(datetime.datetime(2000, 1, 1))
-            except ValueError:
+                self._cron = _make_croniter(fields, datetime.datetime(2000, 1, 1))
+            except (ValueError, KeyError, TypeError) as exc:
                 raise InvalidError(
-                    f"invalid schedule {self.expr!r}: it can never fire (no date "
-                    "has all of its day and month fields)",
-                    "schedule",
+                    f"invalid cron expression {self.expr!r}: {exc}", "schedule"
                 ) from None
-            self._remember(key)
-            return
-        try:
-            self._cron = _make_croniter(fields, datetime.datetime(2000, 1, 1))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidError(
-                f"invalid cron expression {self.expr!r}: {exc}", "schedule"
-            ) from None
+        following = self._croniter_next if self._times is None else self._times.after
         try:
             # An impossible date (0 0 31 2 *) parses, so find one fire to be sure.
-            self._cron.get_next(datetime.datetime)
+            following(datetime.datetime(2000, 1, 1))
         except (ValueError, KeyError, TypeError):
             raise InvalidError(
                 f"invalid schedule {self.expr!r}: it can never fire (no date has "
@@ -5367,10 +5355,10 @@ class Admission:
             return self._runs.get(run_id)
 
 
-#: The columns a run's end changes.
 #: Seconds a run runs before the sampler first reads its process tree.
 SAMPLE_AFTER = 0.5
 
+#: The columns a run's end changes.
 _END_COLUMNS = (
     "status",
     "finished_at",
@@ -5694,8 +5682,8 @@ class Launcher:
         return True
 
     def _spawn_run(self, run) -> None:
-        """Start ``run``: spawn its process (an http run's request and a run
-        stopped while it waited start in :meth:`_hand_over`)."""
+        """Start ``run``: spawn its process (an http run's request, and the
+        end of a run stopped while it waited, are left to :meth:`_hand_over`)."""
         run.started_at = self.runner.clock()
         if run.kill_reason is not None:  # stopped while it waited to start
             run.error = run.kill_reason[1]
@@ -14536,8 +14524,8 @@ def _reexec_serve(argv) -> bool:
     runs (about 10 MB for this file) until the script ends.  A long-running
     server therefore replaces itself (same pid) with an interpreter that loads
     the file as a module (its cached bytecode, or a compile whose tree is
-    freed at once); secrets
-    travel through a pipe (see :data:`SECRET_VARIABLES`).  Returns True in
+    freed at once); secrets travel through a pipe (see
+    :data:`SECRET_VARIABLES`).  Returns True in
     the re-executed image, and does not return in the first one."""
     if os.environ.pop("MINISCHED_REEXEC", None) is not None:
         return True
