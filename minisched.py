@@ -92,6 +92,79 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import os
+import sys
+
+###############################################################################
+# The first image of serve ####################################################
+###############################################################################
+
+#: Environment variables that hold secrets: ``serve`` hands them (and a
+#: ``--token`` flag) to its re-executed self through a pipe, so they are in
+#: neither its environment nor its command line (``/proc/PID/environ`` is
+#: readable by every job running as the same user, ``cmdline`` by anyone).
+SECRET_VARIABLES = ("MINISCHED_TOKEN", "MINISCHED_SMTP_PASSWORD")
+
+
+def _reexec_serve(argv) -> bool:
+    """For ``serve`` only: CPython keeps the whole parse tree of the script it
+    runs (about 10 MB for this file) until the script ends.  A long-running
+    server therefore replaces itself (same pid) with an interpreter that loads
+    the file as a module (its cached bytecode, or a compile whose tree is
+    freed at once); secrets travel through a pipe (see
+    :data:`SECRET_VARIABLES`).  It runs before the module imports anything
+    else, so the first image costs no more than its compile.  Returns True
+    in the re-executed image, and does not return in the first one."""
+    if os.environ.pop("MINISCHED_REEXEC", None) is not None:
+        return True
+    if argv[:1] != ["serve"]:
+        return False
+    path = os.path.abspath(__file__)
+    # Loaded as a module is loaded: from the cached bytecode in __pycache__
+    # when it is current (no second compile of 14 000 lines), under __main__.
+    code = (
+        "import importlib.util as u, sys; sys.argv.pop(0); "
+        "s = u.spec_from_file_location('__main__', sys.argv[0]); "
+        "m = sys.modules['__main__'] = u.module_from_spec(s); s.loader.exec_module(m)"
+    )
+    env = dict(os.environ, MINISCHED_REEXEC="1")
+    handed = {name: env.pop(name) for name in SECRET_VARIABLES if name in env}
+    argv, token = _without_option(argv, "--token")
+    if token is not None:
+        handed["--token"] = token
+    read_end = None
+    if handed:
+        import json
+
+        read_end, write_end = os.pipe()  # a few bytes: the pipe holds them
+        os.write(write_end, json.dumps(handed).encode())
+        os.close(write_end)
+        os.set_inheritable(read_end, True)
+        env["MINISCHED_SECRETS_FD"] = str(read_end)
+    try:
+        os.execve(sys.executable, [sys.executable, "-c", code, path, *argv], env)
+    except OSError:
+        if read_end is not None:
+            os.close(read_end)
+    return False  # run as we are
+
+
+def _without_option(argv, flag) -> tuple:
+    """``argv`` without ``flag VALUE`` / ``flag=VALUE``, and the value (or None)."""
+    out, value, args = [], None, iter(argv)
+    for arg in args:
+        if arg == flag:
+            value = next(args, "")
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1 :]
+        else:
+            out.append(arg)
+    return out, value
+
+
+if __name__ == "__main__":
+    _REEXECUTED = _reexec_serve(sys.argv[1:])
+
 import abc
 import argparse
 import base64
@@ -118,7 +191,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import pwd
 import queue
 import random
@@ -133,7 +205,6 @@ import socket
 import socketserver
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -147,12 +218,13 @@ import zoneinfo
 
 try:
     import bottle
-    import croniter as _croniter
     import psutil
 except ImportError as exc:  # said in one line below, never as a traceback
     _IMPORT_ERROR = exc
 else:
     _IMPORT_ERROR = None
+# croniter (and dateutil under it: 30 ms and 1 MB) is imported when an
+# expression first needs it (see _croniter_module); most never do.
 
 #: The public surface, for programs that embed minisched (see README,
 #: "Embedding"): build an :class:`Engine`, ``start()`` it, manage jobs and read
@@ -202,6 +274,7 @@ def _dependency_problem() -> str | None:
     """One line saying which dependency is missing or too old and how to
     install it, or None when all are there."""
     import importlib.metadata
+    import importlib.util
 
     for module, oldest, package in DEPENDENCIES:
         if _IMPORT_ERROR is not None and _IMPORT_ERROR.name not in (
@@ -216,13 +289,13 @@ def _dependency_problem() -> str | None:
                     "0.13",
                     "0.12 needs cgi, gone in Python 3.13",
                 )
-        elif module not in sys.modules:
+        elif module not in sys.modules and importlib.util.find_spec(module) is None:
             found = "not installed"
         else:
             try:
                 version = importlib.metadata.version(module)
             except importlib.metadata.PackageNotFoundError:
-                version = getattr(sys.modules[module], "__version__", "0")
+                version = getattr(sys.modules.get(module), "__version__", "0")
             if _version_tuple(version) >= _version_tuple(oldest):
                 continue
             found = f"found {version}"
@@ -766,23 +839,38 @@ def _transition(tz, lo: float, hi: float) -> float:
 # - ``expand`` changed its signature; minisched checks field ranges itself
 #   (:func:`_cron_field_problem`), so messages are the same everywhere.
 
-_CRONITER_SECONDS_FIRST = (
-    "second_at_beginning" in inspect.signature(_croniter.croniter.__init__).parameters
-)
+
+def _croniter_module():
+    """The croniter module, imported on first use (any thread)."""
+    try:
+        import croniter
+    except ImportError as exc:  # installed (checked at start) but broken
+        raise InvalidError(
+            f"this schedule needs croniter, which fails to import: {exc}", "schedule"
+        ) from None
+    return croniter
+
+
+@functools.cache
+def _croniter_seconds_first() -> bool:
+    """True on croniter releases that take the seconds field first (2.0+)."""
+    init = _croniter_module().croniter.__init__
+    return "second_at_beginning" in inspect.signature(init).parameters
 
 
 def _make_croniter(fields: list, start: datetime.datetime):
     """A croniter for minisched's 5 or 6 fields (seconds first), with cron's
     day-of-month/day-of-week rule, on any croniter release."""
+    croniter = _croniter_module().croniter
     dom, dow = fields[-3], fields[-1]
     day_or = not (dom.startswith("*") or dow.startswith("*"))
     if len(fields) == 5:
-        return _croniter.croniter(" ".join(fields), start, day_or=day_or)
-    if _CRONITER_SECONDS_FIRST:
-        return _croniter.croniter(
+        return croniter(" ".join(fields), start, day_or=day_or)
+    if _croniter_seconds_first():
+        return croniter(
             " ".join(fields), start, day_or=day_or, second_at_beginning=True
         )
-    return _croniter.croniter(" ".join(fields[1:] + fields[:1]), start, day_or=day_or)
+    return croniter(" ".join(fields[1:] + fields[:1]), start, day_or=day_or)
 
 
 #: Each cron field's name and range, seconds first.
@@ -1011,9 +1099,6 @@ class Schedule:
                 "@every 5m, @at ISO-TIME or @reboot" + hint,
                 "schedule",
             )
-        problem = _cron_field_problem(fields)
-        if problem:
-            raise InvalidError(f"invalid schedule {self.expr!r}: {problem}", "schedule")
         minute, hour = fields[-5], fields[-4]
         self.fixed = bool(_SINGLE_VALUE.match(minute) and _SINGLE_VALUE.match(hour))
         self._fields = fields
@@ -1021,6 +1106,9 @@ class Schedule:
         if key in _CRON_KNOWN:
             self._times = _CRON_KNOWN[key]
             return  # known good: a croniter is made when first needed
+        problem = _cron_field_problem(fields)
+        if problem:
+            raise InvalidError(f"invalid schedule {self.expr!r}: {problem}", "schedule")
         self._times = _CronTimes.parse(fields)
         if self._times is None:
             try:
@@ -7076,46 +7164,80 @@ class Scheduler:
         """Create or replace a job.  A changed schedule never fires the slots
         between its old last slot and now.  ``file_owner`` (a cluster node's
         name) records which node's jobs file the definition came from."""
-        now = self.clock()
         with self._lock:
-            old = self._states.get(definition["name"])
-            if old is not None and create_only:
-                raise ConflictError(
-                    "job {!r} already exists".format(definition["name"]), "name"
-                )
-            self._check_after(definition)
-            created = old.job.created_at if old else now
-            job = Job(definition, self.server_tz, source, created)
-            if old is None:
-                state = self._states[job.name] = _JobState(job, now)
-            else:
-                state = old
-                same_times = (old.job.schedule, old.job.tz) == (job.schedule, job.tz)
-                state.job = job
-                state.scheduled_runs = 0
-                if not same_times:  # a new schedule starts now, never in the past
-                    state.last_slot = max(state.last_slot or now, now)
-            self._reschedule(state)
-            fields = {
-                "definition": definition,
-                "source": source,
-                "file_definition": file_definition,
-                "updated_at": now,
-                "last_slot": state.last_slot,
-                "scheduled_runs": 0,
-            }
-            if old is None:
-                fields["created_at"] = created
-            if file_owner is not None:
-                fields["file_owner"] = file_owner
-            future = self.store.save_job(job.name, fields)
-            self._edited(job.name)
-        self.store.result(future)
+            staged = self._stage_job(
+                definition, source, file_definition, create_only, file_owner
+            )
+        return self._committed([staged])[0]
+
+    def put_file_jobs(self, definitions, file_owner=None) -> list:
+        """:meth:`put_job` for definitions read from a jobs file (in the order
+        given: dependencies first), committed together: one round trip to the
+        writer for all of them (see :data:`FILE_BATCH`)."""
+        staged = []
+        try:
+            with self._lock:
+                for definition in definitions:
+                    staged.append(
+                        self._stage_job(
+                            definition, "file", definition, False, file_owner
+                        )
+                    )
+        finally:  # what was applied is committed, even if a later one failed
+            jobs = self._committed(staged)
+        return jobs
+
+    def _stage_job(
+        self, definition, source, file_definition, create_only, file_owner
+    ) -> tuple:
+        """Apply a definition in memory and queue its row for the store;
+        returns (job, created, future).  Lock held."""
+        now = self.clock()
+        old = self._states.get(definition["name"])
+        if old is not None and create_only:
+            raise ConflictError(
+                "job {!r} already exists".format(definition["name"]), "name"
+            )
+        self._check_after(definition)
+        created = old.job.created_at if old else now
+        job = Job(definition, self.server_tz, source, created)
+        if old is None:
+            state = self._states[job.name] = _JobState(job, now)
+        else:
+            state = old
+            same_times = (old.job.schedule, old.job.tz) == (job.schedule, job.tz)
+            state.job = job
+            state.scheduled_runs = 0
+            if not same_times:  # a new schedule starts now, never in the past
+                state.last_slot = max(state.last_slot or now, now)
+        self._reschedule(state)
+        fields = {
+            "definition": definition,
+            "source": source,
+            "file_definition": file_definition,
+            "updated_at": now,
+            "last_slot": state.last_slot,
+            "scheduled_runs": 0,
+        }
+        if old is None:
+            fields["created_at"] = created
+        if file_owner is not None:
+            fields["file_owner"] = file_owner
+        future = self.store.save_job(job.name, fields)
+        self._edited(job.name)
+        return job, old is None, future
+
+    def _committed(self, staged) -> list:
+        """Wait for staged jobs' rows, then wake the loop and announce them;
+        returns the jobs.  No lock held."""
+        for _job, _created, future in staged:
+            self.store.result(future)
         self._wake.set()
-        self.bus.publish(
-            "job", {"action": "updated" if old else "created", "name": job.name}
-        )
-        return job
+        for job, created, _future in staged:
+            self.bus.publish(
+                "job", {"action": "created" if created else "updated", "name": job.name}
+            )
+        return [job for job, _created, _future in staged]
 
     def _check_after(self, definition) -> None:
         """``after`` must name existing jobs and not form a cycle.  Lock held."""
@@ -7640,6 +7762,12 @@ def load_jobs_file(path, server_tz) -> list:
         raise InvalidError(f"{path}: {exc.message}", exc.field, exc.errors) from None
 
 
+#: Jobs-file definitions committed per write batch on a (re)load: one batch
+#: per definition made a 1000-job file cost 1000 round trips to the writer;
+#: one batch for all held every temporary at once (2-3 MB more RSS after).
+FILE_BATCH = 50
+
+
 class JobsFile:
     """Keeps the file-owned jobs equal to the jobs file.
 
@@ -7745,17 +7873,20 @@ class JobsFile:
             ):
                 sched.remove_job(name, force=True)
                 self.audit(FILE_ACTOR, "job.delete", job=name)
-        for definition in ordered:
-            row = stored.get(definition["name"])
-            if row is not None and row["file_definition"] == definition:
-                continue
-            if row is None or ours(row, "defined differently in this node's file"):
-                sched.put_job(
-                    definition,
-                    "file",
-                    file_definition=definition,
-                    file_owner=self.node,
-                )
+        changed = [
+            d
+            for d in ordered
+            if (row := stored.get(d["name"])) is None
+            or (
+                row["file_definition"] != d
+                and ours(row, "defined differently in this node's file")
+            )
+        ]
+        for at in range(0, len(changed), FILE_BATCH):
+            batch = changed[at : at + FILE_BATCH]
+            sched.put_file_jobs(batch, file_owner=self.node)
+            for definition in batch:
+                row = stored.get(definition["name"])
                 self.audit(
                     FILE_ACTOR,
                     "job.update" if row else "job.create",
@@ -14512,66 +14643,6 @@ def main(argv=None) -> int:
         return 1
 
 
-#: Environment variables that hold secrets: ``serve`` hands them (and a
-#: ``--token`` flag) to its re-executed self through a pipe, so they are in
-#: neither its environment nor its command line (``/proc/PID/environ`` is
-#: readable by every job running as the same user, ``cmdline`` by anyone).
-SECRET_VARIABLES = ("MINISCHED_TOKEN", "MINISCHED_SMTP_PASSWORD")
-
-
-def _reexec_serve(argv) -> bool:
-    """For ``serve`` only: CPython keeps the whole parse tree of the script it
-    runs (about 10 MB for this file) until the script ends.  A long-running
-    server therefore replaces itself (same pid) with an interpreter that loads
-    the file as a module (its cached bytecode, or a compile whose tree is
-    freed at once); secrets travel through a pipe (see
-    :data:`SECRET_VARIABLES`).  Returns True in
-    the re-executed image, and does not return in the first one."""
-    if os.environ.pop("MINISCHED_REEXEC", None) is not None:
-        return True
-    if argv[:1] != ["serve"]:
-        return False
-    path = os.path.abspath(__file__)
-    # Loaded as a module is loaded: from the cached bytecode in __pycache__
-    # when it is current (no second compile of 14 000 lines), under __main__.
-    code = (
-        "import importlib.util as u, sys; sys.argv.pop(0); "
-        "s = u.spec_from_file_location('__main__', sys.argv[0]); "
-        "m = sys.modules['__main__'] = u.module_from_spec(s); s.loader.exec_module(m)"
-    )
-    env = dict(os.environ, MINISCHED_REEXEC="1")
-    handed = {name: env.pop(name) for name in SECRET_VARIABLES if name in env}
-    argv, token = _without_option(argv, "--token")
-    if token is not None:
-        handed["--token"] = token
-    read_end = None
-    if handed:
-        read_end, write_end = os.pipe()  # a few bytes: the pipe holds them
-        os.write(write_end, json.dumps(handed).encode())
-        os.close(write_end)
-        os.set_inheritable(read_end, True)
-        env["MINISCHED_SECRETS_FD"] = str(read_end)
-    try:
-        os.execve(sys.executable, [sys.executable, "-c", code, path, *argv], env)
-    except OSError:
-        if read_end is not None:
-            os.close(read_end)
-    return False  # run as we are
-
-
-def _without_option(argv, flag) -> tuple:
-    """``argv`` without ``flag VALUE`` / ``flag=VALUE``, and the value (or None)."""
-    out, value, args = [], None, iter(argv)
-    for arg in args:
-        if arg == flag:
-            value = next(args, "")
-        elif arg.startswith(flag + "="):
-            value = arg[len(flag) + 1 :]
-        else:
-            out.append(arg)
-    return out, value
-
-
 def _received_secrets() -> dict:
     """What :func:`_reexec_serve` handed over: ``{"--token": ..., NAME: ...}``."""
     fd = os.environ.pop("MINISCHED_SECRETS_FD", None)
@@ -14605,6 +14676,6 @@ def _show_command_line(args) -> None:
 
 
 if __name__ == "__main__":
-    if _reexec_serve(sys.argv[1:]):
+    if _REEXECUTED:
         _show_command_line([sys.executable, *sys.argv])
     sys.exit(main())
