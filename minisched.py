@@ -171,7 +171,6 @@ import base64
 import bisect
 import codecs
 import collections
-import concurrent.futures
 import contextlib
 import csv
 import ctypes
@@ -2303,12 +2302,74 @@ def _roll_up(conn, row, dialect) -> None:
     dialect._shared(conn, (2, "", day), every_job_row)
 
 
+class Write:
+    """A queued write's outcome, resolved by the writer after commit: the part
+    of ``concurrent.futures.Future`` minisched uses (``result``,
+    ``exception``, ``add_done_callback``) on one lock instead of a Condition,
+    as a burst queues several writes per run.  ``result(timeout)`` raises
+    :class:`TimeoutError` when the write is not done in time."""
+
+    __slots__ = ("_callbacks", "_done", "_error", "_value")
+    _callbacks_lock = threading.Lock()
+
+    def __init__(self):
+        self._done = threading.Lock()
+        self._done.acquire()  # released once, when resolved
+        self._value = self._error = None
+        self._callbacks = []
+
+    def set_result(self, value) -> None:
+        self._value = value
+        self._resolve()
+
+    def set_exception(self, error: BaseException) -> None:
+        self._error = error
+        self._resolve()
+
+    def _resolve(self) -> None:
+        with self._callbacks_lock:
+            callbacks, self._callbacks = self._callbacks, None
+        self._done.release()
+        for callback in callbacks:
+            self._call(callback)
+
+    def _call(self, callback) -> None:
+        try:
+            callback(self)
+        except Exception:
+            log.exception("a write's callback failed")
+
+    def _wait(self, timeout) -> None:
+        if not self._done.acquire(timeout=-1 if timeout is None else timeout):
+            raise TimeoutError("the write is not committed yet")
+        self._done.release()
+
+    def result(self, timeout=None):
+        self._wait(timeout)
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def exception(self, timeout=None):
+        self._wait(timeout)
+        return self._error
+
+    def add_done_callback(self, callback) -> None:
+        """Call ``callback(self)`` once resolved: at once if it is, else on
+        the thread that resolves it (the writer)."""
+        with self._callbacks_lock:
+            if self._callbacks is not None:
+                self._callbacks.append(callback)
+                return
+        self._call(callback)
+
+
 class Store(abc.ABC):
     """What the engine needs from a database, and all it may ask.
 
     An implementation keeps jobs, runs, their output, sessions, deliveries
     and incidents; every SQL statement and dialect choice is inside it.  Write
-    methods queue their change and return a :class:`concurrent.futures.Future`
+    methods queue their change and return a :class:`Write`
     resolved once it is committed (``result`` waits for one); reads never wait
     for writes.  ``healthy`` is False while the database cannot be used,
     ``outage`` says why writes cannot be committed now (None when they can)
@@ -2537,7 +2598,7 @@ class SQLStore(Store):
 
     Writes go through one writer thread (``minisched-writer``) which batches
     whatever is queued into one transaction; each write method returns a
-    :class:`concurrent.futures.Future` resolved after commit.  Reads run on
+    :class:`Write` resolved after commit.  Reads run on
     pooled connections from any thread and never wait for the writer.  SQL is
     written once with ``?`` and ``:name`` parameters; a subclass supplies the
     connections and the few dialect differences below.
@@ -2782,8 +2843,8 @@ class SQLStore(Store):
             _HELD_OUTPUT_BYTES >> 20,
         )
 
-    def _submit(self, fn, kind="state", size=0) -> concurrent.futures.Future:
-        future = concurrent.futures.Future()
+    def _submit(self, fn, kind="state", size=0) -> Write:
+        future = Write()
         self._queue.put((fn, future, kind, size))
         return future
 
@@ -2791,7 +2852,7 @@ class SQLStore(Store):
         timeout = WRITE_WAIT if timeout is None else timeout
         try:
             return future.result(timeout)
-        except concurrent.futures.TimeoutError:
+        except TimeoutError:
             raise UnavailableError(
                 "the database cannot be written now ({}); try again later".format(
                     self.outage or "it is too slow"
@@ -2807,7 +2868,7 @@ class SQLStore(Store):
     def flush(self, timeout=None) -> None:
         self.result(self._submit(lambda conn: None), timeout)
 
-    # -- writes (any thread; each returns a Future) -------------------------
+    # -- writes (any thread; each returns a Write) --------------------------
 
     def allocate_run_id(self) -> int:
         with self._lock:
@@ -5790,7 +5851,7 @@ class Launcher:
         while True:
             try:
                 return run.persisted.result(timeout=0.5)
-            except concurrent.futures.TimeoutError:
+            except TimeoutError:
                 if self.runner.store.outage is not None:
                     return UnavailableError(self.runner.store.outage)
             except Exception as exc:  # noqa: BLE001 - the caller reports it

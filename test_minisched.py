@@ -707,6 +707,36 @@ def new_run(store, job="a", status="queued", **fields):
     return row
 
 
+def test_a_write_resolves_once_for_every_waiter_and_callback():
+    """The writer's :class:`Write`: ``result`` waits (``TimeoutError`` when
+    not done in time), every waiter and callback sees the one outcome,
+    whether registered before or after it, and a failing callback is logged,
+    not raised into the writer."""
+    write = minisched.Write()
+    with pytest.raises(TimeoutError):
+        write.result(0.01)
+    seen = []
+    write.add_done_callback(lambda w: seen.append(("before", w.result())))
+    write.add_done_callback(lambda w: 1 / 0)
+    waiters = [
+        threading.Thread(target=lambda: seen.append(("waiter", write.result(5))))
+        for _ in range(3)
+    ]
+    for t in waiters:
+        t.start()
+    write.set_result(42)
+    for t in waiters:
+        t.join(5)
+    write.add_done_callback(lambda w: seen.append(("after", w.result())))
+    assert sorted(seen) == [("after", 42), ("before", 42)] + [("waiter", 42)] * 3
+    assert write.exception(0) is None
+    failed = minisched.Write()
+    failed.set_exception(ValueError("disk"))
+    assert isinstance(failed.exception(0), ValueError)
+    with pytest.raises(ValueError, match="disk"):
+        failed.result(0)
+
+
 def test_store_implements_the_whole_interface(new_store):
     store = new_store()
     assert isinstance(store, Store) and not type(store).__abstractmethods__
