@@ -290,11 +290,15 @@ def _dependency_problem() -> str | None:
                 )
         elif module not in sys.modules and importlib.util.find_spec(module) is None:
             found = "not installed"
+        elif module == "croniter" and importlib.util.find_spec("dateutil") is None:
+            found = "it is installed without python-dateutil, which it needs"
         else:
             try:
                 version = importlib.metadata.version(module)
             except importlib.metadata.PackageNotFoundError:
-                version = getattr(sys.modules.get(module), "__version__", "0")
+                if module not in sys.modules:
+                    continue  # found, of no version it can tell before import
+                version = getattr(sys.modules[module], "__version__", "0")
             if _version_tuple(version) >= _version_tuple(oldest):
                 continue
             found = f"found {version}"
@@ -843,7 +847,7 @@ def _croniter_module():
     """The croniter module, imported on first use (any thread)."""
     try:
         import croniter
-    except ImportError as exc:  # installed (checked at start) but broken
+    except ImportError as exc:  # found at start, yet broken
         raise InvalidError(
             f"this schedule needs croniter, which fails to import: {exc}", "schedule"
         ) from None
@@ -2340,6 +2344,8 @@ class Write:
             log.exception("a write's callback failed")
 
     def _wait(self, timeout) -> None:
+        if self._callbacks is None:
+            return  # resolved (set before the lock is released)
         if not self._done.acquire(timeout=-1 if timeout is None else timeout):
             raise TimeoutError("the write is not committed yet")
         self._done.release()
@@ -5230,7 +5236,7 @@ class Run:
         self.force = False  # a forced manual trigger ignores the job's concurrency
         self.deadline_armed = False
         self.counted = False  # counted in the Runner's live/busy totals
-        self.persisted = None  # Future of the insert; launch waits on it
+        self.persisted = None  # Write of the insert; launch waits on it
         self.not_before = None
         self.due = 0.0  # monotonic time the launcher may spawn it
         self.kill_reason = None  # ("cancelled" | "timed_out", message)
@@ -7229,24 +7235,31 @@ class Scheduler:
             staged = self._stage_job(
                 definition, source, file_definition, create_only, file_owner
             )
-        return self._committed([staged])[0]
+        jobs, error = self._committed([staged])
+        if error is not None:
+            raise error
+        return jobs[0]
 
-    def put_file_jobs(self, definitions, file_owner=None) -> list:
+    def put_file_jobs(self, definitions, file_owner=None) -> tuple:
         """:meth:`put_job` for definitions read from a jobs file (in the order
         given: dependencies first), committed together: one round trip to the
-        writer for all of them (see :data:`FILE_BATCH`)."""
-        staged = []
-        try:
-            with self._lock:
-                for definition in definitions:
+        writer for all of them (see :data:`FILE_BATCH`).  Returns (the jobs
+        committed, in order; the exception that stopped the rest, or None):
+        what was applied before a failure is still committed and announced."""
+        staged, error = [], None
+        with self._lock:
+            for definition in definitions:
+                try:
                     staged.append(
                         self._stage_job(
                             definition, "file", definition, False, file_owner
                         )
                     )
-        finally:  # what was applied is committed, even if a later one failed
-            jobs = self._committed(staged)
-        return jobs
+                except MinischedError as exc:
+                    error = exc
+                    break
+        jobs, failed = self._committed(staged)
+        return jobs, error or failed
 
     def _stage_job(
         self, definition, source, file_definition, create_only, file_owner
@@ -7288,17 +7301,23 @@ class Scheduler:
         self._edited(job.name)
         return job, old is None, future
 
-    def _committed(self, staged) -> list:
+    def _committed(self, staged) -> tuple:
         """Wait for staged jobs' rows, then wake the loop and announce them;
-        returns the jobs.  No lock held."""
-        for _job, _created, future in staged:
-            self.store.result(future)
-        self._wake.set()
-        for job, created, _future in staged:
+        returns (the jobs whose rows committed, the first error or None).  No
+        lock held."""
+        jobs, error = [], None
+        for job, created, future in staged:
+            try:
+                self.store.result(future)
+            except MinischedError as exc:
+                error = error or exc
+                continue
+            jobs.append(job)
             self.bus.publish(
                 "job", {"action": "created" if created else "updated", "name": job.name}
             )
-        return [job for job, _created, _future in staged]
+        self._wake.set()
+        return jobs, error
 
     def _check_after(self, definition) -> None:
         """``after`` must name existing jobs and not form a cycle.  Lock held."""
@@ -7945,8 +7964,11 @@ class JobsFile:
         ]
         for at in range(0, len(changed), FILE_BATCH):
             batch = changed[at : at + FILE_BATCH]
-            sched.put_file_jobs(batch, file_owner=self.node)
+            jobs, error = sched.put_file_jobs(batch, file_owner=self.node)
+            committed = {job.name for job in jobs}
             for definition in batch:
+                if definition["name"] not in committed:
+                    continue
                 row = stored.get(definition["name"])
                 self.audit(
                     FILE_ACTOR,
@@ -7958,6 +7980,8 @@ class JobsFile:
                         )
                     },
                 )
+            if error is not None:
+                raise error
         if conflicts != self.conflicts:
             for item in conflicts:
                 if item not in self.conflicts:

@@ -532,6 +532,37 @@ def test_jobs_file_reload_keeps_old_definitions_on_error(harness, tmp_path):
     assert "created through the API" in jf.error
 
 
+def test_jobs_file_failing_midway_commits_and_audits_what_it_applied(
+    harness, tmp_path, monkeypatch
+):
+    """Definitions go to the store in batches; one that cannot be applied
+    stops the rest, and the ones before it are committed, announced and
+    audited, the failing one and those after it are not."""
+    h = harness()
+    path = tmp_path / "jobs.json"
+    names = [f"j{i:02d}" for i in range(minisched.FILE_BATCH + 10)]
+    path.write_text(json.dumps([{"name": n, "command": "true"} for n in names]))
+    audited = []
+    jf = minisched.JobsFile(
+        str(path), h.sched, h.bus, audit=lambda _a, _act, job, **_: audited.append(job)
+    )
+    stage = h.sched._stage_job
+    bad = names[minisched.FILE_BATCH + 3]
+
+    def failing(definition, *args):
+        if definition["name"] == bad:
+            raise InvalidError("after: no job named 'gone'", "after")
+        return stage(definition, *args)
+
+    monkeypatch.setattr(h.sched, "_stage_job", failing)
+    with pytest.raises(InvalidError, match="gone"):
+        jf.load()
+    applied = names[: minisched.FILE_BATCH + 3]
+    assert [j.name for j in h.sched.jobs()] == applied
+    assert audited == applied
+    assert sorted(r["name"] for r in h.store.load_jobs()) == applied
+
+
 # -- storage --------------------------------------------------------------------
 
 
@@ -8081,6 +8112,14 @@ def test_croniter_is_imported_only_for_an_expression_that_needs_it():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False", "True", "2592000.0"]
+
+
+def test_a_croniter_that_cannot_import_is_refused_at_start(monkeypatch):
+    """croniter is imported late, so the start checks what it needs."""
+    assert minisched._dependency_problem() is None
+    monkeypatch.setitem(sys.modules, "dateutil", None)
+    problem = minisched._dependency_problem()
+    assert "croniter" in problem and "python-dateutil" in problem
 
 
 def test_cron_fire_times_without_croniter_are_croniters():
