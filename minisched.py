@@ -7965,18 +7965,15 @@ class JobsFile:
         for at in range(0, len(changed), FILE_BATCH):
             batch = changed[at : at + FILE_BATCH]
             jobs, error = sched.put_file_jobs(batch, file_owner=self.node)
-            committed = {job.name for job in jobs}
-            for definition in batch:
-                if definition["name"] not in committed:
-                    continue
-                row = stored.get(definition["name"])
+            for job in jobs:
+                row = stored.get(job.name)
                 self.audit(
                     FILE_ACTOR,
                     "job.update" if row else "job.create",
-                    job=definition["name"],
+                    job=job.name,
                     detail={
                         "fields": changed_fields(
-                            row and row["file_definition"], definition
+                            row and row["file_definition"], job.definition
                         )
                     },
                 )
