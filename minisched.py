@@ -177,7 +177,6 @@ import ctypes
 import datetime
 import fcntl
 import functools
-import gc
 import hashlib
 import heapq
 import hmac
@@ -269,10 +268,37 @@ def _version_tuple(text: str) -> tuple:
     return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
 
 
+def _installed_version(name: str) -> str | None:
+    """The version of the installed distribution ``name``, from the name of
+    its ``NAME-VERSION.dist-info`` (or ``.egg-info``) entry beside the package,
+    as pip and Debian name them; else from ``importlib.metadata``, whose
+    import (zipfile, pathlib, typing) costs every command 15 ms more."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is not None and spec.origin:
+        site = os.path.dirname(spec.origin)
+        if spec.submodule_search_locations:  # a package: its directory's
+            site = os.path.dirname(site)
+        pattern = re.compile(
+            rf"{re.escape(name)}-(\d[\w.]*?)(?:-py\d[\d.]*)?\.(?:dist|egg)-info",
+            re.IGNORECASE,
+        )
+        with contextlib.suppress(OSError):
+            for entry in os.listdir(site):
+                if match := pattern.fullmatch(entry):
+                    return match.group(1)
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def _dependency_problem() -> str | None:
     """One line saying which dependency is missing or too old and how to
     install it, or None when all are there."""
-    import importlib.metadata
     import importlib.util
 
     for module, oldest, package in DEPENDENCIES:
@@ -293,12 +319,10 @@ def _dependency_problem() -> str | None:
         elif module == "croniter" and importlib.util.find_spec("dateutil") is None:
             found = "it is installed without python-dateutil, which it needs"
         else:
-            try:
-                version = importlib.metadata.version(module)
-            except importlib.metadata.PackageNotFoundError:
-                if module not in sys.modules:
-                    continue  # found, of no version it can tell before import
-                version = getattr(sys.modules[module], "__version__", "0")
+            version = getattr(sys.modules.get(module), "__version__", None)
+            version = version or _installed_version(module)
+            if version is None:
+                continue  # found, of no version it can tell
             if _version_tuple(version) >= _version_tuple(oldest):
                 continue
             found = f"found {version}"
@@ -808,6 +832,24 @@ def _resolve_wall(naive: datetime.datetime, tz) -> tuple:
     return (None, None, _transition(tz, u1, u0))
 
 
+#: tzdata's names of zones that never change their offset.
+_FIXED_ZONE_NAMES = re.compile(
+    r"(?:Etc/)?(?:UTC|UCT|Universal|Zulu|Greenwich|GMT(?:[+-]?\d{1,2})?)"
+)
+
+
+@functools.lru_cache(maxsize=256)
+def _fixed_offset(tz: datetime.tzinfo) -> float | None:
+    """The UTC offset (seconds) of a zone that never changes it (UTC, a
+    ``datetime.timezone``, ``Etc/GMT-3``): there, every wall time is one
+    instant and a fire time needs no DST search.  None for any other zone."""
+    if isinstance(tz, datetime.timezone):
+        return tz.utcoffset(None).total_seconds()
+    if _FIXED_ZONE_NAMES.fullmatch(str(getattr(tz, "key", None) or "")):
+        return tz.utcoffset(datetime.datetime(2000, 1, 1)).total_seconds()
+    return None
+
+
 def _naive_epoch(naive: datetime.datetime) -> float:
     return naive.replace(tzinfo=datetime.timezone.utc).timestamp()
 
@@ -940,11 +982,13 @@ def _cron_number(text: str, names: tuple, first: int) -> int | None:
     return names.index(text) + first if text in names else None
 
 
+@functools.lru_cache(maxsize=1024)
 def _cron_values(text: str, spec: tuple) -> tuple | None:
     """The values one cron field allows, sorted, when it is made of numbers,
     names, ranges, steps and lists only (None for ``L``, ``W``, ``#``, ``H``,
     ``?``, a wrapping range, a stepped day of week or a 7 in it: croniter's
-    business, so every expression fires as it did with croniter alone)."""
+    business, so every expression fires as it did with croniter alone).
+    Cached: a thousand jobs' expressions share a few dozen field texts."""
     name, low, high = spec
     names = _CRON_NAMES.get(name, ())
     first = 1 if name == "month" else 0
@@ -975,7 +1019,16 @@ class _CronTimes:
     day-of-month and day-of-week fields are OR-ed only when neither starts
     with ``*``."""
 
-    __slots__ = ("day_or", "days", "hours", "minutes", "months", "seconds", "weekdays")
+    __slots__ = (
+        "day_list",
+        "day_or",
+        "days",
+        "hours",
+        "minutes",
+        "months",
+        "seconds",
+        "weekdays",
+    )
 
     @classmethod
     def parse(cls, fields: list):
@@ -987,6 +1040,7 @@ class _CronTimes:
             return None
         self = cls()
         self.seconds, self.minutes, self.hours, _, self.months, _ = values
+        self.day_list = values[3]
         self.days, self.weekdays = frozenset(values[3]), frozenset(values[5])
         self.day_or = not (fields[3].startswith("*") or fields[5].startswith("*"))
         if self.day_or and (len(self.days) == 31 or len(self.weekdays) == 7):
@@ -997,6 +1051,21 @@ class _CronTimes:
         dom = day.day in self.days
         dow = (day.weekday() + 1) % 7 in self.weekdays
         return (dom or dow) if self.day_or else (dom and dow)
+
+    def _next_day(self, day: datetime.datetime) -> datetime.datetime:
+        """Midnight of the first day after ``day`` that may match.  When the
+        day of month alone decides (day of week ``*``), that is its next listed
+        day, or the 1st of the next month: a monthly or yearly job is found
+        without a walk through the days between."""
+        if self.day_or or len(self.weekdays) < 7:
+            return datetime.datetime(day.year, day.month, day.day) + _DAY
+        following = _next_value(self.day_list, day.day + 1)
+        if following is not None:
+            with contextlib.suppress(ValueError):  # past the month's end
+                return datetime.datetime(day.year, day.month, following)
+        if day.month == 12:
+            return datetime.datetime(day.year + 1, 1, 1)
+        return datetime.datetime(day.year, day.month + 1, 1)
 
     def after(self, wall: datetime.datetime) -> datetime.datetime:
         """The first wall time strictly after ``wall`` (naive); ValueError
@@ -1011,7 +1080,7 @@ class _CronTimes:
                 continue
             hour = _next_value(self.hours, t.hour) if self._day_ok(t) else None
             if hour is None:
-                t = datetime.datetime(t.year, t.month, t.day) + _DAY
+                t = self._next_day(t)
                 continue
             if hour != t.hour:
                 t = t.replace(hour=hour, minute=0, second=0)
@@ -1159,7 +1228,8 @@ class Schedule:
     def _next_cron(self, t: float) -> float | None:
         local = datetime.datetime.fromtimestamp(t, self.tz)
         start = local.replace(tzinfo=None, fold=0)
-        if local.fold == 0 and not self.fixed:
+        offset = _fixed_offset(self.tz)
+        if offset is None and local.fold == 0 and not self.fixed:
             # In the first pass of a repeated hour the second pass is still to
             # come: start from the wall time where it begins.
             later = datetime.datetime.fromtimestamp(t + 7200, self.tz)
@@ -1175,6 +1245,15 @@ class Schedule:
                 self._cron = _make_croniter(self._fields, datetime.datetime(2000, 1, 1))
             self._cron.set_current(start, force=True)
             following = self._croniter_next
+        if offset is not None:
+            # No gap, no repeated hour: the next wall time is the next instant.
+            try:
+                cand = following(start)
+                while _naive_epoch(cand) - offset <= t:
+                    cand = following(cand)
+            except ValueError:
+                return None
+            return _naive_epoch(cand) - offset
         best, bound, cand = None, None, start
         for _ in range(100000):
             try:
@@ -14539,9 +14618,9 @@ def _user_name() -> str:
 
 
 def _release_startup_memory() -> None:
-    """Give back what compiling this file left in the heap (about 9 MB): a
-    script run as ``python minisched.py`` is compiled at every start."""
-    gc.collect()
+    """Give the heap pages that starting freed back to the system (glibc
+    keeps them otherwise).  No ``gc.collect()``: with the re-execution (see
+    :func:`_reexec_serve`) it found a few dozen objects, for 10-20 ms."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):

@@ -8092,6 +8092,41 @@ def _random_cron(rng):
     return " ".join(fields)
 
 
+def test_a_zone_without_dst_takes_the_short_way_to_the_same_fire_times(monkeypatch):
+    """In UTC, a ``datetime.timezone`` or ``Etc/GMT-14`` every wall time is
+    one instant: ``next_after`` skips the DST search, and finds what the
+    search finds, for random expressions (a croniter-only one included)."""
+    rng = random.Random(16)
+    zones = [UTC, minisched.get_zone("Etc/GMT-14"), minisched.get_zone("Etc/UTC")]
+    zones.append(datetime.timezone(datetime.timedelta(hours=5, minutes=30)))
+    assert [minisched._fixed_offset(z) for z in zones] == [0, 50400, 0, 19800]
+    assert minisched._fixed_offset(minisched.get_zone("Europe/Berlin")) is None
+    exprs = [_random_cron(rng) for _ in range(150)] + ["0 0 L * *", "0 0 31 12 *"]
+    cases = []
+    for expr in exprs:
+        for tz in zones:
+            try:
+                schedule = minisched.Schedule(expr, tz)
+            except minisched.InvalidError:
+                continue
+            start = (
+                1767225600.0 + rng.randint(0, 3 * 365 * 86400) + rng.choice([0, 0.5])
+            )
+            cases.append((schedule, start, _fires(schedule, start, 3)))
+    assert len(cases) > 400
+    monkeypatch.setattr(minisched, "_fixed_offset", lambda tz: None)
+    for schedule, start, fires in cases:
+        assert _fires(schedule, start, 3) == fires, (schedule.expr, schedule.tz)
+
+
+def _fires(schedule, t, n) -> list:
+    fires = []
+    for _ in range(n):
+        t = schedule.next_after(t)
+        fires.append(t)
+    return fires
+
+
 def test_croniter_is_imported_only_for_an_expression_that_needs_it():
     """Plain cron, @every and @at never import croniter (nor dateutil): 30 ms
     and 1 MB at every start; ``L`` does, and still fires right."""
@@ -8112,6 +8147,34 @@ def test_croniter_is_imported_only_for_an_expression_that_needs_it():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False", "True", "2592000.0"]
+
+
+def test_a_dependency_version_is_read_beside_it_without_importlib_metadata(
+    tmp_path, monkeypatch
+):
+    """The start check reads a version from pip's ``NAME-VERSION.dist-info``
+    or Debian's ``NAME-VERSION.egg-info`` (importlib.metadata's import alone
+    costs every command 15 ms), and says a too old one in one line."""
+    for package, entry, version in (
+        ("minisched_fake_a", "minisched_fake_a-1.2.0.dist-info", "1.2.0"),
+        ("minisched_fake_b", "Minisched_Fake_B-1.3.8-py3.11.egg-info", "1.3.8"),
+    ):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+        (tmp_path / entry).mkdir()
+    (tmp_path / "minisched_fake_c.py").write_text("")
+    (tmp_path / "minisched_fake_c-0.9.dist-info").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert minisched._installed_version("minisched_fake_a") == "1.2.0"
+    assert minisched._installed_version("minisched_fake_b") == "1.3.8"
+    assert minisched._installed_version("minisched_fake_c") == "0.9"
+    assert minisched._installed_version("minisched_not_there") is None
+    monkeypatch.setattr(
+        minisched, "DEPENDENCIES", (("minisched_fake_a", "1.3.5", "python3-fake"),)
+    )
+    problem = minisched._dependency_problem()
+    assert problem.startswith("minisched needs minisched_fake_a 1.3.5 or newer")
+    assert "found 1.2.0" in problem and "apt install python3-fake" in problem
 
 
 def test_a_croniter_that_cannot_import_is_refused_at_start(monkeypatch):
