@@ -3193,7 +3193,8 @@ class SQLStore(Store):
 
         def op(conn):
             entry = self._insert_id(conn, sql, [row[c] for c in cols])
-            conn.execute("DELETE FROM audit WHERE id <= ?", (entry - keep,))
+            if entry > keep:  # ids count from 1: before, nothing is that old
+                conn.execute("DELETE FROM audit WHERE id <= ?", (entry - keep,))
             return entry
 
         return self._submit(op)
