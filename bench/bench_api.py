@@ -280,6 +280,8 @@ def seed_runs(db) -> None:
             "output_bytes": 12,
             "output_truncated": 0,
             "leftovers_stopped": None,
+            "node": None,  # a single server's runs
+            "triggered_by": None,
         }
         rows.append(tuple(values[c] for c in minisched.RUN_COLUMNS))
     start = time.perf_counter()
