@@ -275,7 +275,10 @@ def _installed_version(name: str) -> str | None:
     import (zipfile, pathlib, typing) costs every command 15 ms more."""
     import importlib.util
 
-    spec = importlib.util.find_spec(name)
+    try:
+        spec = importlib.util.find_spec(name)
+    except ValueError:  # a module in sys.modules without a spec
+        spec = None
     if spec is not None and spec.origin:
         site = os.path.dirname(spec.origin)
         if spec.submodule_search_locations:  # a package: its directory's
@@ -284,10 +287,11 @@ def _installed_version(name: str) -> str | None:
             rf"{re.escape(name)}-(\d[\w.]*?)(?:-py\d[\d.]*)?\.(?:dist|egg)-info",
             re.IGNORECASE,
         )
+        found = []
         with contextlib.suppress(OSError):
-            for entry in os.listdir(site):
-                if match := pattern.fullmatch(entry):
-                    return match.group(1)
+            found = [m.group(1) for m in map(pattern.fullmatch, os.listdir(site)) if m]
+        if found:  # an older entry left beside the new one: the newest is in use
+            return max(found, key=_version_tuple)
     import importlib.metadata
 
     try:

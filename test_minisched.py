@@ -8164,10 +8164,11 @@ def test_a_dependency_version_is_read_beside_it_without_importlib_metadata(
         (tmp_path / entry).mkdir()
     (tmp_path / "minisched_fake_c.py").write_text("")
     (tmp_path / "minisched_fake_c-0.9.dist-info").mkdir()
+    (tmp_path / "minisched_fake_c-0.10.egg-info").write_text("")  # distutils' file
     monkeypatch.syspath_prepend(str(tmp_path))
     assert minisched._installed_version("minisched_fake_a") == "1.2.0"
     assert minisched._installed_version("minisched_fake_b") == "1.3.8"
-    assert minisched._installed_version("minisched_fake_c") == "0.9"
+    assert minisched._installed_version("minisched_fake_c") == "0.10"
     assert minisched._installed_version("minisched_not_there") is None
     monkeypatch.setattr(
         minisched, "DEPENDENCIES", (("minisched_fake_a", "1.3.5", "python3-fake"),)
@@ -8175,6 +8176,14 @@ def test_a_dependency_version_is_read_beside_it_without_importlib_metadata(
     problem = minisched._dependency_problem()
     assert problem.startswith("minisched needs minisched_fake_a 1.3.5 or newer")
     assert "found 1.2.0" in problem and "apt install python3-fake" in problem
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, minisched; print(sorted(sys.modules))"],
+        check=True,
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+    )
+    assert "'importlib.metadata'" not in out.stdout
 
 
 def test_a_croniter_that_cannot_import_is_refused_at_start(monkeypatch):
